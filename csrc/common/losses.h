@@ -1,0 +1,166 @@
+// The loss formulas: the one place where fusedloss says what it computes. Every kernel (CPU
+// vector loops and their scalar tails, CUDA, the SIMT harness) calls these; none restates them.
+//
+// Softmax cross-entropy of one position with logits x, after the optional softcap
+// z = s * tanh(x / s), lse = logsumexp(z), p = softmax(z), class weights w, smoothing e,
+// C classes, W = sum_c w_c:
+//
+//   class-index target t:
+//     loss    = (1-e) w_t (lse - z_t) + (e/C) (W lse - sum_c w_c z_c) + z_loss lse^2
+//     dloss/dz_j = p_j ((1-e) w_t + (e/C) W + 2 z_loss lse) - (e/C) w_j - (1-e) w_t [j == t]
+//   probability target y, smoothed q_c = (1-e) y_c + e/C, Q = sum_c w_c q_c:
+//     loss    = Q lse - sum_c w_c q_c z_c + z_loss lse^2
+//     dloss/dz_j = p_j (Q + 2 z_loss lse) - w_j q_j
+//   and dz/dx = 1 - (z/s)^2 under the softcap.
+//
+// Sigmoid cross-entropy of one element with logit x, target y, weight w, pos_weight pw:
+//     loss    = w ((1-y) x + (1 + (pw-1) y) softplus(-x))
+//     dloss/dx = w ((1-y) - (1 + (pw-1) y) sigmoid(-x))
+// with softplus(-x) = max(-x, 0) + log1p(exp(-|x|)), which never overflows.
+#pragma once
+
+#include "math.h"
+
+namespace fusedloss {
+namespace common {
+FL_ISA_NAMESPACE_BEGIN
+
+// ---------------------------------------------------------------------------------------------
+// Softmax statistics. `max` is the running maximum and `sum` the sum of exp(z - max); two
+// partial results (lanes, threads, blocks) merge exactly, which is what lets a row be split.
+template <typename T>
+struct SoftmaxStats {
+  T max;
+  T sum;
+};
+
+template <typename T>
+FL_HD SoftmaxStats<T> softmax_stats_identity() {
+  return {fl_neg_infinity<T>(), T(0)};
+}
+
+template <typename T>
+FL_HD SoftmaxStats<T> softmax_stats_merge(SoftmaxStats<T> a, SoftmaxStats<T> b) {
+  const T m = fl_max(a.max, b.max);
+  // An empty side (max = -inf) must contribute 0, not exp(-inf - -inf) = NaN.
+  const T sa = a.max == fl_neg_infinity<T>() ? T(0) : a.sum * fl_exp(a.max - m);
+  const T sb = b.max == fl_neg_infinity<T>() ? T(0) : b.sum * fl_exp(b.max - m);
+  return {m, sa + sb};
+}
+
+template <typename T>
+FL_HD T softmax_stats_lse(SoftmaxStats<T> s) {
+  return s.max + fl_log(s.sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softcap (Gemma-style logit capping).
+template <typename V, typename T>
+FL_HD V softcap_apply(V x, T cap, T inv_cap) {
+  return V(cap) * fl_tanh(x * V(inv_cap));
+}
+
+// dz/dx at z = cap * tanh(x / cap), written in terms of z so that tanh is evaluated once.
+template <typename V, typename T>
+FL_HD V softcap_derivative(V z, T inv_cap) {
+  const V u = z * V(inv_cap);
+  return V(T(1)) - u * u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options of a softmax cross-entropy call, in the accumulation type T.
+template <typename T>
+struct SoftmaxCEOptions {
+  T label_smoothing;  // e
+  T inv_classes;      // 1 / C
+  T weight_sum;       // W = sum_c w_c (C without class weights)
+  T z_loss;
+};
+
+// Per-row constants of the gradient: dloss/dz_j * row_scale = coef_p * p_j - coef_w * w_j
+// - coef_target [j == t] (class-index targets) or coef_p * p_j - coef_w * w_j q_j
+// (probability targets). row_scale folds in the mask and the reduction (1/denominator).
+template <typename T>
+struct SoftmaxCERowGrad {
+  T coef_p;
+  T coef_w;
+  T coef_target;
+};
+
+// Class-index target: loss of one row (before the mask).
+template <typename T>
+FL_HD T softmax_ce_index_loss(const SoftmaxCEOptions<T>& o, T lse, T z_target, T w_target,
+                              T sum_w_z) {
+  const T e = o.label_smoothing;
+  return (T(1) - e) * w_target * (lse - z_target) +
+         e * o.inv_classes * (o.weight_sum * lse - sum_w_z) + o.z_loss * lse * lse;
+}
+
+template <typename T>
+FL_HD SoftmaxCERowGrad<T> softmax_ce_index_row_grad(const SoftmaxCEOptions<T>& o, T lse,
+                                                    T w_target, T row_scale) {
+  const T e = o.label_smoothing;
+  const T smooth = e * o.inv_classes;
+  return {row_scale * ((T(1) - e) * w_target + smooth * o.weight_sum + T(2) * o.z_loss * lse),
+          row_scale * smooth, row_scale * (T(1) - e) * w_target};
+}
+
+// Probability target: the smoothed target q_c.
+template <typename V, typename T>
+FL_HD V softmax_ce_smoothed_prob(const SoftmaxCEOptions<T>& o, V y) {
+  return y * V(T(1) - o.label_smoothing) + V(o.label_smoothing * o.inv_classes);
+}
+
+// Probability target: loss of one row (before the mask), from Q = sum w q and S = sum w q z.
+template <typename T>
+FL_HD T softmax_ce_prob_loss(const SoftmaxCEOptions<T>& o, T lse, T sum_w_q, T sum_w_q_z) {
+  return sum_w_q * lse - sum_w_q_z + o.z_loss * lse * lse;
+}
+
+template <typename T>
+FL_HD SoftmaxCERowGrad<T> softmax_ce_prob_row_grad(const SoftmaxCEOptions<T>& o, T lse,
+                                                   T sum_w_q, T row_scale) {
+  return {row_scale * (sum_w_q + T(2) * o.z_loss * lse), row_scale, T(0)};
+}
+
+// One gradient element from p_j (class-index targets; the [j == t] term is applied by the
+// caller to the single target element). `w` is w_j, or 1 without class weights.
+template <typename V, typename T>
+FL_HD V softmax_ce_grad_element(const SoftmaxCERowGrad<T>& g, V p, V w) {
+  return V(g.coef_p) * p - V(g.coef_w) * w;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sigmoid cross-entropy.
+template <typename V, typename T>
+FL_HD V sigmoid_ce_smoothed_target(V y, T label_smoothing) {
+  return y * V(T(1) - label_smoothing) + V(T(0.5) * label_smoothing);
+}
+
+// Loss and derivative of one element (before weight and mask, which the caller multiplies in
+// together with the reduction scale). `log_weight` is 1 + (pw - 1) y.
+template <typename V>
+struct SigmoidCEValue {
+  V loss;
+  V dloss;
+};
+
+template <typename V>
+FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V log_weight) {
+  const V zero(0);
+  const V one(1);
+  const V e = fl_exp(zero - fl_abs(x));       // exp(-|x|), in (0, 1]
+  const V softplus_neg = fl_max(zero - x, zero) + fl_log1p(e);
+  const V inv = one / (one + e);
+  const V sigmoid_neg = fl_select(fl_ge(x, zero), e * inv, inv);  // sigmoid(-x)
+  return {(one - y) * x + log_weight * softplus_neg, (one - y) - log_weight * sigmoid_neg};
+}
+
+template <typename V>
+FL_HD V sigmoid_ce_log_weight(V y, V pos_weight) {
+  return V(1) + (pos_weight - V(1)) * y;
+}
+
+FL_ISA_NAMESPACE_END
+}  // namespace common
+}  // namespace fusedloss

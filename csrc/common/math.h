@@ -1,0 +1,57 @@
+// Scalar math used by the loss formulas. The formulas in losses.h are templates over a value
+// type V, so that the same text runs on scalars (CUDA, SIMT harness, CPU tails) and on
+// at::vec::Vectorized (the CPU kernels, whose overloads live in csrc/cpu/vec_math.h and are
+// found by argument-dependent lookup).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "macros.h"
+
+namespace fusedloss {
+namespace common {
+FL_ISA_NAMESPACE_BEGIN
+
+FL_HD float fl_exp(float x) { return ::expf(x); }
+FL_HD double fl_exp(double x) { return ::exp(x); }
+FL_HD float fl_log(float x) { return ::logf(x); }
+FL_HD double fl_log(double x) { return ::log(x); }
+FL_HD float fl_log1p(float x) { return ::log1pf(x); }
+FL_HD double fl_log1p(double x) { return ::log1p(x); }
+FL_HD float fl_tanh(float x) { return ::tanhf(x); }
+FL_HD double fl_tanh(double x) { return ::tanh(x); }
+FL_HD float fl_abs(float x) { return ::fabsf(x); }
+FL_HD double fl_abs(double x) { return ::fabs(x); }
+
+// max that propagates NaN from either side, like torch.maximum: a NaN logit must reach the loss.
+template <typename T>
+FL_HD T fl_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+template <typename T>
+FL_HD T fl_min(T a, T b) {
+  return (a < b || a != a) ? a : b;
+}
+template <typename T>
+FL_HD bool fl_ge(T a, T b) {
+  return a >= b;
+}
+template <typename T>
+FL_HD T fl_select(bool cond, T if_true, T if_false) {
+  return cond ? if_true : if_false;
+}
+
+template <typename T>
+FL_HD T fl_neg_infinity() {
+  return -std::numeric_limits<T>::infinity();
+}
+template <typename T>
+FL_HD T fl_quiet_nan() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+FL_ISA_NAMESPACE_END
+}  // namespace common
+}  // namespace fusedloss

@@ -1,0 +1,84 @@
+// Plain parameter structs: the only interface between the op entries (which know tensors)
+// and the kernels (which know pointers, sizes and strides). No torch type crosses this line,
+// which is what keeps torch headers out of the .cu files.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedloss {
+
+enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
+
+enum class ScalarType : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3 };
+
+// What a softmax cross-entropy kernel call produces.
+enum class SoftmaxCEMode : int32_t {
+  Loss = 0,         // row losses and lse only
+  LossAndGrad = 1,  // row losses, lse and the gradient pre-scaled by mask and reduction
+  GradFromLse = 2,  // gradient only, recomputed from the saved lse and a per-row grad_loss
+};
+
+// Softmax cross-entropy over `rows` rows of `classes` logits (class dim last).
+// acc_t is float for 16/32-bit logits and double for float64 logits; every acc_t pointer
+// below points at that type.
+struct SoftmaxCEParams {
+  const void* logits;           // scalar_t, row r at logits + r * logits_row_stride
+  void* grad;                   // scalar_t, rows x classes, row stride grad_row_stride
+  const int64_t* target;        // class-index targets (rows), or null for probability targets
+  const void* target_probs;     // scalar_t probability targets, row stride target_row_stride
+  const void* class_weight;     // acc_t[classes] or null
+  const void* mask;             // acc_t[rows] or null
+  const void* grad_loss;        // GradFromLse: acc_t[rows], d(total)/d(row loss)
+  void* row_loss;               // acc_t[rows], masked, unscaled; may be null in GradFromLse
+  void* lse;                    // acc_t[rows]; read in GradFromLse
+  const void* grad_scale;       // acc_t[1]: 1/denominator (mean), 1 (sum); null means 1
+  int64_t rows;
+  int64_t classes;
+  int64_t logits_row_stride;
+  int64_t grad_row_stride;
+  int64_t target_row_stride;
+  int64_t ignore_index;
+  double label_smoothing;
+  double z_loss;
+  double softcap;               // 0: no softcap
+  double weight_sum;            // sum of class weights (classes when there are none)
+  ScalarType dtype;
+  SoftmaxCEMode mode;
+};
+
+// An operand of the sigmoid cross-entropy that broadcasts to the (rows, cols) view of the
+// input: element (r, c) is at data[r * row_stride + c * col_stride], col_stride 0 or 1.
+struct BroadcastOperand {
+  const void* data;  // acc_t, or null for "absent" (the neutral value)
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+enum class SigmoidCEMode : int32_t {
+  LossSum = 0,       // partial sums of the loss per chunk (mean/sum), no gradient
+  LossSumAndGrad = 1,
+  LossElements = 2,  // reduction="none": the loss of every element
+  GradFromGradLoss = 3,
+};
+
+struct SigmoidCEParams {
+  const void* input;   // scalar_t
+  const void* target;  // scalar_t, same (rows, cols) view
+  BroadcastOperand weight, pos_weight, mask;
+  const void* grad_loss;  // GradFromGradLoss: scalar_t (rows, cols), row stride grad_loss_row_stride
+  void* loss;             // LossElements: scalar_t (rows, cols) contiguous
+  void* grad;             // scalar_t (rows, cols) contiguous
+  void* chunk_loss;       // LossSum*: acc_t[num_chunks]
+  const void* grad_scale; // acc_t[1]: mean scale, or null for 1
+  int64_t rows;
+  int64_t cols;
+  int64_t input_row_stride;
+  int64_t target_row_stride;
+  int64_t grad_loss_row_stride;
+  int64_t chunk_elems;  // the flat (rows*cols) range is cut into chunks of this many elements
+  double label_smoothing;
+  ScalarType dtype;
+  SigmoidCEMode mode;
+};
+
+}  // namespace fusedloss

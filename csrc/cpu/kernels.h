@@ -1,0 +1,26 @@
+// The CPU kernel table. isa_kernels.cpp is compiled once per instruction set and each copy
+// defines one table; the op entries pick the table for the CPU they run on.
+#pragma once
+
+#include "../common/params.h"
+
+namespace fusedloss {
+namespace cpu {
+
+struct KernelTable {
+  const char* isa;
+  void (*softmax_ce)(const SoftmaxCEParams&);
+  void (*sigmoid_ce)(const SigmoidCEParams&);
+  void (*scale_inplace)(void* data, int64_t numel, ScalarType dtype, double scale);
+};
+
+const KernelTable& kernels_DEFAULT();
+const KernelTable& kernels_AVX2();
+const KernelTable& kernels_AVX512();
+
+// The table for this CPU: torch's own choice (at::get_cpu_capability, which honours
+// ATEN_CPU_CAPABILITY), limited to the tables this build compiled.
+const KernelTable& kernels();
+
+}  // namespace cpu
+}  // namespace fusedloss

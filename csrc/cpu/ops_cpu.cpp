@@ -1,0 +1,374 @@
+// CPU op entries: argument checks, layouts, allocation, the denominators of the mean, and the
+// deterministic final sums; the per-element work is in the ISA kernel tables (kernels.h).
+#include <ATen/Parallel.h>
+#include <ATen/Tensor.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "../op_checks.h"
+#include "kernels.h"
+
+namespace fusedloss {
+namespace cpu {
+
+const KernelTable& kernels() {
+  static const KernelTable& table = [&]() -> const KernelTable& {
+    const std::string isa = at::get_cpu_capability();
+#if defined(FUSEDLOSS_HAVE_AVX512)
+    if (isa == "AVX512") return kernels_AVX512();
+#endif
+#if defined(FUSEDLOSS_HAVE_AVX2)
+    if (isa == "AVX512" || isa == "AVX2") return kernels_AVX2();
+#endif
+    return kernels_DEFAULT();
+  }();
+  return table;
+}
+
+namespace {
+
+constexpr const char* kSoftmaxOp = "fusedloss.softmax_ce";
+constexpr const char* kSigmoidOp = "fusedloss.sigmoid_ce";
+
+// Sum in blocks of a fixed size, blocks added in order: the same bits for any thread count.
+template <typename acc_t>
+double deterministic_sum(const acc_t* v, int64_t n) {
+  constexpr int64_t kBlock = 4096;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> partial(blocks);
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double s = 0;
+      for (int64_t i = b * kBlock, e = std::min(n, (b + 1) * kBlock); i < e; ++i) s += v[i];
+      partial[b] = s;
+    }
+  });
+  double total = 0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+double deterministic_sum(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? deterministic_sum(t.data_ptr<double>(), t.numel())
+                                        : deterministic_sum(t.data_ptr<float>(), t.numel());
+}
+
+template <typename acc_t>
+double acc_at(const c10::optional<at::Tensor>& t, int64_t i) {
+  return t.has_value() ? static_cast<double>(t->data_ptr<acc_t>()[i]) : 1.0;
+}
+
+// Rejects class-index targets outside [0, classes) that are not ignore_index, naming the first.
+void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  const int64_t n = target.numel();
+  std::atomic<int64_t> first_bad{n};
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if ((t[i] < 0 || t[i] >= classes) && t[i] != ignore_index) {
+        int64_t cur = first_bad.load();
+        while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {
+        }
+        break;
+      }
+    }
+  });
+  const int64_t i = first_bad.load();
+  TORCH_CHECK_INDEX(i == n, "fusedloss.cross_entropy: target ", t[i < n ? i : 0], " at position ",
+                    i, " is out of bounds for ", classes, " classes (expected 0 <= target < ",
+                    classes, ", or ignore_index=", ignore_index, ")");
+}
+
+struct SoftmaxCall {
+  SoftmaxCEShape shape;
+  at::Tensor logits, target;
+  c10::optional<at::Tensor> weight, mask;
+  at::ScalarType acc;
+  double weight_sum = 0;
+  at::Tensor grad_scale;  // acc_t[1]
+  Reduction reduction;
+};
+
+// Checks and normalises the arguments shared by softmax_ce and softmax_ce_inplace, and
+// computes the mean's denominator.
+SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& target_in,
+                            const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& mask, int64_t ignore_index,
+                            int64_t reduction, double mean_eps) {
+  SoftmaxCall c;
+  c.shape = check_softmax_ce(logits_in, target_in, kSoftmaxOp);
+  c.reduction = reduction_of(reduction, kSoftmaxOp);
+  c.acc = acc_dtype_of(logits_in.scalar_type());
+  c.logits = unit_stride_rows(logits_in);
+  c.target = c.shape.prob_target
+                 ? unit_stride_rows(target_in.to(logits_in.scalar_type()))
+                 : target_in.contiguous();
+  c.weight = acc_vector(weight, c.shape.classes, c.acc, logits_in.device(), kSoftmaxOp, "weight",
+                        "one weight per class");
+  c.mask = acc_vector(mask, c.shape.rows, c.acc, logits_in.device(), kSoftmaxOp, "mask",
+                      "one value per row");
+  if (!c.shape.prob_target) check_targets(c.target, c.shape.classes, ignore_index);
+
+  c.weight_sum = c.weight.has_value() ? deterministic_sum(*c.weight) : double(c.shape.classes);
+  double denominator;
+  if (c.shape.prob_target) {
+    denominator = c.mask.has_value() ? deterministic_sum(*c.mask) : double(c.shape.rows);
+  } else {
+    const int64_t* t = c.target.data_ptr<int64_t>();
+    denominator = 0;
+    for (int64_t i = 0; i < c.shape.rows; ++i) {
+      if (t[i] == ignore_index) continue;
+      const double w = c.acc == at::kDouble ? acc_at<double>(c.weight, t[i]) : acc_at<float>(c.weight, t[i]);
+      const double m = c.acc == at::kDouble ? acc_at<double>(c.mask, i) : acc_at<float>(c.mask, i);
+      denominator += m * w;
+    }
+  }
+  denominator += mean_eps;
+  const double scale =
+      c.reduction == Reduction::Mean ? (denominator != 0 ? 1.0 / denominator : 0.0) : 1.0;
+  c.grad_scale = at::full({1}, scale, at::TensorOptions().dtype(c.acc));
+  return c;
+}
+
+SoftmaxCEParams softmax_params(const SoftmaxCall& c) {
+  SoftmaxCEParams p{};
+  p.logits = c.logits.data_ptr();
+  p.logits_row_stride = c.logits.stride(0);
+  if (c.shape.prob_target) {
+    p.target = nullptr;
+    p.target_probs = c.target.data_ptr();
+    p.target_row_stride = c.target.stride(0);
+  } else {
+    p.target = c.target.data_ptr<int64_t>();
+  }
+  p.class_weight = c.weight.has_value() ? c.weight->data_ptr() : nullptr;
+  p.mask = c.mask.has_value() ? c.mask->data_ptr() : nullptr;
+  p.rows = c.shape.rows;
+  p.classes = c.shape.classes;
+  p.weight_sum = c.weight_sum;
+  p.dtype = kernel_dtype_of(c.logits, kSoftmaxOp, "logits");
+  return p;
+}
+
+// The op's loss output from the per-row losses: per row (none), or their sum scaled.
+at::Tensor reduce_rows(const SoftmaxCall& c, const at::Tensor& row_loss) {
+  const auto dtype = c.logits.scalar_type();
+  if (c.reduction == Reduction::None) return row_loss.to(dtype);
+  double total = deterministic_sum(row_loss);
+  if (c.reduction == Reduction::Mean) total *= c.grad_scale.item<double>();
+  return at::scalar_tensor(total, at::TensorOptions().dtype(dtype));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
+    double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad) {
+  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
+  const auto acc_opts = at::TensorOptions().dtype(c.acc);
+  at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
+  at::Tensor lse = at::empty({c.shape.rows}, acc_opts);
+  at::Tensor grad = compute_grad ? at::empty({c.shape.rows, c.shape.classes}, logits.options())
+                                 : at::empty({0}, logits.options());
+  SoftmaxCEParams p = softmax_params(c);
+  p.grad = compute_grad ? grad.data_ptr() : nullptr;
+  p.grad_row_stride = c.shape.classes;
+  p.row_loss = row_loss.data_ptr();
+  p.lse = lse.data_ptr();
+  p.grad_scale = c.grad_scale.data_ptr();
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.z_loss = z_loss;
+  p.softcap = softcap;
+  p.mode = compute_grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
+  if (c.shape.rows > 0) kernels().softmax_ce(p);
+  return {reduce_rows(c, row_loss), lse, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
+    at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
+    double z_loss, double softcap, int64_t reduction, double mean_eps) {
+  TORCH_CHECK_VALUE(reduction != 0, "fusedloss.softmax_ce_inplace: reduction must be mean or sum");
+  TORCH_CHECK_VALUE(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1),
+                    "fusedloss.softmax_ce_inplace: logits must be 2-D with unit-stride rows, got "
+                    "shape ", logits.sizes(), " and strides ", logits.strides());
+  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
+  const auto acc_opts = at::TensorOptions().dtype(c.acc);
+  at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
+  at::Tensor lse = at::empty({c.shape.rows}, acc_opts);
+  SoftmaxCEParams p = softmax_params(c);
+  p.grad = logits.data_ptr();
+  p.grad_row_stride = logits.stride(0);
+  p.row_loss = row_loss.data_ptr();
+  p.lse = lse.data_ptr();
+  p.grad_scale = c.grad_scale.data_ptr();
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.z_loss = z_loss;
+  p.softcap = softcap;
+  p.mode = SoftmaxCEMode::LossAndGrad;
+  if (c.shape.rows > 0) kernels().softmax_ce(p);
+  return {reduce_rows(c, row_loss), lse};
+}
+
+at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                   const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& mask, const at::Tensor& lse,
+                                   int64_t ignore_index, double label_smoothing, double z_loss,
+                                   double softcap) {
+  // reduction "none": the mean's denominator is not used, only the weights and mask.
+  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, 2, 0.0);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == c.shape.rows, kSoftmaxOp,
+                    ": grad_loss must have shape (", c.shape.rows, ",), got ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == c.shape.rows, kSoftmaxOp,
+                    ": lse must have shape (", c.shape.rows, ",), got ", lse.sizes());
+  at::Tensor go = grad_loss.to(c.acc).contiguous();
+  at::Tensor lse_acc = lse.to(c.acc).contiguous();
+  at::Tensor grad = at::empty({c.shape.rows, c.shape.classes}, logits.options());
+  SoftmaxCEParams p = softmax_params(c);
+  p.grad = grad.data_ptr();
+  p.grad_row_stride = c.shape.classes;
+  p.grad_loss = go.data_ptr();
+  p.row_loss = nullptr;
+  p.lse = lse_acc.data_ptr();
+  p.grad_scale = nullptr;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.z_loss = z_loss;
+  p.softcap = softcap;
+  p.mode = SoftmaxCEMode::GradFromLse;
+  if (c.shape.rows > 0) kernels().softmax_ce(p);
+  return grad;
+}
+
+struct SigmoidCall {
+  at::Tensor input, target;
+  c10::optional<at::Tensor> weight, pos_weight, mask;
+  at::ScalarType acc;
+  Reduction reduction;
+};
+
+SigmoidCall prepare_sigmoid(const at::Tensor& input, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& pos_weight,
+                            const c10::optional<at::Tensor>& mask, int64_t reduction) {
+  check_sigmoid_ce(input, target, kSigmoidOp);
+  SigmoidCall c;
+  c.reduction = reduction_of(reduction, kSigmoidOp);
+  c.acc = acc_dtype_of(input.scalar_type());
+  c.input = unit_stride_rows(input);
+  c.target = unit_stride_rows(target);
+  const int64_t R = input.size(0), C = input.size(1);
+  c.weight = broadcast_operand(weight, R, C, c.acc, input.device(), kSigmoidOp, "weight");
+  c.pos_weight = broadcast_operand(pos_weight, R, C, c.acc, input.device(), kSigmoidOp, "pos_weight");
+  c.mask = broadcast_operand(mask, R, C, c.acc, input.device(), kSigmoidOp, "mask");
+  return c;
+}
+
+SigmoidCEParams sigmoid_params(const SigmoidCall& c, double label_smoothing) {
+  SigmoidCEParams p{};
+  p.input = c.input.data_ptr();
+  p.target = c.target.data_ptr();
+  p.weight = operand_of(c.weight);
+  p.pos_weight = operand_of(c.pos_weight);
+  p.mask = operand_of(c.mask);
+  p.rows = c.input.size(0);
+  p.cols = c.input.size(1);
+  p.input_row_stride = c.input.stride(0);
+  p.target_row_stride = c.target.stride(0);
+  p.chunk_elems = kSigmoidChunkElems;
+  p.label_smoothing = label_smoothing;
+  p.dtype = kernel_dtype_of(c.input, kSigmoidOp, "input");
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& pos_weight, const c10::optional<at::Tensor>& mask,
+    double label_smoothing, int64_t reduction, bool compute_grad) {
+  SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
+  const int64_t numel = input.numel();
+  const auto dtype = input.scalar_type();
+  const auto acc_opts = at::TensorOptions().dtype(c.acc);
+  double scale = 1.0;
+  if (c.reduction == Reduction::Mean) {
+    const double denominator =
+        c.mask.has_value() ? at::sum(*c.mask, at::kDouble).item<double>() : double(numel);
+    scale = denominator != 0 ? 1.0 / denominator : 0.0;
+  }
+  at::Tensor grad_scale = at::full({1}, scale, acc_opts);
+  const bool per_element = c.reduction == Reduction::None;
+  at::Tensor grad = compute_grad && !per_element ? at::empty(input.sizes(), input.options())
+                                                 : at::empty({0}, input.options());
+  at::Tensor loss_elems = per_element ? at::empty(input.sizes(), input.options())
+                                      : at::empty({0}, input.options());
+  const int64_t chunks = (numel + kSigmoidChunkElems - 1) / kSigmoidChunkElems;
+  at::Tensor chunk_loss = at::zeros({per_element ? 0 : chunks}, acc_opts);
+
+  SigmoidCEParams p = sigmoid_params(c, label_smoothing);
+  p.grad_scale = grad_scale.data_ptr();
+  p.loss = per_element ? loss_elems.data_ptr() : nullptr;
+  p.grad = grad.numel() ? grad.data_ptr() : nullptr;
+  p.chunk_loss = per_element ? nullptr : chunk_loss.data_ptr();
+  p.mode = per_element ? SigmoidCEMode::LossElements
+                       : (grad.numel() ? SigmoidCEMode::LossSumAndGrad : SigmoidCEMode::LossSum);
+  if (numel > 0) kernels().sigmoid_ce(p);
+  if (per_element) return {loss_elems, grad};
+  return {at::scalar_tensor(deterministic_sum(chunk_loss) * scale, at::TensorOptions().dtype(dtype)),
+          grad};
+}
+
+at::Tensor sigmoid_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
+                                   const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& pos_weight,
+                                   const c10::optional<at::Tensor>& mask, double label_smoothing) {
+  SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, 0);
+  TORCH_CHECK_VALUE(grad_loss.sizes() == input.sizes(), kSigmoidOp,
+                    ": grad_loss must have the input's shape ", input.sizes(), ", got ",
+                    grad_loss.sizes());
+  at::Tensor go = unit_stride_rows(grad_loss.to(input.scalar_type()));
+  at::Tensor grad = at::empty(input.sizes(), input.options());
+  SigmoidCEParams p = sigmoid_params(c, label_smoothing);
+  p.grad_loss = go.data_ptr();
+  p.grad_loss_row_stride = go.stride(0);
+  p.grad = grad.data_ptr();
+  p.mode = SigmoidCEMode::GradFromGradLoss;
+  if (input.numel() > 0) kernels().sigmoid_ce(p);
+  return grad;
+}
+
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(scale.numel() == 1, "fusedloss.scale_grad_: scale must have one element, got ",
+                    scale.sizes());
+  const double s = scale.item<double>();  // a CPU tensor: no device synchronisation
+  if (s == 1.0 || grad.numel() == 0) return;
+  if (grad.is_contiguous()) {
+    kernels().scale_inplace(grad.data_ptr(), grad.numel(),
+                            kernel_dtype_of(grad, "fusedloss.scale_grad_", "grad"), s);
+  } else {
+    grad.mul_(s);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("softmax_ce", &softmax_ce_cpu);
+  m.impl("softmax_ce_inplace", &softmax_ce_inplace_cpu);
+  m.impl("softmax_ce_backward", &softmax_ce_backward_cpu);
+  m.impl("sigmoid_ce", &sigmoid_ce_cpu);
+  m.impl("sigmoid_ce_backward", &sigmoid_ce_backward_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fusedloss

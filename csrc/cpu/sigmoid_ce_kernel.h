@@ -1,0 +1,182 @@
+// CPU sigmoid cross-entropy and the in-place gradient scaling. Included only by
+// isa_kernels.cpp, which is compiled once per instruction set.
+//
+// The (rows, cols) view of the input is cut into fixed chunks of the flat index, whatever the
+// thread count: each chunk's loss is summed in a fixed order into its own slot, and the op
+// entry adds the slots in order, so the reduction is bitwise reproducible.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include "../common/losses.h"
+#include "../common/params.h"
+#include "vec_math.h"
+
+namespace fusedloss {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+using namespace ::fusedloss::common;
+
+template <typename scalar_t, bool kPosWeight, SigmoidCEMode kMode>
+struct SigmoidCEChunkKernel {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  static constexpr int K = IO::K;
+  static constexpr int64_t kStep = IO::kStep;
+
+  const SigmoidCEParams& p;
+  acc_t grad_scale;
+
+  explicit SigmoidCEChunkKernel(const SigmoidCEParams& params) : p(params) {
+    grad_scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
+  }
+
+  // Operand values of one step at (r, c): absent -> 1, broadcast column -> splat, else load.
+  static void load_operand(const BroadcastOperand& op, int64_t r, int64_t c, int64_t n, Vec* v) {
+    if (op.data == nullptr) {
+      for (int k = 0; k < K; ++k) v[k] = Vec(acc_t(1));
+      return;
+    }
+    const acc_t* base = static_cast<const acc_t*>(op.data) + r * op.row_stride;
+    if (op.col_stride == 0) {
+      for (int k = 0; k < K; ++k) v[k] = Vec(base[0]);
+    } else if (n == kStep) {
+      IO::load_acc(base + c, v);
+    } else {
+      IO::load_acc_partial(base + c, n, v);
+    }
+  }
+
+  // Processes flat elements [begin, end) and returns the sum of their losses.
+  acc_t run(int64_t begin, int64_t end) const {
+    const int64_t cols = p.cols;
+    const auto* input = static_cast<const scalar_t*>(p.input);
+    const auto* target = static_cast<const scalar_t*>(p.target);
+    const auto* grad_loss = static_cast<const scalar_t*>(p.grad_loss);
+    auto* loss_out = static_cast<scalar_t*>(p.loss);
+    auto* grad_out = static_cast<scalar_t*>(p.grad);
+    const acc_t smoothing = acc_t(p.label_smoothing);
+    constexpr bool kGrad =
+        kMode == SigmoidCEMode::LossSumAndGrad || kMode == SigmoidCEMode::GradFromGradLoss;
+    constexpr bool kSum = kMode == SigmoidCEMode::LossSum || kMode == SigmoidCEMode::LossSumAndGrad;
+
+    Vec vsum[K];
+    for (int k = 0; k < K; ++k) vsum[k] = Vec(acc_t(0));
+    int64_t r = begin / cols;
+    int64_t c = begin - r * cols;
+    for (int64_t pos = begin; pos < end;) {
+      const int64_t seg = std::min(end - pos, cols - c);
+      const scalar_t* x = input + r * p.input_row_stride;
+      const scalar_t* y = target + r * p.target_row_stride;
+      for (int64_t j = c; j < c + seg; j += kStep) {
+        const int64_t n = std::min<int64_t>(kStep, c + seg - j);
+        Vec xv[K], yv[K], w[K], pw[K], m[K];
+        if (n == kStep) {
+          IO::load(x + j, xv);
+          IO::load(y + j, yv);
+        } else {
+          IO::load_partial(x + j, n, xv);
+          IO::load_partial(y + j, n, yv);
+        }
+        load_operand(p.weight, r, j, n, w);
+        load_operand(p.mask, r, j, n, m);
+        if constexpr (kPosWeight) load_operand(p.pos_weight, r, j, n, pw);
+        Vec loss[K], dloss[K];
+        for (int k = 0; k < K; ++k) {
+          const Vec yk = sigmoid_ce_smoothed_target(yv[k], smoothing);
+          const Vec lw = kPosWeight ? sigmoid_ce_log_weight(yk, pw[k]) : Vec(acc_t(1));
+          const auto v = sigmoid_ce_element(xv[k], yk, lw);
+          const Vec wm = w[k] * m[k];
+          loss[k] = v.loss * wm;
+          dloss[k] = v.dloss * wm;
+        }
+        if constexpr (kSum) {
+          for (int k = 0; k < K; ++k)
+            vsum[k] = vsum[k] + (n == kStep ? loss[k] : (loss[k] & IO::lanes_below(n, k)));
+        }
+        const int64_t flat = r * cols + j;
+        if constexpr (kMode == SigmoidCEMode::LossElements) {
+          if (n == kStep) IO::store(loss_out + flat, loss);
+          else IO::store_partial(loss_out + flat, n, loss);
+        }
+        if constexpr (kGrad) {
+          Vec scale[K];
+          if constexpr (kMode == SigmoidCEMode::GradFromGradLoss) {
+            const scalar_t* go = grad_loss + r * p.grad_loss_row_stride + j;
+            if (n == kStep) IO::load(go, scale);
+            else IO::load_partial(go, n, scale);
+          } else {
+            for (int k = 0; k < K; ++k) scale[k] = Vec(grad_scale);
+          }
+          for (int k = 0; k < K; ++k) dloss[k] = dloss[k] * scale[k];
+          if (n == kStep) IO::store(grad_out + flat, dloss);
+          else IO::store_partial(grad_out + flat, n, dloss);
+        }
+      }
+      pos += seg;
+      ++r;
+      c = 0;
+    }
+    acc_t total = acc_t(0);
+    for (int k = 0; k < K; ++k) total += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vsum[k]);
+    return total;
+  }
+};
+
+template <typename scalar_t, bool kPosWeight, SigmoidCEMode kMode>
+void sigmoid_ce_launch(const SigmoidCEParams& p) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  const int64_t numel = p.rows * p.cols;
+  const int64_t chunks = (numel + p.chunk_elems - 1) / p.chunk_elems;
+  auto* chunk_loss = static_cast<acc_t*>(p.chunk_loss);
+  const SigmoidCEChunkKernel<scalar_t, kPosWeight, kMode> kernel(p);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t s = kernel.run(i * p.chunk_elems, std::min(numel, (i + 1) * p.chunk_elems));
+      if (chunk_loss) chunk_loss[i] = s;
+    }
+  });
+}
+
+template <typename scalar_t>
+void sigmoid_ce_dispatch_flags(const SigmoidCEParams& p) {
+  const bool pw = p.pos_weight.data != nullptr;
+#define FL_SIGMOID_CASE(PW, MODE) \
+  if (pw == PW && p.mode == MODE) return sigmoid_ce_launch<scalar_t, PW, MODE>(p);
+  FL_SIGMOID_CASE(false, SigmoidCEMode::LossSum)
+  FL_SIGMOID_CASE(true, SigmoidCEMode::LossSum)
+  FL_SIGMOID_CASE(false, SigmoidCEMode::LossSumAndGrad)
+  FL_SIGMOID_CASE(true, SigmoidCEMode::LossSumAndGrad)
+  FL_SIGMOID_CASE(false, SigmoidCEMode::LossElements)
+  FL_SIGMOID_CASE(true, SigmoidCEMode::LossElements)
+  FL_SIGMOID_CASE(false, SigmoidCEMode::GradFromGradLoss)
+  FL_SIGMOID_CASE(true, SigmoidCEMode::GradFromGradLoss)
+#undef FL_SIGMOID_CASE
+}
+
+// grad *= scale, in place, over a contiguous buffer. The caller has already skipped scale 1.
+template <typename scalar_t>
+void scale_inplace(void* data, int64_t numel, double scale) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  auto* d = static_cast<scalar_t*>(data);
+  const Vec s(static_cast<acc_t>(scale));
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j += IO::kStep) {
+      const int64_t n = std::min<int64_t>(IO::kStep, end - j);
+      Vec v[IO::K];
+      if (n == IO::kStep) IO::load(d + j, v);
+      else IO::load_partial(d + j, n, v);
+      for (int k = 0; k < IO::K; ++k) v[k] = v[k] * s;
+      if (n == IO::kStep) IO::store(d + j, v);
+      else IO::store_partial(d + j, n, v);
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fusedloss

@@ -1,0 +1,120 @@
+// at::vec::Vectorized overloads of the math in csrc/common/math.h, so that the formulas in
+// csrc/common/losses.h run unchanged on whole vectors. They sit in at::vec's namespace to be
+// found by argument-dependent lookup from inside the formula templates.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace at {
+namespace vec {
+inline namespace CPU_CAPABILITY {
+
+template <typename T>
+inline Vectorized<T> fl_exp(const Vectorized<T>& x) { return x.exp(); }
+template <typename T>
+inline Vectorized<T> fl_log(const Vectorized<T>& x) { return x.log(); }
+template <typename T>
+inline Vectorized<T> fl_log1p(const Vectorized<T>& x) { return x.log1p(); }
+template <typename T>
+inline Vectorized<T> fl_tanh(const Vectorized<T>& x) { return x.tanh(); }
+template <typename T>
+inline Vectorized<T> fl_abs(const Vectorized<T>& x) { return x.abs(); }
+// maximum/minimum propagate NaN, as the scalar fl_max does.
+template <typename T>
+inline Vectorized<T> fl_max(const Vectorized<T>& a, const Vectorized<T>& b) { return maximum(a, b); }
+template <typename T>
+inline Vectorized<T> fl_ge(const Vectorized<T>& a, const Vectorized<T>& b) { return a >= b; }
+template <typename T>
+inline Vectorized<T> fl_select(const Vectorized<T>& cond, const Vectorized<T>& if_true,
+                               const Vectorized<T>& if_false) {
+  return Vectorized<T>::blendv(if_false, if_true, cond);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace vec
+}  // namespace at
+
+namespace fusedloss {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+template <typename scalar_t>
+struct AccTypeOf { using type = float; };
+template <>
+struct AccTypeOf<double> { using type = double; };
+
+// Loads and stores of one "step" of a row: K vectors of the accumulation type. A step is one
+// Vectorized<float|double> for 32/64-bit data and two Vectorized<float> for 16-bit data (one
+// 16-bit vector widens into two float vectors).
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = typename AccTypeOf<scalar_t>::type;
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static constexpr int K = kReduced ? 2 : 1;
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kStep = K * kLanes;
+
+  static void load(const scalar_t* p, Vec* v) {
+    if constexpr (kReduced) {
+      auto pair = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+      v[0] = std::get<0>(pair);
+      v[1] = std::get<1>(pair);
+    } else {
+      v[0] = Vec::loadu(p);
+    }
+  }
+  // Lanes at and beyond n read as 0; nothing past p + n is touched.
+  static void load_partial(const scalar_t* p, int64_t n, Vec* v) {
+    if constexpr (kReduced) {
+      auto pair =
+          at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n));
+      v[0] = std::get<0>(pair);
+      v[1] = std::get<1>(pair);
+    } else {
+      v[0] = Vec::loadu(p, n);
+    }
+  }
+  static void store(scalar_t* p, const Vec* v) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    } else {
+      v[0].store(p);
+    }
+  }
+  static void store_partial(scalar_t* p, int64_t n, const Vec* v) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, n);
+    } else {
+      v[0].store(p, n);
+    }
+  }
+
+  // The same for arrays already in the accumulation type (weights, scratch rows).
+  static void load_acc(const acc_t* p, Vec* v) {
+    for (int k = 0; k < K; ++k) v[k] = Vec::loadu(p + k * kLanes);
+  }
+  static void load_acc_partial(const acc_t* p, int64_t n, Vec* v) {
+    for (int k = 0; k < K; ++k) {
+      const int64_t count = std::min<int64_t>(std::max<int64_t>(n - k * kLanes, 0), kLanes);
+      v[k] = count > 0 ? Vec::loadu(p + k * kLanes, count) : Vec(acc_t(0));
+    }
+  }
+  static void store_acc(acc_t* p, const Vec* v) {
+    for (int k = 0; k < K; ++k) v[k].store(p + k * kLanes);
+  }
+  // All-ones lanes below n, zero lanes from n on, for vector k of a step.
+  static Vec lanes_below(int64_t n, int k) {
+    return Vec::arange(acc_t(k * kLanes), acc_t(1)) < Vec(acc_t(n));
+  }
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fusedloss

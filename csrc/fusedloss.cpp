@@ -1,0 +1,44 @@
+// Every fusedloss op schema, and the Python module stub that loads them. Backends register
+// their kernels in csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+// softmax_ce: softmax cross-entropy over rows of class logits (class dim last). `target` is
+// int64 class indices (rows,) or floating class probabilities (rows, classes). Returns the
+// loss (reduced, or per row for reduction=0), the per-row logsumexp (accumulation dtype),
+// and, when compute_grad, d(loss)/d(logits) pre-scaled for the reduction (else an empty
+// (0,) tensor). mean divides by (sum of valid weights + mean_eps), and is 0 when that is 0.
+//
+// softmax_ce_inplace: the same for mean/sum, writing the gradient into `logits`.
+// softmax_ce_backward: the gradient recomputed from the saved lse, for reduction=0.
+// sigmoid_ce / sigmoid_ce_backward: the same pair for sigmoid cross-entropy over a
+// (rows, cols) view; weight, pos_weight and mask are (rows, cols) broadcast views.
+// scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
+TORCH_LIBRARY(fusedloss, m) {
+  m.def(
+      "softmax_ce(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, int reduction, float mean_eps, "
+      "bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "softmax_ce_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? mask, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, int reduction, "
+      "float mean_eps) -> (Tensor, Tensor)");
+  m.def(
+      "softmax_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor? mask, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+      "float softcap) -> Tensor");
+  m.def(
+      "sigmoid_ce(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor? mask, "
+      "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "sigmoid_ce_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight, Tensor? mask, float label_smoothing) -> Tensor");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+  m.def("build_info() -> str");
+}
+
+// `import fusedloss._C` loads this library, whose static initialisers register the ops.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

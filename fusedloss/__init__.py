@@ -1,0 +1,37 @@
+"""fusedloss: softmax and sigmoid cross-entropy for PyTorch, loss and gradient in one pass."""
+
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+from . import _C  # noqa: F401  (registers the fusedloss ops)
+from . import _ops  # noqa: F401  (fake kernels and autograd)
+from .functional import (
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    sequence_loss,
+    sigmoid_cross_entropy_with_logits,
+    sparse_softmax_cross_entropy_with_logits,
+)
+from .nn import BCEWithLogitsLoss, CrossEntropyLoss, SequenceLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "sequence_loss",
+    "sparse_softmax_cross_entropy_with_logits",
+    "sigmoid_cross_entropy_with_logits",
+    "CrossEntropyLoss",
+    "BCEWithLogitsLoss",
+    "SequenceLoss",
+    "build_info",
+]
+
+
+def build_info() -> dict:
+    """What this build compiled: CPU instruction sets (and the one in use), CUDA archs."""
+    info = dict(line.split("=", 1) for line in torch.ops.fusedloss.build_info().splitlines())
+    info["cpu_isas"] = info["cpu_isas"].split(",")
+    info["cuda"] = info["cuda"] == "1"
+    info["cuda_archs"] = [a for a in info["cuda_archs"].split(";") if a]
+    return info

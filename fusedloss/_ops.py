@@ -1,0 +1,217 @@
+"""Fake (meta) kernels and autograd for every fusedloss op.
+
+The forward ops return the gradient already scaled for the reduction (mean/sum), so their
+backward only multiplies it by grad_output, in place, and the kernel makes no pass at all when
+grad_output is exactly 1. reduction="none" recomputes the gradient from the saved logsumexp
+instead: that moves fewer bytes than writing a gradient in the forward and scaling it later
+(bench/README.md has the byte counts).
+"""
+
+import contextlib
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_traced(t):
+    """True while torch.compile / AOTAutograd traces (tensors are fake or functional)."""
+    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
+
+
+
+_DOUBLE_BACKWARD = (
+    "fusedloss: double backward (create_graph=True) through {} is not supported: its gradient "
+    "comes from a fused kernel and is not itself differentiable. Use the torch.nn.functional "
+    "loss where second derivatives are needed.")
+_CONSUMED = (
+    "fusedloss: the gradient of this {} was already used by an earlier backward. Its fused "
+    "gradient is computed once in the forward and handed over (not copied) to the first "
+    "backward, so backward(retain_graph=True) twice through it is not supported; use "
+    "reduction='none' (which recomputes the gradient) and reduce it yourself.")
+
+
+def _scaled_saved_grad(lib, ctx, grad_output, what):
+    """The forward's pre-scaled gradient times grad_output, handed over without a copy."""
+    grad = ctx.saved_grad
+    if grad is None:
+        raise RuntimeError(_CONSUMED.format(what))
+    if grad.numel() == 0 and ctx.input_numel != 0:
+        raise RuntimeError(f"fusedloss: {what} was called without a gradient (its input did not "
+                           "require grad when the forward ran)")
+    if is_traced(grad_output):
+        return grad * grad_output
+    if torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD.format(what))
+    ctx.saved_grad = None
+    lib.scale_grad_(grad, grad_output)
+    return grad
+
+
+class OpSet:
+    """The fusedloss ops of one library namespace, with their fakes and autograd registered.
+
+    The product uses torch.ops.fusedloss; the SIMT test harness registers the same schemas as
+    torch.ops.fusedloss_simt (the CUDA kernels emulated on the CPU) and runs the same tests
+    through them with `use(...)`."""
+
+    def __init__(self, namespace):
+        self.namespace = namespace
+        lib = getattr(torch.ops, namespace)
+        self.lib = lib
+        for name in ("softmax_ce", "softmax_ce_inplace", "softmax_ce_backward", "sigmoid_ce",
+                     "sigmoid_ce_backward", "scale_grad_"):
+            setattr(self, name, getattr(lib, name))
+        _register_fakes(namespace)
+        _register_autograd(namespace, lib)
+        self.SoftmaxCEInplace = _make_inplace_function(lib)
+
+
+def _register_fakes(namespace):
+    @torch.library.register_fake(f"{namespace}::softmax_ce")
+    def _softmax_ce_fake(logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
+                         softcap, reduction, mean_eps, compute_grad):
+        torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+        torch._check(0 <= reduction <= 2, lambda: f"reduction must be 0, 1 or 2, got {reduction}")
+        rows, classes = logits.shape
+        loss = logits.new_empty((rows,) if reduction == 0 else ())
+        lse = logits.new_empty((rows,), dtype=acc_dtype(logits.dtype))
+        grad = logits.new_empty((rows, classes) if compute_grad else (0,))
+        return loss, lse, grad
+
+    @torch.library.register_fake(f"{namespace}::softmax_ce_inplace")
+    def _softmax_ce_inplace_fake(logits, target, weight, mask, ignore_index, label_smoothing,
+                                 z_loss, softcap, reduction, mean_eps):
+        torch._check(reduction != 0, lambda: "softmax_ce_inplace needs reduction mean or sum")
+        return (logits.new_empty(()),
+                logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype)))
+
+    @torch.library.register_fake(f"{namespace}::softmax_ce_backward")
+    def _softmax_ce_backward_fake(grad_loss, logits, target, weight, mask, lse, ignore_index,
+                                  label_smoothing, z_loss, softcap):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake(f"{namespace}::sigmoid_ce")
+    def _sigmoid_ce_fake(input, target, weight, pos_weight, mask, label_smoothing, reduction,
+                         compute_grad):
+        torch._check(input.dim() == 2, lambda: f"input must be 2-D, got {input.dim()}-D")
+        per_element = reduction == 0
+        loss = input.new_empty(input.shape if per_element else ())
+        grad = input.new_empty(input.shape if compute_grad and not per_element else (0,))
+        return loss, grad
+
+    @torch.library.register_fake(f"{namespace}::sigmoid_ce_backward")
+    def _sigmoid_ce_backward_fake(grad_loss, input, target, weight, pos_weight, mask,
+                                  label_smoothing):
+        return input.new_empty(input.shape)
+
+    @torch.library.register_fake(f"{namespace}::scale_grad_")
+    def _scale_grad_fake(grad, scale):
+        return None
+
+
+def _register_autograd(namespace, lib):
+    def softmax_ce_setup(ctx, inputs, output):
+        (logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
+         _mean_eps, _compute_grad) = inputs
+        _loss, lse, grad = output
+        ctx.reduction = reduction
+        ctx.input_numel = logits.numel()
+        if reduction == 0:
+            ctx.save_for_backward(logits, target, weight, mask, lse)
+            ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+        else:
+            ctx.saved_grad = grad
+
+    def softmax_ce_backward(ctx, grad_loss, _grad_lse, _grad_grad):
+        if ctx.reduction == 0:
+            if torch.is_grad_enabled() and not is_traced(grad_loss):
+                raise RuntimeError(_DOUBLE_BACKWARD.format("cross_entropy"))
+            logits, target, weight, mask, lse = ctx.saved_tensors
+            grad = lib.softmax_ce_backward(grad_loss, logits, target, weight, mask, lse,
+                                           *ctx.options)
+        else:
+            grad = _scaled_saved_grad(lib, ctx, grad_loss, "cross_entropy")
+        return (grad,) + (None,) * 10
+
+    torch.library.register_autograd(f"{namespace}::softmax_ce", softmax_ce_backward,
+                                    setup_context=softmax_ce_setup)
+
+    def sigmoid_ce_setup(ctx, inputs, output):
+        input, target, weight, pos_weight, mask, label_smoothing, reduction, _compute_grad = inputs
+        _loss, grad = output
+        ctx.reduction = reduction
+        ctx.input_numel = input.numel()
+        if reduction == 0:
+            ctx.save_for_backward(input, target, weight, pos_weight, mask)
+            ctx.label_smoothing = label_smoothing
+        else:
+            ctx.saved_grad = grad
+
+    def sigmoid_ce_backward(ctx, grad_loss, _grad_grad):
+        if ctx.reduction == 0:
+            if torch.is_grad_enabled() and not is_traced(grad_loss):
+                raise RuntimeError(_DOUBLE_BACKWARD.format("binary_cross_entropy_with_logits"))
+            input, target, weight, pos_weight, mask = ctx.saved_tensors
+            grad = lib.sigmoid_ce_backward(grad_loss, input, target, weight, pos_weight, mask,
+                                           ctx.label_smoothing)
+        else:
+            grad = _scaled_saved_grad(lib, ctx, grad_loss, "binary_cross_entropy_with_logits")
+        return (grad,) + (None,) * 7
+
+    torch.library.register_autograd(f"{namespace}::sigmoid_ce", sigmoid_ce_backward,
+                                    setup_context=sigmoid_ce_setup)
+
+
+def _make_inplace_function(lib):
+    class SoftmaxCEInplace(torch.autograd.Function):
+        """cross_entropy(inplace_backward=True): the forward writes the gradient into the
+        logits' storage (no N x C buffer). Autograd sees the write: the logits' version
+        counter moves, so any other op that saved them refuses to run its backward rather
+        than read the gradient as logits. functional.py takes this path only where it is safe
+        (see _inplace_is_safe)."""
+
+        @staticmethod
+        def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
+                    softcap, reduction, mean_eps):
+            version = logits._version
+            loss, _lse = lib.softmax_ce_inplace(logits, target, weight, mask, ignore_index,
+                                                label_smoothing, z_loss, softcap, reduction,
+                                                mean_eps)
+            if logits._version == version:
+                torch.autograd.graph.increment_version(logits)
+            ctx.saved_grad = logits
+            ctx.input_numel = logits.numel()
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            grad = _scaled_saved_grad(lib, ctx, grad_loss, "cross_entropy")
+            return (grad,) + (None,) * 9
+
+    return SoftmaxCEInplace
+
+
+_active = OpSet("fusedloss")
+
+
+def current():
+    """The OpSet the public functions call."""
+    return _active
+
+
+@contextlib.contextmanager
+def use(opset):
+    """Route the public functions through another OpSet (tests: the SIMT-emulated kernels)."""
+    global _active
+    previous, _active = _active, opset
+    try:
+        yield opset
+    finally:
+        _active = previous

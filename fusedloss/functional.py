@@ -1,0 +1,339 @@
+"""The public loss functions: argument checking with the public names, reshaping to the
+kernels' (rows, classes) layout, and the TensorFlow-style wrappers."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._ops import REDUCTIONS, acc_dtype
+
+__all__ = [
+    "cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "sequence_loss",
+    "sparse_softmax_cross_entropy_with_logits",
+    "sigmoid_cross_entropy_with_logits",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# TensorFlow's losses have no ignore_index: a label no int64 can reach disables it.
+_NO_IGNORE_INDEX = -(2**63)
+_TF_EPSILON = 1e-12  # sequence_loss divides by sum(weights) + 1e-12, as TF r1.4 does
+
+
+def _check_tensor(x, name):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+
+
+def _check_logits_dtype(x, name):
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_device(x, name, ref, ref_name):
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def _reduction_code(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return REDUCTIONS[reduction]
+
+
+def _check_fraction(value, name):
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be between 0.0 and 1.0, got {value}")
+    return value
+
+
+def _softcap_value(softcap):
+    if softcap is None:
+        return 0.0
+    softcap = float(softcap)
+    if not softcap > 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    return softcap
+
+
+def _z_loss_value(z_loss):
+    z_loss = float(z_loss)
+    if not z_loss >= 0.0 or z_loss == float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    return z_loss
+
+
+def _row_vector(t, name, shape, acc, ref):
+    """mask of the positions' shape -> flat vector in the accumulation dtype."""
+    if t is None:
+        return None
+    _check_tensor(t, name)
+    _check_device(t, name, ref, "input")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the target's shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not (t.is_floating_point() or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be a bool or floating tensor, got {t.dtype}")
+    return t.reshape(-1).to(acc)
+
+
+def _class_weight(weight, classes, acc, ref):
+    if weight is None:
+        return None
+    _check_tensor(weight, "weight")
+    _check_device(weight, "weight", ref, "input")
+    if weight.dim() != 1 or weight.shape[0] != classes:
+        raise ValueError(f"weight must have shape ({classes},) (one weight per class), "
+                         f"got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    return weight.to(acc)
+
+
+def _rows_of(input):
+    """(input as (rows, classes) with the class dim last, positions' shape)."""
+    if input.dim() == 1:
+        return input.unsqueeze(0), ()
+    if input.dim() == 2:
+        return input, (input.shape[0],)
+    positions = (input.shape[0],) + tuple(input.shape[2:])
+    return input.movedim(1, -1).reshape(-1, input.shape[1]), positions
+
+
+def _saved_by_producer(t):
+    """Whether the op that produced t (or t's base, for a view) saved it for its backward."""
+    storage = t.untyped_storage().data_ptr()
+    for x in (t, t._base):
+        fn = x.grad_fn if x is not None else None
+        if fn is None:
+            continue
+        saved = [getattr(fn, n, None) for n in dir(fn) if n.startswith("_saved_")]
+        try:
+            saved += list(getattr(fn, "saved_tensors", ()))
+        except RuntimeError:
+            pass
+        for s in saved:
+            for v in s if isinstance(s, (tuple, list)) else (s,):
+                if isinstance(v, Tensor) and v.untyped_storage().data_ptr() == storage:
+                    return True
+    return False
+
+
+def _inplace_is_safe(input, logits2d):
+    """Where writing the gradient into the logits cannot corrupt anything autograd needs."""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and input.requires_grad):
+        return False
+    if input.is_leaf or logits2d.is_leaf:  # a parameter or user tensor: never overwrite
+        return False
+    if logits2d.dim() != 2 or (logits2d.shape[1] > 1 and logits2d.stride(1) != 1):
+        return False
+    return not (_saved_by_producer(logits2d) or _saved_by_producer(input))
+
+
+def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
+                reduction, mean_eps=0.0, inplace_backward=False, input=None):
+    """The softmax cross-entropy op on (rows, classes) logits, with its autograd path chosen."""
+    input = logits2d if input is None else input
+    if (inplace_backward and reduction != 0 and _inplace_is_safe(input, logits2d)):
+        return _ops.current().SoftmaxCEInplace.apply(logits2d, target, weight, mask, ignore_index,
+                                           label_smoothing, z_loss, softcap, reduction, mean_eps)
+    compute_grad = reduction != 0 and torch.is_grad_enabled() and logits2d.requires_grad
+    loss, _lse, _grad = _ops.current().softmax_ce(logits2d, target, weight, mask, ignore_index,
+                                       label_smoothing, z_loss, softcap, reduction, mean_eps,
+                                       compute_grad)
+    return loss
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, mask: Optional[Tensor] = None,
+                  z_loss: float = 0.0, softcap: Optional[float] = None,
+                  inplace_backward: bool = False) -> Tensor:
+    """Drop-in for torch.nn.functional.cross_entropy, fused in one pass over the logits.
+
+    Beyond torch: ``mask`` (the target's shape; 0 = padding, multiplies each position's loss),
+    ``z_loss`` (adds z_loss * logsumexp^2 per position), ``softcap`` (logits become
+    softcap * tanh(logits / softcap)) and ``inplace_backward`` (the gradient is written into
+    the logits' storage, so no N x C buffer is allocated; the logits must not be used after
+    the call). A ``mean`` over no valid position is 0 (torch: NaN).
+    """
+    _check_tensor(input, "input")
+    _check_tensor(target, "target")
+    _check_logits_dtype(input, "input")
+    _check_device(target, "target", input, "input")
+    red = _reduction_code(reduction)
+    label_smoothing = _check_fraction(label_smoothing, "label_smoothing")
+    z_loss = _z_loss_value(z_loss)
+    cap = _softcap_value(softcap)
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension (classes), got a 0-d tensor")
+    classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if classes == 0:
+        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
+    logits2d, positions = _rows_of(input)
+    acc = acc_dtype(input.dtype)
+
+    if target.is_floating_point():  # class probabilities
+        if target.shape != input.shape:
+            raise ValueError(f"probability target must have the input's shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        target2d, _ = _rows_of(target)
+        ignore_index = _NO_IGNORE_INDEX
+    else:
+        if target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"target must be class indices (an integer tensor) or class "
+                            f"probabilities (a floating tensor), got {target.dtype}")
+        if tuple(target.shape) != positions:
+            raise ValueError(f"target must have shape {positions} for input of shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        target2d = target.reshape(-1).to(torch.int64)
+    w = _class_weight(weight, classes, acc, input)
+    m = _row_vector(mask, "mask", positions, acc, input)
+    loss = _softmax_ce(logits2d, target2d, w, m, int(ignore_index), label_smoothing, z_loss, cap,
+                       red, inplace_backward=inplace_backward, input=input)
+    return loss.reshape(positions) if red == 0 else loss
+
+
+def _broadcast_to_rows(t, name, input, rows, cols, acc):
+    """weight / pos_weight / mask broadcast to the input, viewed as (rows, cols) (no copy for
+    the usual shapes: per-column, per-row, scalar or full)."""
+    if t is None:
+        return None
+    _check_tensor(t, name)
+    _check_device(t, name, input, "input")
+    try:
+        shape = torch.broadcast_shapes(t.shape, input.shape)
+    except RuntimeError:
+        shape = None
+    if shape != input.shape:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to the input's "
+                         f"shape {tuple(input.shape)}")
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t.expand(input.shape).reshape(rows, cols)
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
+                                     weight: Optional[Tensor] = None, reduction: str = "mean",
+                                     pos_weight: Optional[Tensor] = None, *,
+                                     mask: Optional[Tensor] = None,
+                                     label_smoothing: float = 0.0) -> Tensor:
+    """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits, fused in one pass.
+
+    Beyond torch: ``mask`` (broadcasts to the input; multiplies each element's loss; ``mean``
+    then divides by the mask's sum, and is 0 when that is 0) and ``label_smoothing``
+    (targets become y * (1 - e) + e / 2). The target may be of any numeric or bool dtype.
+    """
+    _check_tensor(input, "input")
+    _check_tensor(target, "target")
+    _check_logits_dtype(input, "input")
+    _check_device(target, "target", input, "input")
+    red = _reduction_code(reduction)
+    label_smoothing = _check_fraction(label_smoothing, "label_smoothing")
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({tuple(target.shape)}) must be the same as input size "
+                         f"({tuple(input.shape)})")
+    if target.is_complex():
+        raise TypeError(f"target must be a real or bool tensor, got {target.dtype}")
+    cols = input.shape[-1] if input.dim() >= 1 else 1
+    rows = input.numel() // cols if cols else (input.shape[:-1].numel())
+    acc = acc_dtype(input.dtype)
+    x = input.reshape(rows, cols)
+    y = target.to(input.dtype).reshape(rows, cols)
+    w = _broadcast_to_rows(weight, "weight", input, rows, cols, acc)
+    pw = _broadcast_to_rows(pos_weight, "pos_weight", input, rows, cols, acc)
+    m = _broadcast_to_rows(mask, "mask", input, rows, cols, acc)
+    compute_grad = red != 0 and torch.is_grad_enabled() and input.requires_grad
+    loss, _grad = _ops.current().sigmoid_ce(x, y, w, pw, m, label_smoothing, red, compute_grad)
+    return loss.reshape(input.shape) if red == 0 else loss
+
+
+def sparse_softmax_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) -> Tensor:
+    """tf.nn.sparse_softmax_cross_entropy_with_logits: logits (..., C), labels (...) of class
+    indices; returns the loss of every position, labels' shape. Labels outside [0, C) raise."""
+    _check_tensor(labels, "labels")
+    _check_tensor(logits, "logits")
+    _check_logits_dtype(logits, "logits")
+    _check_device(labels, "labels", logits, "logits")
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least 1 dimension (classes), got a 0-d tensor")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels must have the logits' shape without the last (class) "
+                         f"dimension, {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
+    classes = logits.shape[-1]
+    if classes == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    loss = _softmax_ce(logits.reshape(-1, classes), labels.reshape(-1).to(torch.int64), None,
+                       None, _NO_IGNORE_INDEX, 0.0, 0.0, 0.0, 0, input=logits)
+    return loss.reshape(labels.shape)
+
+
+def sigmoid_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) -> Tensor:
+    """tf.nn.sigmoid_cross_entropy_with_logits: the elementwise loss, logits' shape."""
+    _check_tensor(labels, "labels")
+    _check_tensor(logits, "logits")
+    if labels.shape != logits.shape:
+        raise ValueError(f"logits and labels must have the same shape, got logits "
+                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+    return binary_cross_entropy_with_logits(logits, labels, reduction="none")
+
+
+def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
+                  average_across_timesteps: bool = True, average_across_batch: bool = True, *,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: Optional[float] = None) -> Tensor:
+    """tf.contrib.seq2seq.sequence_loss (TF r1.4): weighted cross-entropy of logits
+    (batch, time, classes) against targets (batch, time), weights (batch, time).
+
+    Averaged across both: sum(ce * w) / (sum(w) + 1e-12), a scalar; across timesteps only:
+    shape (batch,), each row divided by its own weight sum (+1e-12); across the batch only:
+    shape (time,); neither: ce * w, shape (batch, time)."""
+    for t, n in ((logits, "logits"), (targets, "targets"), (weights, "weights")):
+        _check_tensor(t, n)
+    _check_logits_dtype(logits, "logits")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be a 3-D tensor (batch, time, classes), got shape "
+                         f"{tuple(logits.shape)}")
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be a 2-D tensor (batch, time), got shape "
+                         f"{tuple(targets.shape)}")
+    if weights.dim() != 2:
+        raise ValueError(f"weights must be a 2-D tensor (batch, time), got shape "
+                         f"{tuple(weights.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:2])} (batch, time of "
+                         f"the logits), got {tuple(targets.shape)}")
+    if tuple(weights.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"weights must have shape {tuple(logits.shape[:2])} (batch, time of "
+                         f"the logits), got {tuple(weights.shape)}")
+    if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating tensor, got {weights.dtype}")
+    _check_device(targets, "targets", logits, "logits")
+    _check_device(weights, "weights", logits, "logits")
+    label_smoothing = _check_fraction(label_smoothing, "label_smoothing")
+    z_loss = _z_loss_value(z_loss)
+    cap = _softcap_value(softcap)
+    batch, time, classes = logits.shape
+    if classes == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    acc = acc_dtype(logits.dtype)
+    rows = logits.reshape(batch * time, classes)
+    flat_targets = targets.reshape(-1).to(torch.int64)
+    flat_weights = weights.reshape(-1).to(acc)
+    args = (flat_targets, None, flat_weights, _NO_IGNORE_INDEX, label_smoothing, z_loss, cap)
+    if average_across_timesteps and average_across_batch:
+        return _softmax_ce(rows, *args, REDUCTIONS["mean"], mean_eps=_TF_EPSILON, input=logits)
+    weighted = _softmax_ce(rows, *args, REDUCTIONS["none"], input=logits).reshape(batch, time)
+    w = weights.to(weighted.dtype)
+    if average_across_timesteps:
+        return weighted.sum(1) / (w.sum(1) + _TF_EPSILON)
+    if average_across_batch:
+        return weighted.sum(0) / (w.sum(0) + _TF_EPSILON)
+    return weighted

@@ -1,0 +1,76 @@
+"""nn.Module drop-ins. CrossEntropyLoss and BCEWithLogitsLoss subclass torch's own modules,
+so isinstance checks, the weight / pos_weight buffers and state_dict keys are torch's."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss"]
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss with fusedloss's kernel; forward(input, target, mask=None)."""
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, inplace_backward: bool = False) -> None:
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                               self.label_smoothing, mask=mask, z_loss=self.z_loss,
+                               softcap=self.softcap, inplace_backward=self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """torch.nn.BCEWithLogitsLoss with fusedloss's kernel; forward(input, target, mask=None)."""
+
+    def __init__(self, weight: Optional[Tensor] = None, reduction: str = "mean",
+                 pos_weight: Optional[Tensor] = None, *, label_smoothing: float = 0.0) -> None:
+        super().__init__(weight=weight, reduction=reduction, pos_weight=pos_weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction,
+                                                  self.pos_weight, mask=mask,
+                                                  label_smoothing=self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
+
+
+class SequenceLoss(torch.nn.Module):
+    """tf.contrib.seq2seq.sequence_loss as a module; forward(logits, targets, weights)."""
+
+    def __init__(self, average_across_timesteps: bool = True, average_across_batch: bool = True,
+                 *, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None) -> None:
+        super().__init__()
+        self.average_across_timesteps = average_across_timesteps
+        self.average_across_batch = average_across_batch
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        return F.sequence_loss(logits, targets, weights, self.average_across_timesteps,
+                               self.average_across_batch, label_smoothing=self.label_smoothing,
+                               z_loss=self.z_loss, softcap=self.softcap)
+
+    def extra_repr(self) -> str:
+        return (f"average_across_timesteps={self.average_across_timesteps}, "
+                f"average_across_batch={self.average_across_batch}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}")
