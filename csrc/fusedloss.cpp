@@ -14,7 +14,14 @@
 // sigmoid_ce / sigmoid_ce_backward: the same pair for sigmoid cross-entropy over a
 // (rows, cols) view; weight, pos_weight and mask are (rows, cols) broadcast views.
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
-TORCH_LIBRARY(fusedloss, m) {
+// The SIMT test harness compiles this file again with FUSEDLOSS_LIBRARY=fusedloss_simt, so that
+// its emulated CUDA kernels are registered under the very same schemas.
+#ifndef FUSEDLOSS_LIBRARY
+#define FUSEDLOSS_LIBRARY fusedloss
+#endif
+#define FL_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
   m.def(
       "softmax_ce(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, int reduction, float mean_eps, "
@@ -37,8 +44,10 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def("build_info() -> str");
 }
 
+#ifndef FUSEDLOSS_NO_PYINIT
 // `import fusedloss._C` loads this library, whose static initialisers register the ops.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif

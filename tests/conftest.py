@@ -1,0 +1,89 @@
+"""Shared fixtures. Every parity test takes the `backend` fixture and runs once per backend:
+
+- cpu:  the CPU kernels;
+- simt: the CUDA kernels compiled as host C++ and run by the SIMT harness (tests/simt/), on
+        CPU tensors, through the same public API;
+- cuda: the CUDA kernels on a GPU (skipped when there is none; never faked).
+
+A test parameter named `shape` (a tuple) is the problem size; sizes too large for the SIMT
+emulator are deselected for the simt backend (reported as deselected, not passed).
+"""
+
+import contextlib
+import math
+import os
+
+import pytest
+import torch
+
+import fusedloss  # noqa: F401
+from fusedloss import _ops
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HAVE_SIMT = os.path.exists(os.path.join(HERE, "simt", "__init__.py"))
+SIMT_MAX_NUMEL = 1 << 18  # elements per call the emulator runs in reasonable time
+
+
+class Backend:
+    def __init__(self, name):
+        self.name = name
+        self.device = torch.device("cuda" if name == "cuda" else "cpu")
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.name == "simt":
+            from simt import load_simt_opset
+
+            with _ops.use(load_simt_opset()):
+                yield self
+        else:
+            yield self
+
+    def __repr__(self):
+        return self.name
+
+
+BACKEND_NAMES = ["cpu"] + (["simt"] if HAVE_SIMT else []) + ["cuda"]
+
+
+def pytest_configure(config):
+    if HAVE_SIMT and HERE not in os.sys.path:
+        os.sys.path.insert(0, HERE)
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    b = Backend(request.param)
+    with b.active():
+        yield b
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        shape = params.get("shape")
+        if (params.get("backend") == "simt" and isinstance(shape, tuple)
+                and math.prod(shape) > SIMT_MAX_NUMEL):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+# Fresh random data every run, reproducible: the seed is printed in the header and can be set
+# with FUSEDLOSS_TEST_SEED.
+RUN_SEED = int(os.environ.get("FUSEDLOSS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_report_header(config):
+    return f"fusedloss: FUSEDLOSS_TEST_SEED={RUN_SEED}, backends={BACKEND_NAMES}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(RUN_SEED ^ (hash(request.node.nodeid) & 0xFFFFFFFF))
