@@ -19,6 +19,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         valid = torch.ones_like(per, dtype=torch.bool)
         denom_weight = torch.ones_like(per)
     else:
+        target = target.long()
         per = F.cross_entropy(x, target, weight=w, ignore_index=ignore_index, reduction="none",
                               label_smoothing=label_smoothing)
         valid = target != ignore_index
