@@ -10,7 +10,9 @@
 // (0,) tensor). mean divides by (sum of valid weights + mean_eps), and is 0 when that is 0.
 //
 // softmax_ce_inplace: the same for mean/sum, writing the gradient into `logits`.
-// softmax_ce_backward: the gradient recomputed from the saved lse, for reduction=0.
+// softmax_ce_backward: the gradient recomputed from the logits and the saved lse; grad_loss is
+// per row for reduction=0, a scalar otherwise (reduction=0 always, and a second backward of
+// mean/sum, take this path).
 // sigmoid_ce / sigmoid_ce_backward: the same pair for sigmoid cross-entropy over a
 // (rows, cols) view; weight, pos_weight and mask are (rows, cols) broadcast views.
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
@@ -33,13 +35,13 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
   m.def(
       "softmax_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor? mask, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
-      "float softcap) -> Tensor");
+      "float softcap, int reduction, float mean_eps) -> Tensor");
   m.def(
       "sigmoid_ce(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor? mask, "
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def(
       "sigmoid_ce_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor? pos_weight, Tensor? mask, float label_smoothing) -> Tensor");
+      "Tensor? pos_weight, Tensor? mask, float label_smoothing, int reduction) -> Tensor");
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("build_info() -> str");
 }

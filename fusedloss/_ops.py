@@ -8,6 +8,7 @@ instead: that moves fewer bytes than writing a gradient in the forward and scali
 """
 
 import contextlib
+import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -31,24 +32,45 @@ _DOUBLE_BACKWARD = (
     "comes from a fused kernel and is not itself differentiable. Use the torch.nn.functional "
     "loss where second derivatives are needed.")
 _CONSUMED = (
-    "fusedloss: the gradient of this {} was already used by an earlier backward. Its fused "
-    "gradient is computed once in the forward and handed over (not copied) to the first "
-    "backward, so backward(retain_graph=True) twice through it is not supported; use "
-    "reduction='none' (which recomputes the gradient) and reduce it yourself.")
+    "fusedloss: a second backward through this {} (retain_graph=True) needs its logits, which "
+    "are gone or were modified since the forward (the first backward handed its gradient "
+    "over without a copy). Keep the logits alive and unmodified, or use reduction='none'.")
+
+
+class _LogitsRef:
+    """The logits of a mean/sum loss, kept for a second backward only if that is free: a
+    strong reference to a leaf or a view of one (the caller holds it anyway), a weak one
+    otherwise (holding a non-leaf would keep an N x C buffer alive until the backward)."""
+
+    def __init__(self, logits):
+        self.version = logits._version
+        base = logits if logits._base is None else logits._base  # a view keeps its base alive
+        self.strong = logits if base.is_leaf else None
+        self.weak = weakref.ref(logits)
+
+    def get(self):
+        logits = self.strong if self.strong is not None else self.weak()
+        if logits is None or logits._version != self.version:
+            return None
+        return logits
 
 
 def _scaled_saved_grad(lib, ctx, grad_output, what):
-    """The forward's pre-scaled gradient times grad_output, handed over without a copy."""
+    """The forward's pre-scaled gradient times grad_output, handed over without a copy; a
+    second backward recomputes it from the logits (``ctx.recompute(grad_output)``)."""
     grad = ctx.saved_grad
-    if grad is None:
-        raise RuntimeError(_CONSUMED.format(what))
-    if grad.numel() == 0 and ctx.input_numel != 0:
-        raise RuntimeError(f"fusedloss: {what} was called without a gradient (its input did not "
+    if grad is not None and grad.numel() == 0 and ctx.input_numel != 0:
+        raise RuntimeError(f"fusedloss: {what} ran without a gradient (its input did not "
                            "require grad when the forward ran)")
     if is_traced(grad_output):
         return grad * grad_output
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD.format(what))
+    if grad is None:
+        grad = ctx.recompute(grad_output)
+        if grad is None:
+            raise RuntimeError(_CONSUMED.format(what))
+        return grad
     ctx.saved_grad = None
     lib.scale_grad_(grad, grad_output)
     return grad
@@ -94,7 +116,7 @@ def _register_fakes(namespace):
 
     @torch.library.register_fake(f"{namespace}::softmax_ce_backward")
     def _softmax_ce_backward_fake(grad_loss, logits, target, weight, mask, lse, ignore_index,
-                                  label_smoothing, z_loss, softcap):
+                                  label_smoothing, z_loss, softcap, reduction, mean_eps):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake(f"{namespace}::sigmoid_ce")
@@ -108,7 +130,7 @@ def _register_fakes(namespace):
 
     @torch.library.register_fake(f"{namespace}::sigmoid_ce_backward")
     def _sigmoid_ce_backward_fake(grad_loss, input, target, weight, pos_weight, mask,
-                                  label_smoothing):
+                                  label_smoothing, reduction):
         return input.new_empty(input.shape)
 
     @torch.library.register_fake(f"{namespace}::scale_grad_")
@@ -119,15 +141,25 @@ def _register_fakes(namespace):
 def _register_autograd(namespace, lib):
     def softmax_ce_setup(ctx, inputs, output):
         (logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
-         _mean_eps, _compute_grad) = inputs
+         mean_eps, _compute_grad) = inputs
         _loss, lse, grad = output
         ctx.reduction = reduction
         ctx.input_numel = logits.numel()
+        options = (ignore_index, label_smoothing, z_loss, softcap, reduction, mean_eps)
         if reduction == 0:
             ctx.save_for_backward(logits, target, weight, mask, lse)
-            ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
-        else:
-            ctx.saved_grad = grad
+            ctx.options = options
+            return
+        ctx.saved_grad = grad
+        logits_ref = _LogitsRef(logits)
+
+        def recompute(grad_loss):
+            x = logits_ref.get()
+            if x is None:
+                return None
+            return lib.softmax_ce_backward(grad_loss, x, target, weight, mask, lse, *options)
+
+        ctx.recompute = recompute
 
     def softmax_ce_backward(ctx, grad_loss, _grad_lse, _grad_grad):
         if ctx.reduction == 0:
@@ -148,11 +180,22 @@ def _register_autograd(namespace, lib):
         _loss, grad = output
         ctx.reduction = reduction
         ctx.input_numel = input.numel()
+        options = (label_smoothing, reduction)
         if reduction == 0:
             ctx.save_for_backward(input, target, weight, pos_weight, mask)
-            ctx.label_smoothing = label_smoothing
-        else:
-            ctx.saved_grad = grad
+            ctx.options = options
+            return
+        ctx.saved_grad = grad
+        input_ref = _LogitsRef(input)
+
+        def recompute(grad_loss):
+            x = input_ref.get()
+            if x is None:
+                return None
+            return lib.sigmoid_ce_backward(grad_loss, x, target, weight, pos_weight, mask,
+                                           *options)
+
+        ctx.recompute = recompute
 
     def sigmoid_ce_backward(ctx, grad_loss, _grad_grad):
         if ctx.reduction == 0:
@@ -160,7 +203,7 @@ def _register_autograd(namespace, lib):
                 raise RuntimeError(_DOUBLE_BACKWARD.format("binary_cross_entropy_with_logits"))
             input, target, weight, pos_weight, mask = ctx.saved_tensors
             grad = lib.sigmoid_ce_backward(grad_loss, input, target, weight, pos_weight, mask,
-                                           ctx.label_smoothing)
+                                           *ctx.options)
         else:
             grad = _scaled_saved_grad(lib, ctx, grad_loss, "binary_cross_entropy_with_logits")
         return (grad,) + (None,) * 7
@@ -188,6 +231,7 @@ def _make_inplace_function(lib):
                 torch.autograd.graph.increment_version(logits)
             ctx.saved_grad = logits
             ctx.input_numel = logits.numel()
+            ctx.recompute = lambda grad_loss: None  # the logits are gone: they hold the gradient
             return loss
 
         @staticmethod

@@ -65,11 +65,12 @@ struct SigmoidCEParams {
   const void* input;   // scalar_t
   const void* target;  // scalar_t, same (rows, cols) view
   BroadcastOperand weight, pos_weight, mask;
-  const void* grad_loss;  // GradFromGradLoss: scalar_t (rows, cols), row stride grad_loss_row_stride
+  const void* grad_loss;  // GradFromGradLoss: scalar_t (rows, cols), row stride
+                          // grad_loss_row_stride; null: every element's factor is *grad_scale
   void* loss;             // LossElements: scalar_t (rows, cols) contiguous
   void* grad;             // scalar_t (rows, cols) contiguous
   void* chunk_loss;       // LossSum*: acc_t[num_chunks]
-  const void* grad_scale; // acc_t[1]: mean scale, or null for 1
+  const void* grad_scale; // acc_t[1]: the gradient's factor (mean scale [x grad_loss]), null: 1
   int64_t rows;
   int64_t cols;
   int64_t input_row_stride;

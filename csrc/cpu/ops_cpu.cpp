@@ -224,14 +224,20 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                                    const c10::optional<at::Tensor>& mask, const at::Tensor& lse,
                                    int64_t ignore_index, double label_smoothing, double z_loss,
-                                   double softcap) {
-  // reduction "none": the mean's denominator is not used, only the weights and mask.
-  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, 2, 0.0);
-  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == c.shape.rows, kSoftmaxOp,
-                    ": grad_loss must have shape (", c.shape.rows, ",), got ", grad_loss.sizes());
+                                   double softcap, int64_t reduction, double mean_eps) {
+  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == c.shape.rows, kSoftmaxOp,
                     ": lse must have shape (", c.shape.rows, ",), got ", lse.sizes());
-  at::Tensor go = grad_loss.to(c.acc).contiguous();
+  at::Tensor go;
+  if (c.reduction == Reduction::None) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == c.shape.rows, kSoftmaxOp,
+                      ": grad_loss must have shape (", c.shape.rows, ",), got ", grad_loss.sizes());
+    go = grad_loss.to(c.acc).contiguous();
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSoftmaxOp,
+                      ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
+    go = grad_loss.to(c.acc).reshape({1}).mul(c.grad_scale).expand({c.shape.rows}).contiguous();
+  }
   at::Tensor lse_acc = lse.to(c.acc).contiguous();
   at::Tensor grad = at::empty({c.shape.rows, c.shape.classes}, logits.options());
   SoftmaxCEParams p = softmax_params(c);
@@ -274,6 +280,14 @@ SigmoidCall prepare_sigmoid(const at::Tensor& input, const at::Tensor& target,
   return c;
 }
 
+// 1 / (number of elements, or the sum of the broadcast mask) for mean; 1 for sum and none.
+double sigmoid_mean_scale(const SigmoidCall& c, int64_t numel) {
+  if (c.reduction != Reduction::Mean) return 1.0;
+  const double denominator =
+      c.mask.has_value() ? at::sum(*c.mask, at::kDouble).item<double>() : double(numel);
+  return denominator != 0 ? 1.0 / denominator : 0.0;
+}
+
 SigmoidCEParams sigmoid_params(const SigmoidCall& c, double label_smoothing) {
   SigmoidCEParams p{};
   p.input = c.input.data_ptr();
@@ -299,12 +313,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
   const int64_t numel = input.numel();
   const auto dtype = input.scalar_type();
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
-  double scale = 1.0;
-  if (c.reduction == Reduction::Mean) {
-    const double denominator =
-        c.mask.has_value() ? at::sum(*c.mask, at::kDouble).item<double>() : double(numel);
-    scale = denominator != 0 ? 1.0 / denominator : 0.0;
-  }
+  const double scale = sigmoid_mean_scale(c, numel);
   at::Tensor grad_scale = at::full({1}, scale, acc_opts);
   const bool per_element = c.reduction == Reduction::None;
   at::Tensor grad = compute_grad && !per_element ? at::empty(input.sizes(), input.options())
@@ -330,16 +339,25 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
 at::Tensor sigmoid_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
                                    const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                                    const c10::optional<at::Tensor>& pos_weight,
-                                   const c10::optional<at::Tensor>& mask, double label_smoothing) {
-  SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, 0);
-  TORCH_CHECK_VALUE(grad_loss.sizes() == input.sizes(), kSigmoidOp,
-                    ": grad_loss must have the input's shape ", input.sizes(), ", got ",
-                    grad_loss.sizes());
-  at::Tensor go = unit_stride_rows(grad_loss.to(input.scalar_type()));
+                                   const c10::optional<at::Tensor>& mask, double label_smoothing,
+                                   int64_t reduction) {
+  SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
   at::Tensor grad = at::empty(input.sizes(), input.options());
   SigmoidCEParams p = sigmoid_params(c, label_smoothing);
-  p.grad_loss = go.data_ptr();
-  p.grad_loss_row_stride = go.stride(0);
+  at::Tensor go, factor;
+  if (c.reduction == Reduction::None) {
+    TORCH_CHECK_VALUE(grad_loss.sizes() == input.sizes(), kSigmoidOp,
+                      ": grad_loss must have the input's shape ", input.sizes(), ", got ",
+                      grad_loss.sizes());
+    go = unit_stride_rows(grad_loss.to(input.scalar_type()));
+    p.grad_loss = go.data_ptr();
+    p.grad_loss_row_stride = go.stride(0);
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSigmoidOp,
+                      ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
+    factor = grad_loss.to(c.acc).reshape({1}).mul(sigmoid_mean_scale(c, input.numel()));
+    p.grad_scale = factor.data_ptr();
+  }
   p.grad = grad.data_ptr();
   p.mode = SigmoidCEMode::GradFromGradLoss;
   if (input.numel() > 0) kernels().sigmoid_ce(p);

@@ -103,7 +103,7 @@ struct SigmoidCEChunkKernel {
         }
         if constexpr (kGrad) {
           Vec scale[K];
-          if constexpr (kMode == SigmoidCEMode::GradFromGradLoss) {
+          if (kMode == SigmoidCEMode::GradFromGradLoss && grad_loss != nullptr) {
             const scalar_t* go = grad_loss + r * p.grad_loss_row_stride + j;
             if (n == kStep) IO::load(go, scale);
             else IO::load_partial(go, n, scale);
