@@ -7,6 +7,7 @@ from . import _ops  # noqa: F401  (fake kernels and autograd)
 from .functional import (
     binary_cross_entropy_with_logits,
     cross_entropy,
+    set_target_validation,
     sequence_loss,
     sigmoid_cross_entropy_with_logits,
     sparse_softmax_cross_entropy_with_logits,
@@ -25,6 +26,7 @@ __all__ = [
     "BCEWithLogitsLoss",
     "SequenceLoss",
     "build_info",
+    "set_target_validation",
 ]
 
 

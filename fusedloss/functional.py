@@ -1,6 +1,7 @@
 """The public loss functions: argument checking with the public names, reshaping to the
 kernels' (rows, classes) layout, and the TensorFlow-style wrappers."""
 
+import os
 from typing import Optional
 
 import torch
@@ -10,6 +11,7 @@ from . import _ops
 from ._ops import REDUCTIONS, acc_dtype
 
 __all__ = [
+    "set_target_validation",
     "cross_entropy",
     "binary_cross_entropy_with_logits",
     "sequence_loss",
@@ -21,6 +23,30 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # TensorFlow's losses have no ignore_index: a label no int64 can reach disables it.
 _NO_IGNORE_INDEX = -(2**63)
 _TF_EPSILON = 1e-12  # sequence_loss divides by sum(weights) + 1e-12, as TF r1.4 does
+
+
+_validate_targets = os.environ.get("FUSEDLOSS_VALIDATE_TARGETS", "0") not in ("", "0")
+
+
+def set_target_validation(enabled: bool) -> None:
+    """Check class-index targets eagerly on every device (default: off; also set by the
+    environment variable FUSEDLOSS_VALIDATE_TARGETS=1).
+
+    On the CPU, targets are always checked. On CUDA the kernel never reads out of bounds but
+    only marks a bad target's row NaN, because raising needs the host to wait for the device;
+    with validation on, a bad target raises an IndexError naming its value (one
+    synchronisation per call)."""
+    global _validate_targets
+    _validate_targets = bool(enabled)
+
+
+def _check_targets_eagerly(target, classes, ignore_index):
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"target {int(target[i])} at position {i} is out of bounds for {classes} "
+                         f"classes (expected 0 <= target < {classes}, or "
+                         f"ignore_index={ignore_index})")
 
 
 def _check_tensor(x, name):
@@ -137,6 +163,9 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
                 reduction, mean_eps=0.0, inplace_backward=False, input=None):
     """The softmax cross-entropy op on (rows, classes) logits, with its autograd path chosen."""
     input = logits2d if input is None else input
+    if (_validate_targets and not target.is_floating_point() and logits2d.device.type != "cpu"
+            and not torch.compiler.is_compiling()):
+        _check_targets_eagerly(target, logits2d.shape[1], ignore_index)
     if (inplace_backward and reduction != 0 and _inplace_is_safe(input, logits2d)):
         return _ops.current().SoftmaxCEInplace.apply(logits2d, target, weight, mask, ignore_index,
                                            label_smoothing, z_loss, softcap, reduction, mean_eps)
