@@ -1,0 +1,198 @@
+"""fusedloss benchmark: forward+backward against PyTorch eager, torch.compile (and, on a GPU,
+Liger-Kernel and QuACK when importable), interleaved in one run, with the copy floor, the
+effective bandwidth and the peak extra memory. See bench/README.md.
+
+    python bench/run.py                      # full run: LLM-shaped cases, results in bench/results/
+    python bench/run.py --quick              # small shapes and few reps: a smoke test
+    python bench/run.py --cases ce-4096x32000-float32,bce --reps 30 --out /tmp/bench
+"""
+
+import argparse
+import datetime
+import fnmatch
+import gc
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import torch
+
+import _measure
+import _report
+from _contenders import (CONTENDERS, FLOORS, FULL_CASES, GRAD_TOLERANCE, INPLACE, QUICK_CASES,
+                         Case, build_runners, grad_error, input_sets, make_inputs, reference_grad)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMED = ("per repetition and contender: loss = f(logits, target); grad = torch.autograd.grad("
+         "loss, logits), end to end (forward, backward, allocating the gradient); logits are a "
+         "leaf requiring grad, or for contenders that overwrite them (fusedloss inplace, liger) "
+         "a fresh non-leaf logits = pristine * one built outside the timed region")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes, 5 reps (smoke test)")
+    p.add_argument("--cases", help="comma-separated: case names (any NxC shape, e.g. "
+                   "ce-64x1000-float32), globs (*bfloat16) or name prefixes (ce, bce-65536)")
+    p.add_argument("--contenders", help="comma-separated subset of: " + ", ".join(CONTENDERS))
+    p.add_argument("--reps", type=int, help="timed repetitions (default 20, quick 5)")
+    p.add_argument("--warmup", type=int, help="untimed repetitions first (default 3, quick 1)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
+    p.add_argument("--tag", help="output file stem (default: device, plus -quick)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--update-readme", action="store_true",
+                   help="also write the table into bench/README.md")
+    p.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"),
+                   help=argparse.SUPPRESS)  # internal: the child process of the memory column
+    args = p.parse_args(argv)
+    args.reps = args.reps or (5 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    return args
+
+
+def select_cases(args):
+    presets = QUICK_CASES if args.quick else FULL_CASES
+    if not args.cases:
+        return presets
+    chosen = []
+    for token in args.cases.split(","):
+        try:
+            hits = [Case.parse(token)]  # an explicit case name: any shape
+        except ValueError:
+            hits = [c for c in presets if fnmatch.fnmatch(c.name, token)
+                    or c.name.startswith(token)]
+            if not hits:
+                raise SystemExit(f"--cases: {token!r} matches none of "
+                                 f"{', '.join(c.name for c in presets)}")
+        chosen += [c for c in hits if c not in chosen]
+    return chosen
+
+
+def select_contenders(args):
+    if not args.contenders:
+        return list(CONTENDERS)
+    names = [n.strip() for n in args.contenders.split(",")]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"--contenders: unknown {unknown}; choose from {list(CONTENDERS)}")
+    if "copy_" not in names:
+        names.append("copy_")  # every ratio is against it
+    return [n for n in CONTENDERS if n in names]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_pass(case, runners, x, t):
+    """Runs every contender once (its first call: torch.compile compiles here) and checks its
+    gradient against float32 eager, so that a wrong kernel is never reported as fast."""
+    ref = reference_grad(case, x, t)
+    checks = {}
+    for name, run in runners.items():
+        run.prepare()
+        t0 = time.perf_counter()
+        out = run.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        info = {"first_call_ms": (time.perf_counter() - t0) * 1e3}
+        if name not in FLOORS:
+            err = grad_error(out, ref)
+            info.update(grad_error=err, grad_ok=err <= GRAD_TOLERANCE[case.dtype])
+        if name in INPLACE:
+            info["inplace_taken"] = out.data_ptr() == run.x.data_ptr()
+        checks[name] = info
+        del out
+    return checks
+
+
+def memory_column(case, names, device):
+    """{contender: probe result} from one fresh subprocess per contender."""
+    out = {}
+    env = dict(os.environ, **_measure.PROBE_ENV)
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", case.name, name,
+               "--device", device.type]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                raise RuntimeError(tail[0])
+            out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            log(f"  memory probe of {name} failed: {e}")
+    return out
+
+
+def memory_probe_child(args, device):
+    case = Case.parse(args.memory_probe[0])
+    runners, skipped = build_runners(case, device, [args.memory_probe[1]],
+                                     [make_inputs(case, device)])
+    if not runners:
+        raise SystemExit(f"cannot run {args.memory_probe[1]}: {skipped}")
+    print(json.dumps(_measure.probe_memory(next(iter(runners.values())), device)))
+
+
+def run_case(case, names, device, args, index, total):
+    sets = input_sets(case, device, _measure.cache_bytes(device))
+    runners, skipped = build_runners(case, device, names, sets)
+    log(f"[{index}/{total}] {case.name}: {', '.join(runners)} ({len(sets)} input set"
+        f"{'s' if len(sets) > 1 else ''}, {args.warmup}+{args.reps} reps)")
+    torch._dynamo.reset()
+    checks = check_pass(case, runners, *sets[0])
+    bad = [n for n, c in checks.items() if not c.get("grad_ok", True)]
+    if bad:
+        errs = ", ".join(f"{n} (err {checks[n]['grad_error']:.1e})" for n in bad)
+        log(f"  WRONG GRADIENT: {errs}")
+    timer = _measure.cuda_timer() if device.type == "cuda" else _measure.cpu_timer
+    times = _measure.interleaved(runners, args.reps, args.warmup, timer)
+    results = {n: {**_measure.summarize(times[n]), **checks[n]} for n in runners}
+    n_sets = len(sets)
+    del runners, sets
+    gc.collect()
+    probed = [n for n in results if n not in FLOORS]
+    memory = {} if args.no_memory else memory_column(case, probed, device)
+    res = {"name": case.name, "loss": case.loss, "rows": case.rows, "cols": case.cols,
+           "dtype": case.dtype, "model_bytes": case.model_bytes, "grad_bytes": case.grad_bytes,
+           "input_sets": n_sets, "results": results,
+           "memory": memory, "skipped": skipped}
+    _report.analyze(case, res, device.type)
+    for n, r in results.items():
+        log(f"  {n:18s} {r['median_ms']:9.2f} ms  {r['gbps']:7.1f} GB/s  {r.get('status', '')}")
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.memory_probe:
+        return memory_probe_child(args, device)
+    cases, names = select_cases(args), select_contenders(args)
+    meta = _measure.machine_info(device)
+    argv = sys.argv[1:] if argv is None else argv
+    meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command=shlex.join(["python", "bench/run.py", *argv]), timed=TIMED,
+                reps=args.reps, warmup=args.warmup, load_before=_measure.load_average())
+    report = {"meta": meta, "cases": []}
+    for i, case in enumerate(cases, 1):
+        report["cases"].append(run_case(case, names, device, args, i, len(cases)))
+    meta["load_after"] = _measure.load_average()
+    floor_iqr = max((c["results"]["copy_"]["iqr_pct"] for c in report["cases"]), default=0)
+    meta["noisy"] = bool((meta["load_before"] or 0) > 0.25 * (meta["cpu_count"] or 1)
+                         or floor_iqr > 10)
+    tag = args.tag or device.type + ("-quick" if args.quick else "")
+    paths = _report.write(report, args.out, tag)
+    table = _report.markdown(report)
+    print(table, end="")
+    if args.update_readme:
+        _report.update_readme(os.path.join(HERE, "README.md"), table)
+    log("wrote " + ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    main()
