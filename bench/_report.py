@@ -134,7 +134,7 @@ def plot(report, path):
         ax.set_xticklabels([c["name"] for c in cases], rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
     axes[0].set_yscale("log")
-    axes[0].axhline(1.5, color="k", ls="--", lw=0.8)
+    axes[0].axhline(1.5, color="k", ls="--", lw=0.8, label="1.5x copy_ (CPU target)")
     axes[0].legend(fontsize=7)
     m = report["meta"]
     fig.suptitle(f"fusedloss vs eager / torch.compile, {m['device']} ({m['device_name']})"
