@@ -5,12 +5,12 @@
 
 // softmax_ce: softmax cross-entropy over rows of class logits (class dim last). `target` is
 // int64 class indices (rows,) or floating class probabilities (rows, classes). Returns the
-// loss (reduced, or per row for reduction=0), the per-row logsumexp (accumulation dtype),
-// and, when compute_grad, d(loss)/d(logits) pre-scaled for the reduction (else an empty
+// loss (reduced, or per row for reduction=0), the row statistics (rows, 2) of the softmax,
+// (max, log sum exp(z - max)) in the accumulation dtype, and, when compute_grad, d(loss)/d(logits) pre-scaled for the reduction (else an empty
 // (0,) tensor). mean divides by (sum of valid weights + mean_eps), and is 0 when that is 0.
 //
 // softmax_ce_inplace: the same for mean/sum, writing the gradient into `logits`.
-// softmax_ce_backward: the gradient recomputed from the logits and the saved lse; grad_loss is
+// softmax_ce_backward: the gradient recomputed from the logits and the row statistics; grad_loss is
 // per row for reduction=0, a scalar otherwise (reduction=0 always, and a second backward of
 // mean/sum, take this path).
 // sigmoid_ce / sigmoid_ce_backward: the same pair for sigmoid cross-entropy over a
@@ -34,7 +34,7 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
       "float mean_eps) -> (Tensor, Tensor)");
   m.def(
       "softmax_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
-      "Tensor? mask, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+      "Tensor? mask, Tensor row_stats, int ignore_index, float label_smoothing, float z_loss, "
       "float softcap, int reduction, float mean_eps) -> Tensor");
   m.def(
       "sigmoid_ce(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor? mask, "

@@ -103,19 +103,19 @@ def _register_fakes(namespace):
         torch._check(0 <= reduction <= 2, lambda: f"reduction must be 0, 1 or 2, got {reduction}")
         rows, classes = logits.shape
         loss = logits.new_empty((rows,) if reduction == 0 else ())
-        lse = logits.new_empty((rows,), dtype=acc_dtype(logits.dtype))
+        row_stats = logits.new_empty((rows, 2), dtype=acc_dtype(logits.dtype))
         grad = logits.new_empty((rows, classes) if compute_grad else (0,))
-        return loss, lse, grad
+        return loss, row_stats, grad
 
     @torch.library.register_fake(f"{namespace}::softmax_ce_inplace")
     def _softmax_ce_inplace_fake(logits, target, weight, mask, ignore_index, label_smoothing,
                                  z_loss, softcap, reduction, mean_eps):
         torch._check(reduction != 0, lambda: "softmax_ce_inplace needs reduction mean or sum")
         return (logits.new_empty(()),
-                logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype)))
+                logits.new_empty((logits.shape[0], 2), dtype=acc_dtype(logits.dtype)))
 
     @torch.library.register_fake(f"{namespace}::softmax_ce_backward")
-    def _softmax_ce_backward_fake(grad_loss, logits, target, weight, mask, lse, ignore_index,
+    def _softmax_ce_backward_fake(grad_loss, logits, target, weight, mask, row_stats, ignore_index,
                                   label_smoothing, z_loss, softcap, reduction, mean_eps):
         return logits.new_empty(logits.shape)
 
@@ -142,12 +142,12 @@ def _register_autograd(namespace, lib):
     def softmax_ce_setup(ctx, inputs, output):
         (logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
          mean_eps, _compute_grad) = inputs
-        _loss, lse, grad = output
+        _loss, row_stats, grad = output
         ctx.reduction = reduction
         ctx.input_numel = logits.numel()
         options = (ignore_index, label_smoothing, z_loss, softcap, reduction, mean_eps)
         if reduction == 0:
-            ctx.save_for_backward(logits, target, weight, mask, lse)
+            ctx.save_for_backward(logits, target, weight, mask, row_stats)
             ctx.options = options
             return
         ctx.saved_grad = grad
@@ -157,7 +157,8 @@ def _register_autograd(namespace, lib):
             x = logits_ref.get()
             if x is None:
                 return None
-            return lib.softmax_ce_backward(grad_loss, x, target, weight, mask, lse, *options)
+            return lib.softmax_ce_backward(grad_loss, x, target, weight, mask, row_stats,
+                                           *options)
 
         ctx.recompute = recompute
 
@@ -165,8 +166,8 @@ def _register_autograd(namespace, lib):
         if ctx.reduction == 0:
             if torch.is_grad_enabled() and not is_traced(grad_loss):
                 raise RuntimeError(_DOUBLE_BACKWARD.format("cross_entropy"))
-            logits, target, weight, mask, lse = ctx.saved_tensors
-            grad = lib.softmax_ce_backward(grad_loss, logits, target, weight, mask, lse,
+            logits, target, weight, mask, row_stats = ctx.saved_tensors
+            grad = lib.softmax_ce_backward(grad_loss, logits, target, weight, mask, row_stats,
                                            *ctx.options)
         else:
             grad = _scaled_saved_grad(lib, ctx, grad_loss, "cross_entropy")
@@ -224,7 +225,7 @@ def _make_inplace_function(lib):
         def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
                     softcap, reduction, mean_eps):
             version = logits._version
-            loss, _lse = lib.softmax_ce_inplace(logits, target, weight, mask, ignore_index,
+            loss, _row_stats = lib.softmax_ce_inplace(logits, target, weight, mask, ignore_index,
                                                 label_smoothing, z_loss, softcap, reduction,
                                                 mean_eps)
             if logits._version == version:

@@ -170,7 +170,7 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
         return _ops.current().SoftmaxCEInplace.apply(logits2d, target, weight, mask, ignore_index,
                                            label_smoothing, z_loss, softcap, reduction, mean_eps)
     compute_grad = reduction != 0 and torch.is_grad_enabled() and logits2d.requires_grad
-    loss, _lse, _grad = _ops.current().softmax_ce(logits2d, target, weight, mask, ignore_index,
+    loss, _row_stats, _grad = _ops.current().softmax_ce(logits2d, target, weight, mask, ignore_index,
                                        label_smoothing, z_loss, softcap, reduction, mean_eps,
                                        compute_grad)
     return loss

@@ -12,12 +12,17 @@ emulator are deselected for the simt backend (reported as deselected, not passed
 import contextlib
 import math
 import os
+import tempfile
 
-import pytest
-import torch
+# A fresh torch.compile cache per session: a cache entry from an earlier build of the
+# extension would otherwise be trusted even after an op's fake kernel changed.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fusedloss-inductor-"))
 
-import fusedloss  # noqa: F401
-from fusedloss import _ops
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fusedloss  # noqa: F401, E402
+from fusedloss import _ops  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAVE_SIMT = os.path.exists(os.path.join(HERE, "simt", "__init__.py"))

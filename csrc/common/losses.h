@@ -2,16 +2,21 @@
 // vector loops and their scalar tails, CUDA, the SIMT harness) calls these; none restates them.
 //
 // Softmax cross-entropy of one position with logits x, after the optional softcap
-// z = s * tanh(x / s), lse = logsumexp(z), p = softmax(z), class weights w, smoothing e,
-// C classes, W = sum_c w_c:
+// z = s * tanh(x / s), row max m, log_sum = log(sum_c exp(z_c - m)), lse = m + log_sum,
+// p = softmax(z), class weights w, smoothing e, C classes, W = sum_c w_c:
 //
 //   class-index target t:
-//     loss    = (1-e) w_t (lse - z_t) + (e/C) (W lse - sum_c w_c z_c) + z_loss lse^2
+//     loss    = (1-e) w_t (log_sum - (z_t - m)) + (e/C) (W log_sum - sum_c w_c (z_c - m))
+//               + z_loss lse^2
 //     dloss/dz_j = p_j ((1-e) w_t + (e/C) W + 2 z_loss lse) - (e/C) w_j - (1-e) w_t [j == t]
 //   probability target y, smoothed q_c = (1-e) y_c + e/C, Q = sum_c w_c q_c:
-//     loss    = Q lse - sum_c w_c q_c z_c + z_loss lse^2
+//     loss    = Q log_sum - sum_c w_c q_c (z_c - m) + z_loss lse^2
 //     dloss/dz_j = p_j (Q + 2 z_loss lse) - w_j q_j
 //   and dz/dx = 1 - (z/s)^2 under the softcap.
+//
+// The loss is written with (z - m) and log_sum rather than lse - z: in float32, lse of logits
+// around 1e4 has an ulp of 1e-3, which lse - z_t would carry into the loss whole; z - m is
+// exact and log_sum small. The same reason makes the saved row statistics (m, log_sum), not lse.
 //
 // Sigmoid cross-entropy of one element with logit x, target y, weight w, pos_weight pw:
 //     loss    = w ((1-y) x + (1 + (pw-1) y) softplus(-x))
@@ -48,9 +53,27 @@ FL_HD SoftmaxStats<T> softmax_stats_merge(SoftmaxStats<T> a, SoftmaxStats<T> b) 
   return {m, sa + sb};
 }
 
+// What a row keeps of its softmax: the max and log(sum exp(z - max)).
 template <typename T>
-FL_HD T softmax_stats_lse(SoftmaxStats<T> s) {
-  return s.max + fl_log(s.sum);
+struct SoftmaxRowStats {
+  T max;
+  T log_sum;
+};
+
+template <typename T>
+FL_HD SoftmaxRowStats<T> softmax_row_stats(SoftmaxStats<T> s) {
+  return {s.max, fl_log(s.sum)};
+}
+
+template <typename T>
+FL_HD T softmax_row_lse(SoftmaxRowStats<T> r) {
+  return r.max + r.log_sum;
+}
+
+// p_j = softmax(z)_j from the row statistics.
+template <typename V, typename T>
+FL_HD V softmax_prob(V z, SoftmaxRowStats<T> r) {
+  return fl_exp((z - V(r.max)) - V(r.log_sum));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -87,13 +110,14 @@ struct SoftmaxCERowGrad {
   T coef_target;
 };
 
-// Class-index target: loss of one row (before the mask).
+// Class-index target: loss of one row (before the mask). sum_w_zm = sum_c w_c (z_c - m).
 template <typename T>
-FL_HD T softmax_ce_index_loss(const SoftmaxCEOptions<T>& o, T lse, T z_target, T w_target,
-                              T sum_w_z) {
+FL_HD T softmax_ce_index_loss(const SoftmaxCEOptions<T>& o, SoftmaxRowStats<T> r, T z_target,
+                              T w_target, T sum_w_zm) {
   const T e = o.label_smoothing;
-  return (T(1) - e) * w_target * (lse - z_target) +
-         e * o.inv_classes * (o.weight_sum * lse - sum_w_z) + o.z_loss * lse * lse;
+  const T lse = softmax_row_lse(r);
+  return (T(1) - e) * w_target * (r.log_sum - (z_target - r.max)) +
+         e * o.inv_classes * (o.weight_sum * r.log_sum - sum_w_zm) + o.z_loss * lse * lse;
 }
 
 template <typename T>
@@ -111,10 +135,13 @@ FL_HD V softmax_ce_smoothed_prob(const SoftmaxCEOptions<T>& o, V y) {
   return y * V(T(1) - o.label_smoothing) + V(o.label_smoothing * o.inv_classes);
 }
 
-// Probability target: loss of one row (before the mask), from Q = sum w q and S = sum w q z.
+// Probability target: loss of one row (before the mask), from Q = sum_c w_c q_c and
+// sum_w_q_zm = sum_c w_c q_c (z_c - m).
 template <typename T>
-FL_HD T softmax_ce_prob_loss(const SoftmaxCEOptions<T>& o, T lse, T sum_w_q, T sum_w_q_z) {
-  return sum_w_q * lse - sum_w_q_z + o.z_loss * lse * lse;
+FL_HD T softmax_ce_prob_loss(const SoftmaxCEOptions<T>& o, SoftmaxRowStats<T> r, T sum_w_q,
+                             T sum_w_q_zm) {
+  const T lse = softmax_row_lse(r);
+  return sum_w_q * r.log_sum - sum_w_q_zm + o.z_loss * lse * lse;
 }
 
 template <typename T>

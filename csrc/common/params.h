@@ -13,9 +13,9 @@ enum class ScalarType : int32_t { Float16 = 0, BFloat16 = 1, Float32 = 2, Float6
 
 // What a softmax cross-entropy kernel call produces.
 enum class SoftmaxCEMode : int32_t {
-  Loss = 0,         // row losses and lse only
-  LossAndGrad = 1,  // row losses, lse and the gradient pre-scaled by mask and reduction
-  GradFromLse = 2,  // gradient only, recomputed from the saved lse and a per-row grad_loss
+  Loss = 0,         // row losses and row statistics only
+  LossAndGrad = 1,  // row losses, row statistics and the gradient pre-scaled by mask and reduction
+  GradFromLse = 2,  // gradient only, recomputed from the saved row_stats and a per-row grad_loss
 };
 
 // Softmax cross-entropy over `rows` rows of `classes` logits (class dim last).
@@ -30,7 +30,8 @@ struct SoftmaxCEParams {
   const void* mask;             // acc_t[rows] or null
   const void* grad_loss;        // GradFromLse: acc_t[rows], d(total)/d(row loss)
   void* row_loss;               // acc_t[rows], masked, unscaled; may be null in GradFromLse
-  void* lse;                    // acc_t[rows]; read in GradFromLse
+  void* row_stats;              // acc_t[rows][2]: (max, log_sum) of each row's softmax
+                                // (0, 0 for skipped rows); read in GradFromLse
   const void* grad_scale;       // acc_t[1]: 1/denominator (mean), 1 (sum); null means 1
   int64_t rows;
   int64_t classes;

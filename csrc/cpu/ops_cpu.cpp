@@ -175,14 +175,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
   at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
-  at::Tensor lse = at::empty({c.shape.rows}, acc_opts);
+  at::Tensor row_stats = at::empty({c.shape.rows, 2}, acc_opts);
   at::Tensor grad = compute_grad ? at::empty({c.shape.rows, c.shape.classes}, logits.options())
                                  : at::empty({0}, logits.options());
   SoftmaxCEParams p = softmax_params(c);
   p.grad = compute_grad ? grad.data_ptr() : nullptr;
   p.grad_row_stride = c.shape.classes;
   p.row_loss = row_loss.data_ptr();
-  p.lse = lse.data_ptr();
+  p.row_stats = row_stats.data_ptr();
   p.grad_scale = c.grad_scale.data_ptr();
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;
@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
   p.softcap = softcap;
   p.mode = compute_grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
   if (c.shape.rows > 0) kernels().softmax_ce(p);
-  return {reduce_rows(c, row_loss), lse, grad};
+  return {reduce_rows(c, row_loss), row_stats, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
@@ -204,12 +204,12 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
   at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
-  at::Tensor lse = at::empty({c.shape.rows}, acc_opts);
+  at::Tensor row_stats = at::empty({c.shape.rows, 2}, acc_opts);
   SoftmaxCEParams p = softmax_params(c);
   p.grad = logits.data_ptr();
   p.grad_row_stride = logits.stride(0);
   p.row_loss = row_loss.data_ptr();
-  p.lse = lse.data_ptr();
+  p.row_stats = row_stats.data_ptr();
   p.grad_scale = c.grad_scale.data_ptr();
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;
@@ -217,17 +217,20 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
   p.softcap = softcap;
   p.mode = SoftmaxCEMode::LossAndGrad;
   if (c.shape.rows > 0) kernels().softmax_ce(p);
-  return {reduce_rows(c, row_loss), lse};
+  return {reduce_rows(c, row_loss), row_stats};
 }
 
 at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                    const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                                   const c10::optional<at::Tensor>& mask, const at::Tensor& lse,
-                                   int64_t ignore_index, double label_smoothing, double z_loss,
-                                   double softcap, int64_t reduction, double mean_eps) {
+                                   const c10::optional<at::Tensor>& mask,
+                                   const at::Tensor& row_stats, int64_t ignore_index,
+                                   double label_smoothing, double z_loss, double softcap,
+                                   int64_t reduction, double mean_eps) {
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == c.shape.rows, kSoftmaxOp,
-                    ": lse must have shape (", c.shape.rows, ",), got ", lse.sizes());
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == c.shape.rows &&
+                        row_stats.size(1) == 2,
+                    kSoftmaxOp, ": row_stats must have shape (", c.shape.rows, ", 2), got ",
+                    row_stats.sizes());
   at::Tensor go;
   if (c.reduction == Reduction::None) {
     TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == c.shape.rows, kSoftmaxOp,
@@ -238,14 +241,14 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
                       ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
     go = grad_loss.to(c.acc).reshape({1}).mul(c.grad_scale).expand({c.shape.rows}).contiguous();
   }
-  at::Tensor lse_acc = lse.to(c.acc).contiguous();
+  at::Tensor stats_acc = row_stats.to(c.acc).contiguous();
   at::Tensor grad = at::empty({c.shape.rows, c.shape.classes}, logits.options());
   SoftmaxCEParams p = softmax_params(c);
   p.grad = grad.data_ptr();
   p.grad_row_stride = c.shape.classes;
   p.grad_loss = go.data_ptr();
   p.row_loss = nullptr;
-  p.lse = lse_acc.data_ptr();
+  p.row_stats = stats_acc.data_ptr();
   p.grad_scale = nullptr;
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;

@@ -1,10 +1,10 @@
 // CPU softmax cross-entropy: one call handles a range of rows. Included only by
 // isa_kernels.cpp, which is compiled once per instruction set.
 //
-// Per row, the logits are read from memory once (pass A: max and the sums the loss needs);
-// passes B (exp and its sum) and C (the gradient) read the row again from cache, where it
-// still is (a 128256-class float32 row is 513 KB). exp(z - max) is kept in a per-thread
-// scratch row between B and C, so that exp is evaluated once per logit.
+// Per row, the logits are read from memory once (pass A: the max); passes B (exp, its sum and
+// the loss's sums) and C (the gradient) read the row again from cache, where it still is (a
+// 128256-class float32 row is 513 KB). exp(z - max) is kept in a per-thread scratch row
+// between B and C, so that exp is evaluated once per logit.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -82,6 +82,12 @@ struct SoftmaxCERowKernel {
     std::fill(g, g + p.classes, scalar_t(0));
   }
 
+  void load_probs(const scalar_t* y, int64_t j, int64_t n, Vec* q) const {
+    if (n == kStep) IO::load(y + j, q);
+    else IO::load_partial(y + j, n, q);
+    for (int k = 0; k < K; ++k) q[k] = softmax_ce_smoothed_prob(opts, q[k]);
+  }
+
   void run(int64_t row_begin, int64_t row_end) {
     const int64_t C = p.classes;
     const auto* logits = static_cast<const scalar_t*>(p.logits);
@@ -89,10 +95,10 @@ struct SoftmaxCERowKernel {
     const auto* mask = static_cast<const acc_t*>(p.mask);
     const auto* probs = static_cast<const scalar_t*>(p.target_probs);
     auto* row_loss = static_cast<acc_t*>(p.row_loss);
-    auto* lse_out = static_cast<acc_t*>(p.lse);
+    auto* row_stats = static_cast<acc_t*>(p.row_stats);
     const auto* grad_loss = static_cast<const acc_t*>(p.grad_loss);
     const bool want_grad = p.mode != SoftmaxCEMode::Loss;
-    const bool want_loss = p.mode != SoftmaxCEMode::GradFromLse;
+    const bool from_stats = p.mode == SoftmaxCEMode::GradFromLse;
     const bool need_sums = kProb || opts.label_smoothing != acc_t(0);
 
     for (int64_t r = row_begin; r < row_end; ++r) {
@@ -104,30 +110,30 @@ struct SoftmaxCERowKernel {
 
       // Padding and ignored positions are never read: loss 0, gradient 0.
       if (m_r == acc_t(0) || (!kProb && t == p.ignore_index)) {
-        if (want_loss) row_loss[r] = acc_t(0);
-        if (want_loss) lse_out[r] = acc_t(0);
-        if (want_grad) zero_grad_row(g);
+        if (!from_stats) {
+          row_loss[r] = acc_t(0);
+          row_stats[2 * r] = row_stats[2 * r + 1] = acc_t(0);
+        }
+        if (want_grad) std::fill(g, g + C, scalar_t(0));
         continue;
       }
       // Never index with a bad target (the op entry rejects them on the CPU; this is the
       // last line of defence): the row's loss and gradient become NaN.
       if (!kProb && (t < 0 || t >= C)) {
-        if (want_loss) row_loss[r] = fl_quiet_nan<acc_t>();
-        if (want_loss) lse_out[r] = fl_quiet_nan<acc_t>();
+        if (!from_stats) {
+          row_loss[r] = fl_quiet_nan<acc_t>();
+          row_stats[2 * r] = row_stats[2 * r + 1] = fl_quiet_nan<acc_t>();
+        }
         if (want_grad) std::fill(g, g + C, scalar_t(fl_quiet_nan<acc_t>()));
         continue;
       }
 
-      acc_t lse, sum_exp = acc_t(1), sum_a = acc_t(0), sum_b = acc_t(0);
-      if (want_loss) {
-        // Pass A: max of z, and the sums of the loss: sum w z (index targets with smoothing),
-        // or sum w q z and sum w q (probability targets).
-        Vec vmax[K], va[K], vb[K];
-        for (int k = 0; k < K; ++k) {
-          vmax[k] = Vec(fl_neg_infinity<acc_t>());
-          va[k] = Vec(acc_t(0));
-          vb[k] = Vec(acc_t(0));
-        }
+      SoftmaxRowStats<acc_t> stats;
+      acc_t sum_exp = acc_t(1), sum_w_q = acc_t(0);
+      if (!from_stats) {
+        // Pass A: the row max (and the softcapped z, kept for passes B and C).
+        Vec vmax[K];
+        for (int k = 0; k < K; ++k) vmax[k] = Vec(fl_neg_infinity<acc_t>());
         for (int64_t j = 0; j < C; j += kStep) {
           const int64_t n = std::min<int64_t>(kStep, C - j);
           Vec z[K];
@@ -143,15 +149,36 @@ struct SoftmaxCERowKernel {
                                                     IO::lanes_below(n, k));
             vmax[k] = fl_max(vmax[k], zk);
           }
+        }
+        acc_t row_max = fl_neg_infinity<acc_t>();
+        for (int k = 0; k < K; ++k)
+          row_max = fl_max(row_max, at::vec::vec_reduce_all<acc_t>(
+                                        [](Vec a, Vec b) { return fl_max(a, b); }, vmax[k]));
+
+        // Pass B: exp(z - max) and its sum (kept for pass C), and the sums of the loss:
+        // sum w (z - max) (smoothing), or sum w q (z - max) and sum w q (probability targets).
+        Vec vsum[K], va[K], vb[K];
+        for (int k = 0; k < K; ++k) vsum[k] = va[k] = vb[k] = Vec(acc_t(0));
+        const Vec vrow_max(row_max);
+        for (int64_t j = 0; j < C; j += kStep) {
+          const int64_t n = std::min<int64_t>(kStep, C - j);
+          Vec z[K], e[K];
+          load_z(x, j, n, z);
+          for (int k = 0; k < K; ++k) {
+            z[k] = z[k] - vrow_max;  // lanes past the end are masked out below, via w or e
+            e[k] = fl_exp(z[k]);
+            if (n != kStep) e[k] = e[k] & IO::lanes_below(n, k);
+            vsum[k] = vsum[k] + e[k];
+          }
+          if (want_grad) IO::store_acc(exp_row.data() + j, e);
           if (need_sums) {
             Vec w[K];
             load_weight(j, n, w);
             if constexpr (kProb) {
-              Vec yv[K];
-              if (n == kStep) IO::load(y + j, yv);
-              else IO::load_partial(y + j, n, yv);
+              Vec q[K];
+              load_probs(y, j, n, q);
               for (int k = 0; k < K; ++k) {
-                const Vec wq = w[k] * softmax_ce_smoothed_prob(opts, yv[k]);
+                const Vec wq = w[k] * q[k];
                 va[k] = va[k] + wq * z[k];
                 vb[k] = vb[k] + wq;
               }
@@ -160,105 +187,85 @@ struct SoftmaxCERowKernel {
             }
           }
         }
-        acc_t row_max = fl_neg_infinity<acc_t>();
-        for (int k = 0; k < K; ++k) {
-          row_max = fl_max(row_max, at::vec::vec_reduce_all<acc_t>(
-                                        [](Vec a, Vec b) { return fl_max(a, b); }, vmax[k]));
-          sum_a += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), va[k]);
-          sum_b += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vb[k]);
-        }
-
-        // Pass B: sum of exp(z - max), kept for pass C.
-        Vec vsum[K];
-        for (int k = 0; k < K; ++k) vsum[k] = Vec(acc_t(0));
-        const Vec vrow_max(row_max);
-        for (int64_t j = 0; j < C; j += kStep) {
-          const int64_t n = std::min<int64_t>(kStep, C - j);
-          Vec z[K];
-          load_z(x, j, n, z);
-          for (int k = 0; k < K; ++k) {
-            Vec e = fl_exp(z[k] - vrow_max);
-            if (n != kStep) e = e & IO::lanes_below(n, k);
-            z[k] = e;
-            vsum[k] = vsum[k] + e;
-          }
-          if (want_grad) IO::store_acc(exp_row.data() + j, z);
-        }
         sum_exp = acc_t(0);
-        for (int k = 0; k < K; ++k)
+        acc_t sum_a = acc_t(0);
+        for (int k = 0; k < K; ++k) {
           sum_exp += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vsum[k]);
-        lse = row_max + fl_log(sum_exp);
+          sum_a += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), va[k]);
+          sum_w_q += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vb[k]);
+        }
+        stats = softmax_row_stats(SoftmaxStats<acc_t>{row_max, sum_exp});
 
         acc_t loss;
         if constexpr (kProb) {
-          loss = softmax_ce_prob_loss(opts, lse, sum_b, sum_a);
+          loss = softmax_ce_prob_loss(opts, stats, sum_w_q, sum_a);
         } else {
           const acc_t w_t = kWeight ? weight[t] : acc_t(1);
           const acc_t z_t = kSoftcap ? z_row[t] : acc_t(x[t]);
-          loss = softmax_ce_index_loss(opts, lse, z_t, w_t, sum_a);
+          loss = softmax_ce_index_loss(opts, stats, z_t, w_t, sum_a);
         }
         row_loss[r] = m_r * loss;
-        lse_out[r] = lse;
+        row_stats[2 * r] = stats.max;
+        row_stats[2 * r + 1] = stats.log_sum;
         if (!want_grad) continue;
       } else {
-        lse = lse_out[r];
+        stats = {row_stats[2 * r], row_stats[2 * r + 1]};
+        if constexpr (kProb) {  // Q = sum w q: pass B did not run in this call
+          Vec vb[K];
+          for (int k = 0; k < K; ++k) vb[k] = Vec(acc_t(0));
+          for (int64_t j = 0; j < C; j += kStep) {
+            const int64_t n = std::min<int64_t>(kStep, C - j);
+            Vec w[K], q[K];
+            load_weight(j, n, w);
+            load_probs(y, j, n, q);
+            for (int k = 0; k < K; ++k) vb[k] = vb[k] + w[k] * q[k];
+          }
+          for (int k = 0; k < K; ++k)
+            sum_w_q += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vb[k]);
+        }
       }
 
       // Pass C: the gradient, pre-scaled by mask and reduction (LossAndGrad) or by the
-      // incoming per-row gradient (GradFromLse, recomputing exp from the saved lse).
-      const bool from_lse = p.mode == SoftmaxCEMode::GradFromLse;
-      const acc_t row_scale = m_r * (from_lse ? grad_loss[r] : grad_scale);
-      SoftmaxCERowGrad<acc_t> rg;
-      if constexpr (kProb) {
-        acc_t sum_w_q = sum_b;
-        if (from_lse) {  // Q was not computed by a pass A in this call
-          sum_w_q = acc_t(0);
-          for (int64_t j = 0; j < C; ++j)
-            sum_w_q += (kWeight ? weight[j] : acc_t(1)) *
-                       softmax_ce_smoothed_prob(opts, acc_t(y[j]));
-        }
-        rg = softmax_ce_prob_row_grad(opts, lse, sum_w_q, row_scale);
-      } else {
-        rg = softmax_ce_index_row_grad(opts, lse, kWeight ? weight[t] : acc_t(1), row_scale);
-      }
+      // incoming per-row gradient (GradFromLse, recomputing p from the saved statistics).
+      const acc_t lse = softmax_row_lse(stats);
+      const acc_t row_scale = m_r * (from_stats ? grad_loss[r] : grad_scale);
+      const SoftmaxCERowGrad<acc_t> rg =
+          kProb ? softmax_ce_prob_row_grad(opts, lse, sum_w_q, row_scale)
+                : softmax_ce_index_row_grad(opts, lse, kWeight ? weight[t] : acc_t(1), row_scale);
       // The one element with the [j == t] term, in scalar arithmetic; computed before the
       // row loop because with inplace_backward that loop overwrites the logits.
       acc_t g_t = acc_t(0);
       if constexpr (!kProb) {
-        const acc_t z_t = kSoftcap && !from_lse ? z_row[t] : scalar_z(x, t);
-        const acc_t p_t = fl_exp(z_t - lse);
-        const acc_t w_t = kWeight ? weight[t] : acc_t(1);
-        g_t = softmax_ce_grad_element(rg, p_t, w_t) - rg.coef_target;
+        const acc_t z_t = kSoftcap && !from_stats ? z_row[t] : scalar_z(x, t);
+        const acc_t p_t = from_stats ? softmax_prob(z_t, stats) : exp_row[t] / sum_exp;
+        g_t = softmax_ce_grad_element(rg, p_t, kWeight ? weight[t] : acc_t(1)) - rg.coef_target;
         if (kSoftcap) g_t *= softcap_derivative(z_t, inv_cap);
       }
-      // exp_row holds exp(z - max); p = exp_row / sum_exp. From lse, p = exp(z - lse).
-      const acc_t coef_p_scratch = rg.coef_p / sum_exp;
-      const Vec vlse(lse);
+      // exp_row holds exp(z - max), so p = exp_row / sum_exp: fold 1/sum_exp into coef_p.
+      SoftmaxCERowGrad<acc_t> rg_exp = rg;
+      rg_exp.coef_p = rg.coef_p / sum_exp;
       for (int64_t j = 0; j < C; j += kStep) {
         const int64_t n = std::min<int64_t>(kStep, C - j);
         Vec pv[K], w[K], out[K], zc[K];
-        SoftmaxCERowGrad<acc_t> rgj = rg;
-        if (from_lse) {
+        if (from_stats) {
           if (n == kStep) IO::load(x + j, zc);
           else IO::load_partial(x + j, n, zc);
           for (int k = 0; k < K; ++k) {
             if constexpr (kSoftcap) zc[k] = softcap_apply(zc[k], cap, inv_cap);
-            pv[k] = fl_exp(zc[k] - vlse);
+            pv[k] = softmax_prob(zc[k], stats);
           }
         } else {
           IO::load_acc(exp_row.data() + j, pv);
           if constexpr (kSoftcap) IO::load_acc(z_row.data() + j, zc);
-          rgj.coef_p = coef_p_scratch;
         }
         load_weight(j, n, w);
         if constexpr (kProb) {
-          Vec yv[K];
-          if (n == kStep) IO::load(y + j, yv);
-          else IO::load_partial(y + j, n, yv);
-          for (int k = 0; k < K; ++k) w[k] = w[k] * softmax_ce_smoothed_prob(opts, yv[k]);
+          Vec q[K];
+          load_probs(y, j, n, q);
+          for (int k = 0; k < K; ++k) w[k] = w[k] * q[k];
         }
         for (int k = 0; k < K; ++k) {
-          out[k] = softmax_ce_grad_element(rgj, pv[k], w[k]);
+          out[k] = softmax_ce_grad_element(from_stats ? rg : rg_exp, pv[k], w[k]);
           if constexpr (kSoftcap) out[k] = out[k] * softcap_derivative(zc[k], inv_cap);
         }
         if (n == kStep) IO::store(g + j, out);
@@ -267,7 +274,6 @@ struct SoftmaxCERowKernel {
       if constexpr (!kProb) g[t] = scalar_t(g_t);
     }
   }
-
 };
 
 template <typename scalar_t, bool kWeight, bool kSoftcap, bool kProb>
