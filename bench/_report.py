@@ -122,7 +122,7 @@ def plot(report, path):
     names = []
     for c in cases:
         names += [n for n in c["results"] if n not in names]
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(cases) * 2), 4.8))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.8 * len(cases)), 8))
     width = 0.8 / max(1, len(names))
     for ax, key, title in ((axes[0], "vs_copy", "forward+backward time / copy_ time (log)"),
                            (axes[1], "gbps", "effective GB/s (byte model)")):
@@ -135,11 +135,12 @@ def plot(report, path):
         ax.set_title(title, fontsize=10)
     axes[0].set_yscale("log")
     axes[0].axhline(1.5, color="k", ls="--", lw=0.8, label="1.5x copy_ (CPU target)")
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     m = report["meta"]
     fig.suptitle(f"fusedloss vs eager / torch.compile, {m['device']} ({m['device_name']})"
                  + (" — NOISY" if m["noisy"] else ""), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -89,15 +89,23 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_pass(case, runners, x, t):
+def check_pass(case, runners, skipped, x, t):
     """Runs every contender once (its first call: torch.compile compiles here) and checks its
-    gradient against float32 eager, so that a wrong kernel is never reported as fast."""
+    gradient against float32 eager, so that a wrong kernel is never reported as fast. A
+    contender that raises (e.g. no kernel for this device yet) is moved to `skipped`."""
     ref = reference_grad(case, x, t)
     checks = {}
-    for name, run in runners.items():
-        run.prepare()
+    for name, run in list(runners.items()):
         t0 = time.perf_counter()
-        out = run.step()
+        try:
+            run.prepare()
+            out = run.step()
+        except Exception as e:  # noqa: BLE001 -- reported in the table, the run goes on
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            skipped[name] = f"failed on its first call: {type(e).__name__}: {first_line}"
+            del runners[name]
+            log(f"  {name}: {skipped[name]}")
+            continue
         if x.is_cuda:
             torch.cuda.synchronize()
         info = {"first_call_ms": (time.perf_counter() - t0) * 1e3}
@@ -144,7 +152,7 @@ def run_case(case, names, device, args, index, total):
     log(f"[{index}/{total}] {case.name}: {', '.join(runners)} ({len(sets)} input set"
         f"{'s' if len(sets) > 1 else ''}, {args.warmup}+{args.reps} reps)")
     torch._dynamo.reset()
-    checks = check_pass(case, runners, *sets[0])
+    checks = check_pass(case, runners, skipped, *sets[0])
     bad = [n for n, c in checks.items() if not c.get("grad_ok", True)]
     if bad:
         errs = ", ".join(f"{n} (err {checks[n]['grad_error']:.1e})" for n in bad)
