@@ -143,6 +143,8 @@ def _register_autograd(namespace, lib):
         (logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
          mean_eps, _compute_grad) = inputs
         _loss, row_stats, grad = output
+        # Only the loss is differentiable: no zero-filled N x C gradient for the other outputs.
+        ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         ctx.input_numel = logits.numel()
         options = (ignore_index, label_smoothing, z_loss, softcap, reduction, mean_eps)
@@ -150,7 +152,7 @@ def _register_autograd(namespace, lib):
             ctx.save_for_backward(logits, target, weight, mask, row_stats)
             ctx.options = options
             return
-        ctx.saved_grad = grad
+        ctx.saved_grad = grad.detach()  # handed to autograd as a plain tensor, no history
         logits_ref = _LogitsRef(logits)
 
         def recompute(grad_loss):
@@ -162,7 +164,9 @@ def _register_autograd(namespace, lib):
 
         ctx.recompute = recompute
 
-    def softmax_ce_backward(ctx, grad_loss, _grad_lse, _grad_grad):
+    def softmax_ce_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+        if grad_loss is None:  # no gradient flows into the loss (undefined, not zero-filled)
+            return (None,) * 11
         if ctx.reduction == 0:
             if torch.is_grad_enabled() and not is_traced(grad_loss):
                 raise RuntimeError(_DOUBLE_BACKWARD.format("cross_entropy"))
@@ -179,6 +183,7 @@ def _register_autograd(namespace, lib):
     def sigmoid_ce_setup(ctx, inputs, output):
         input, target, weight, pos_weight, mask, label_smoothing, reduction, _compute_grad = inputs
         _loss, grad = output
+        ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         ctx.input_numel = input.numel()
         options = (label_smoothing, reduction)
@@ -186,7 +191,7 @@ def _register_autograd(namespace, lib):
             ctx.save_for_backward(input, target, weight, pos_weight, mask)
             ctx.options = options
             return
-        ctx.saved_grad = grad
+        ctx.saved_grad = grad.detach()
         input_ref = _LogitsRef(input)
 
         def recompute(grad_loss):
@@ -199,6 +204,8 @@ def _register_autograd(namespace, lib):
         ctx.recompute = recompute
 
     def sigmoid_ce_backward(ctx, grad_loss, _grad_grad):
+        if grad_loss is None:
+            return (None,) * 8
         if ctx.reduction == 0:
             if torch.is_grad_enabled() and not is_traced(grad_loss):
                 raise RuntimeError(_DOUBLE_BACKWARD.format("binary_cross_entropy_with_logits"))
@@ -230,7 +237,7 @@ def _make_inplace_function(lib):
                                                 mean_eps)
             if logits._version == version:
                 torch.autograd.graph.increment_version(logits)
-            ctx.saved_grad = logits
+            ctx.saved_grad = logits.detach()
             ctx.input_numel = logits.numel()
             ctx.recompute = lambda grad_loss: None  # the logits are gone: they hold the gradient
             return loss

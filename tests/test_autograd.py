@@ -222,3 +222,29 @@ def test_inplace_backward_with_nd_input(backend):
     h.grad = None
     torch.nn.functional.cross_entropy(h * 2, t).backward()
     assert_close(g, h.grad, torch.float32)
+
+
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "bce", "cross_entropy_inplace"])
+def test_backward_is_free_when_grad_output_is_one(backend, loss_fn):
+    """The backward hands over the forward's buffer: no N x C allocation, fill or copy, and the
+    gradient carries no autograd history."""
+    if backend.name == "simt":
+        pytest.skip("the SIMT emulator copies every buffer into and out of guarded memory")
+    h = logits((64, 300), torch.float32, backend.device).requires_grad_()
+    x = h * 1  # a non-leaf, so the in-place variant may take its fast path
+    t = torch.randint(0, 300, (64,), device=backend.device)
+    if loss_fn == "bce":
+        loss = fl.binary_cross_entropy_with_logits(x, torch.rand(64, 300, device=backend.device))
+    else:
+        loss = fl.cross_entropy(x, t, inplace_backward=loss_fn.endswith("inplace"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        (g,) = torch.autograd.grad(loss, x)
+    # the engine's own scalar ones_like(loss) is fine; anything touching 64 x 300 is not
+    big = [(e.name, e.input_shapes) for e in prof.events()
+           if any(len(s) == 2 and s[0] * s[1] == x.numel() for s in e.input_shapes
+                  if isinstance(s, (list, tuple)))
+           and e.name in {"aten::zeros", "aten::fill_", "aten::zero_", "aten::copy_",
+                          "aten::clone", "aten::mul", "aten::mul_", "aten::empty_like"}]
+    assert not big, big
+    assert not g.requires_grad and g.grad_fn is None
