@@ -1,0 +1,53 @@
+"""The examples train for a few steps: their loss falls, and what each one checks holds."""
+
+import os
+import subprocess
+import sys
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import bilstm_classifier  # noqa: E402
+import lstm_language_model  # noqa: E402
+import next_token  # noqa: E402
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_lstm_language_model_loss_falls_and_matches_pytorch():
+    result = lstm_language_model.main(["--steps", "15", "--batch-size", "16", "--quiet"])
+    for run in (result["fusedloss"], result["pytorch"]):
+        # starts near log(vocab size) = 7.6; 15 Adam steps take it well below
+        assert run.losses[0] > 7.0
+        assert mean(run.losses[-3:]) < run.losses[0] - 0.5, (run.label, run.losses)
+        assert run.held_out < run.losses[0]
+        assert 0 < run.loss_seconds < run.step_seconds
+    assert result["curves_agree"], result["max_rel_diff"]
+
+
+def test_bilstm_classifier_loss_falls_and_beats_chance():
+    result = bilstm_classifier.main(["--steps", "60", "--quiet"])
+    losses = result["losses"]
+    assert mean(losses[-10:]) < mean(losses[:10]) - 0.15, losses
+    # balanced held-out set: chance is 50%
+    assert result["held_out_accuracy"] > 0.65
+
+
+def test_next_token_checks_pass_and_loss_falls(tmp_path):
+    plot = tmp_path / "next_token.png"
+    result = next_token.main(["--steps", "40", "--quiet", "--plot", str(plot)])
+    assert result["checks"] >= 10 and not result["failed_checks"]
+    losses = result["losses"]
+    assert mean(losses[-5:]) < losses[0] - 1.0, losses
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_line_runs_and_prints_summary():
+    script = os.path.join(EXAMPLES, "next_token.py")
+    done = subprocess.run([sys.executable, script, "--steps", "3", "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("summary: ")
