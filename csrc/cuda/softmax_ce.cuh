@@ -485,8 +485,8 @@ struct SoftmaxPrepFinish {
   double mean_eps;
   FL_DEVICE void operator()(int64_t, Sum2 s) const {
     out[0] = static_cast<acc_t>(weighted ? s.b : classes);
-    const double den = s.a + mean_eps;
-    out[1] = static_cast<acc_t>(mean ? (den != 0.0 ? reciprocal(den) : 0.0) : 1.0);
+    const double den = mean ? s.a + mean_eps : 1.0;
+    out[1] = static_cast<acc_t>(den != 0.0 ? reciprocal(den) : 0.0);
   }
 };
 

@@ -1,0 +1,362 @@
+// The op entries of the CUDA kernels: argument checks, layouts, allocation, parameter structs,
+// the launch and its check. Written once, over a Platform that says how tensors reach a kernel:
+//  - ops_cuda.cpp:        the GPU (device guard, current stream, launch check);
+//  - tests/simt/ops_simt.cpp: the SIMT harness, which runs the very same launchers on the CPU
+//    with every buffer copied into guard-paged memory.
+// Semantics are those of csrc/cpu/ops_cpu.cpp; the differences are all device-side: no host
+// synchronisation (the weight sum, the mean's denominator and the reduced loss are computed by
+// kernels), and a bad class-index target makes its row NaN instead of raising (the Python layer
+// validates eagerly when asked to).
+//
+// A Platform provides:
+//   Guard(tensor)                RAII: make the tensor's device current
+//   stream(tensor) -> void*      the stream to launch on
+//   device_info(tensor)          DeviceInfo of the tensor's device
+//   stage(tensor) -> tensor      the tensor as a kernel may read it
+//   empty(sizes, options)        a buffer a kernel writes
+//   writeback(dst, staged)       after a kernel wrote `staged` (from stage(dst)): make dst hold it
+//   check(err, op)               raise if a launch failed
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <limits>
+#include <tuple>
+
+#include "../op_checks.h"
+#include "launch.h"
+
+namespace fusedloss {
+namespace cuda {
+
+template <class P>
+struct Ops {
+  static constexpr const char* kSoftmaxOp = "fusedloss.softmax_ce";
+  static constexpr const char* kSigmoidOp = "fusedloss.sigmoid_ce";
+
+  static c10::optional<at::Tensor> stage(const c10::optional<at::Tensor>& t) {
+    if (!t.has_value()) return c10::nullopt;
+    return P::stage(*t);
+  }
+  static const void* ptr(const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? t->data_ptr() : nullptr;
+  }
+
+  struct SoftmaxCall {
+    SoftmaxCEShape shape;
+    at::Tensor logits, target;
+    c10::optional<at::Tensor> weight, mask;
+    at::ScalarType acc;
+    Reduction reduction;
+  };
+
+  static SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                     const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& mask, int64_t reduction,
+                                     bool stage_logits = true) {
+    SoftmaxCall c;
+    c.shape = check_softmax_ce(logits_in, target_in, kSoftmaxOp);
+    // Indices inside a row are 32-bit in the kernels (rows are offset in 64-bit).
+    TORCH_CHECK_VALUE(c.shape.classes <= std::numeric_limits<int32_t>::max() - 64, kSoftmaxOp,
+                      ": at most 2^31 - 65 classes are supported on CUDA, got ", c.shape.classes);
+    c.reduction = reduction_of(reduction, kSoftmaxOp);
+    c.acc = acc_dtype_of(logits_in.scalar_type());
+    c.logits = unit_stride_rows(logits_in);
+    if (stage_logits) c.logits = P::stage(c.logits);
+    c.target = P::stage(c.shape.prob_target ? unit_stride_rows(target_in.to(logits_in.scalar_type()))
+                                            : target_in.contiguous());
+    c.weight = stage(acc_vector(weight, c.shape.classes, c.acc, logits_in.device(), kSoftmaxOp,
+                                "weight", "one weight per class"));
+    c.mask = stage(acc_vector(mask, c.shape.rows, c.acc, logits_in.device(), kSoftmaxOp, "mask",
+                              "one value per row"));
+    return c;
+  }
+
+  static SoftmaxCEParams softmax_params(const SoftmaxCall& c, int64_t ignore_index,
+                                        double label_smoothing, double z_loss, double softcap) {
+    SoftmaxCEParams p{};
+    p.logits = c.logits.data_ptr();
+    p.logits_row_stride = c.logits.stride(0);
+    if (c.shape.prob_target) {
+      p.target = nullptr;
+      p.target_probs = c.target.data_ptr();
+      p.target_row_stride = c.target.stride(0);
+    } else {
+      p.target = c.target.template data_ptr<int64_t>();
+    }
+    p.class_weight = ptr(c.weight);
+    p.mask = ptr(c.mask);
+    p.rows = c.shape.rows;
+    p.classes = c.shape.classes;
+    // The sum of the class weights is computed on the device when it matters (launch.h).
+    p.weight_sum = static_cast<double>(c.shape.classes);
+    p.ignore_index = ignore_index;
+    p.label_smoothing = label_smoothing;
+    p.z_loss = z_loss;
+    p.softcap = softcap;
+    p.dtype = kernel_dtype_of(c.logits, kSoftmaxOp, "logits");
+    return p;
+  }
+
+  // Runs a softmax launch with its workspace; `loss_out` receives the reduced loss.
+  static void run_softmax(const SoftmaxCEParams& p, SoftmaxCEExtras x, const at::Tensor& like) {
+    const DeviceInfo d = P::device_info(like);
+    const SoftmaxCEPlan plan = plan_softmax_ce(p, x, d);
+    at::Tensor ws = P::empty({plan.workspace_bytes}, like.options().dtype(at::kByte));
+    x.workspace = ws.data_ptr();
+    P::check(launch_softmax_ce(p, x, d, P::stream(like)), kSoftmaxOp);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce(
+      const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+      const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
+      double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad) {
+    typename P::Guard guard(logits);
+    const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction);
+    const auto acc_opts = logits.options().dtype(c.acc);
+    at::Tensor row_loss = P::empty({c.shape.rows}, acc_opts);
+    at::Tensor row_stats = P::empty({c.shape.rows, 2}, acc_opts);
+    at::Tensor grad = compute_grad ? P::empty({c.shape.rows, c.shape.classes}, logits.options())
+                                   : at::empty({0}, logits.options());
+    at::Tensor loss;
+    if (c.reduction != Reduction::None) loss = P::empty({}, logits.options());
+    SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
+    p.grad = compute_grad ? grad.data_ptr() : nullptr;
+    p.grad_row_stride = c.shape.classes;
+    p.row_loss = row_loss.data_ptr();
+    p.row_stats = row_stats.data_ptr();
+    p.mode = compute_grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
+    if (c.shape.rows > 0) {
+      run_softmax(p, {c.reduction, mean_eps, loss.defined() ? loss.data_ptr() : nullptr, 1, nullptr},
+                  c.logits);
+    } else if (loss.defined()) {
+      loss.zero_();
+    }
+    return {c.reduction == Reduction::None ? row_loss.to(logits.scalar_type()) : loss, row_stats,
+            grad};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace(
+      at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+      const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
+      double z_loss, double softcap, int64_t reduction, double mean_eps) {
+    TORCH_CHECK_VALUE(reduction != 0, "fusedloss.softmax_ce_inplace: reduction must be mean or sum");
+    TORCH_CHECK_VALUE(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1),
+                      "fusedloss.softmax_ce_inplace: logits must be 2-D with unit-stride rows, got "
+                      "shape ", logits.sizes(), " and strides ", logits.strides());
+    typename P::Guard guard(logits);
+    SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction, false);
+    at::Tensor staged = P::stage(logits);  // read as logits, written as the gradient
+    c.logits = staged;
+    const auto acc_opts = logits.options().dtype(c.acc);
+    at::Tensor row_loss = P::empty({c.shape.rows}, acc_opts);
+    at::Tensor row_stats = P::empty({c.shape.rows, 2}, acc_opts);
+    at::Tensor loss = P::empty({}, logits.options());
+    SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
+    p.grad = staged.data_ptr();
+    p.grad_row_stride = staged.stride(0);
+    p.row_loss = row_loss.data_ptr();
+    p.row_stats = row_stats.data_ptr();
+    p.mode = SoftmaxCEMode::LossAndGrad;
+    if (c.shape.rows > 0) {
+      run_softmax(p, {c.reduction, mean_eps, loss.data_ptr(), 1, nullptr}, staged);
+      P::writeback(logits, staged);
+    } else {
+      loss.zero_();
+    }
+    return {loss, row_stats};
+  }
+
+  static at::Tensor softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                        const at::Tensor& target,
+                                        const c10::optional<at::Tensor>& weight,
+                                        const c10::optional<at::Tensor>& mask,
+                                        const at::Tensor& row_stats, int64_t ignore_index,
+                                        double label_smoothing, double z_loss, double softcap,
+                                        int64_t reduction, double mean_eps) {
+    typename P::Guard guard(logits);
+    const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction);
+    TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == c.shape.rows &&
+                          row_stats.size(1) == 2,
+                      kSoftmaxOp, ": row_stats must have shape (", c.shape.rows, ", 2), got ",
+                      row_stats.sizes());
+    TORCH_CHECK(grad_loss.device() == logits.device() && row_stats.device() == logits.device(),
+                kSoftmaxOp, ": grad_loss and row_stats must be on the logits' device ",
+                logits.device());
+    at::Tensor go;
+    int64_t go_stride = 1;
+    if (c.reduction == Reduction::None) {
+      TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == c.shape.rows, kSoftmaxOp,
+                        ": grad_loss must have shape (", c.shape.rows, ",), got ", grad_loss.sizes());
+      go = P::stage(grad_loss.to(c.acc).contiguous());
+    } else {
+      TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSoftmaxOp,
+                        ": grad_loss of a reduced loss must have one element, got ",
+                        grad_loss.sizes());
+      // one value for every row, times the mean's scale (computed on the device)
+      go = P::stage(grad_loss.to(c.acc).reshape({1}).contiguous());
+      go_stride = 0;
+    }
+    const at::Tensor stats = P::stage(row_stats.to(c.acc).contiguous());
+    at::Tensor grad = P::empty({c.shape.rows, c.shape.classes}, logits.options());
+    SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
+    p.grad = grad.data_ptr();
+    p.grad_row_stride = c.shape.classes;
+    p.grad_loss = go.data_ptr();
+    p.row_stats = stats.data_ptr();
+    p.mode = SoftmaxCEMode::GradFromLse;
+    if (c.shape.rows > 0) run_softmax(p, {c.reduction, mean_eps, nullptr, go_stride, nullptr}, c.logits);
+    return grad;
+  }
+
+  struct SigmoidCall {
+    at::Tensor input, target;
+    c10::optional<at::Tensor> weight, pos_weight, mask;
+    at::ScalarType acc;
+    Reduction reduction;
+  };
+
+  static SigmoidCall prepare_sigmoid(const at::Tensor& input, const at::Tensor& target,
+                                     const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& pos_weight,
+                                     const c10::optional<at::Tensor>& mask, int64_t reduction) {
+    check_sigmoid_ce(input, target, kSigmoidOp);
+    SigmoidCall c;
+    c.reduction = reduction_of(reduction, kSigmoidOp);
+    c.acc = acc_dtype_of(input.scalar_type());
+    c.input = P::stage(unit_stride_rows(input));
+    c.target = P::stage(unit_stride_rows(target));
+    const int64_t R = input.size(0), C = input.size(1);
+    c.weight = stage(broadcast_operand(weight, R, C, c.acc, input.device(), kSigmoidOp, "weight"));
+    c.pos_weight =
+        stage(broadcast_operand(pos_weight, R, C, c.acc, input.device(), kSigmoidOp, "pos_weight"));
+    c.mask = stage(broadcast_operand(mask, R, C, c.acc, input.device(), kSigmoidOp, "mask"));
+    return c;
+  }
+
+  static SigmoidCEParams sigmoid_params(const SigmoidCall& c, double label_smoothing) {
+    SigmoidCEParams p{};
+    p.input = c.input.data_ptr();
+    p.target = c.target.data_ptr();
+    p.weight = operand_of(c.weight);
+    p.pos_weight = operand_of(c.pos_weight);
+    p.mask = operand_of(c.mask);
+    p.rows = c.input.size(0);
+    p.cols = c.input.size(1);
+    p.input_row_stride = c.input.stride(0);
+    p.target_row_stride = c.target.stride(0);
+    p.label_smoothing = label_smoothing;
+    p.dtype = kernel_dtype_of(c.input, kSigmoidOp, "input");
+    return p;
+  }
+
+  static void run_sigmoid(const SigmoidCEParams& p, SigmoidCEExtras x, const at::Tensor& like) {
+    const SigmoidCEPlan plan = plan_sigmoid_ce(p, x);
+    at::Tensor ws = P::empty({plan.workspace_bytes}, like.options().dtype(at::kByte));
+    x.workspace = ws.data_ptr();
+    P::check(launch_sigmoid_ce(p, x, P::stream(like)), kSigmoidOp);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> sigmoid_ce(
+      const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+      const c10::optional<at::Tensor>& pos_weight, const c10::optional<at::Tensor>& mask,
+      double label_smoothing, int64_t reduction, bool compute_grad) {
+    typename P::Guard guard(input);
+    const SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
+    const bool per_element = c.reduction == Reduction::None;
+    at::Tensor grad = compute_grad && !per_element ? P::empty(input.sizes(), input.options())
+                                                   : at::empty({0}, input.options());
+    at::Tensor loss = per_element ? P::empty(input.sizes(), input.options())
+                                  : P::empty({}, input.options());
+    SigmoidCEParams p = sigmoid_params(c, label_smoothing);
+    p.loss = per_element ? loss.data_ptr() : nullptr;
+    p.grad = grad.numel() ? grad.data_ptr() : nullptr;
+    p.mode = per_element ? SigmoidCEMode::LossElements
+                         : (grad.numel() ? SigmoidCEMode::LossSumAndGrad : SigmoidCEMode::LossSum);
+    if (input.numel() > 0) {
+      run_sigmoid(p, {c.reduction, per_element ? nullptr : loss.data_ptr(), nullptr, nullptr}, c.input);
+    } else if (!per_element) {
+      loss.zero_();
+    }
+    return {loss, grad};
+  }
+
+  static at::Tensor sigmoid_ce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                                        const at::Tensor& target,
+                                        const c10::optional<at::Tensor>& weight,
+                                        const c10::optional<at::Tensor>& pos_weight,
+                                        const c10::optional<at::Tensor>& mask,
+                                        double label_smoothing, int64_t reduction) {
+    typename P::Guard guard(input);
+    const SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
+    TORCH_CHECK(grad_loss.device() == input.device(), kSigmoidOp, ": grad_loss is on ",
+                grad_loss.device(), " but the input is on ", input.device());
+    at::Tensor grad = P::empty(input.sizes(), input.options());
+    SigmoidCEParams p = sigmoid_params(c, label_smoothing);
+    at::Tensor go, factor;
+    if (c.reduction == Reduction::None) {
+      TORCH_CHECK_VALUE(grad_loss.sizes() == input.sizes(), kSigmoidOp,
+                        ": grad_loss must have the input's shape ", input.sizes(), ", got ",
+                        grad_loss.sizes());
+      go = P::stage(unit_stride_rows(grad_loss.to(input.scalar_type())));
+      p.grad_loss = go.data_ptr();
+      p.grad_loss_row_stride = go.stride(0);
+    } else {
+      TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSigmoidOp,
+                        ": grad_loss of a reduced loss must have one element, got ",
+                        grad_loss.sizes());
+      factor = P::stage(grad_loss.to(c.acc).reshape({1}).contiguous());
+    }
+    p.grad = grad.data_ptr();
+    p.mode = SigmoidCEMode::GradFromGradLoss;
+    if (input.numel() > 0)
+      run_sigmoid(p, {c.reduction, nullptr, factor.defined() ? factor.data_ptr() : nullptr, nullptr},
+                  c.input);
+    return grad;
+  }
+
+  static void scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
+    TORCH_CHECK_VALUE(scale.numel() == 1,
+                      "fusedloss.scale_grad_: scale must have one element, got ", scale.sizes());
+    if (grad.numel() == 0) return;
+    typename P::Guard guard(grad);
+    const at::ScalarType acc = acc_dtype_of(grad.scalar_type());
+    // Read on the device by the kernel: no synchronisation, even when the scale is 1.
+    const at::Tensor s = P::stage(scale.to(grad.options().dtype(acc)).reshape({1}).contiguous());
+    int64_t rows, cols, row_stride;
+    if (grad.is_contiguous()) {
+      rows = 1;
+      cols = grad.numel();
+      row_stride = cols;
+    } else if (grad.dim() == 2 && grad.stride(1) == 1) {
+      rows = grad.size(0);
+      cols = grad.size(1);
+      row_stride = grad.stride(0);
+    } else {
+      grad.mul_(s);
+      return;
+    }
+    at::Tensor staged = P::stage(grad);
+    P::check(launch_scale_grad(staged.data_ptr(), kernel_dtype_of(grad, "fusedloss.scale_grad_", "grad"),
+                               rows, cols, row_stride, s.data_ptr(), P::stream(grad)),
+             "fusedloss.scale_grad_");
+    P::writeback(grad, staged);
+  }
+};
+
+}  // namespace cuda
+}  // namespace fusedloss
+
+// Registers the entries of Ops<P> for one library namespace and dispatch key.
+#define FUSEDLOSS_REGISTER_CUDA_OPS(ns, key, P)                                   \
+  TORCH_LIBRARY_IMPL(ns, key, m) {                                               \
+    m.impl("softmax_ce", &::fusedloss::cuda::Ops<P>::softmax_ce);                \
+    m.impl("softmax_ce_inplace", &::fusedloss::cuda::Ops<P>::softmax_ce_inplace); \
+    m.impl("softmax_ce_backward", &::fusedloss::cuda::Ops<P>::softmax_ce_backward); \
+    m.impl("sigmoid_ce", &::fusedloss::cuda::Ops<P>::sigmoid_ce);                \
+    m.impl("sigmoid_ce_backward", &::fusedloss::cuda::Ops<P>::sigmoid_ce_backward); \
+    m.impl("scale_grad_", &::fusedloss::cuda::Ops<P>::scale_grad_);              \
+  }
