@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import fusedloss as fl
 from text_data import (PAD, WordTokenizer, code_and_comment_lines, final_loss, make_parser,
-                       pad_batch, save_loss_plot, setup, split_files, stdlib_files, words)
+                       pad_batch, report, setup, split_files, stdlib_files, words)
 
 CODE, PROSE = 0, 1
 
@@ -107,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--max-words", type=int, default=24, help="longest line, in words")
     args = parser.parse_args(argv)
     device = setup(args)
-    wall_start = time.perf_counter()
+    started = time.perf_counter()
 
     rng = random.Random(args.seed)
     train_files, held_out_files = split_files(stdlib_files())
@@ -138,13 +138,9 @@ def main(argv=None):
     print(f"loss {losses[0]:.3f} -> {final_loss(losses):.3f} per line (last 10 steps); "
           f"held-out accuracy {held_out_accuracy:.1%} on {len(held_out_examples)} lines "
           "(chance 50%)")
-    if args.plot:
-        save_loss_plot(args.plot, {"fusedloss sigmoid CE": losses},
-                       "BiLSTM code-vs-prose classifier", "training loss (per line)")
-        print(f"plot: {args.plot}")
-    print(f"summary: bilstm_classifier steps={args.steps} "
-          f"loss {losses[0]:.3f}->{final_loss(losses):.3f} "
-          f"held_out_accuracy={held_out_accuracy:.3f} wall={time.perf_counter() - wall_start:.0f}s")
+    report(args, "bilstm_classifier", {"fusedloss sigmoid CE": losses},
+           "BiLSTM code-vs-prose classifier", "training loss (per line)", started,
+           held_out_accuracy=f"{held_out_accuracy:.3f}")
     return dict(losses=losses, held_out_accuracy=held_out_accuracy)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fusedloss as fl
-from text_data import final_loss, make_parser, save_loss_plot, setup
+from text_data import final_loss, make_parser, report, setup
 
 
 def zen_of_python():
@@ -59,12 +59,12 @@ def show_next_token_pairs(text, vocab, context_size):
         print(f"  {context!r:>{context_size + 3}} -> {vocab[y[0, t]]!r}")
 
 
-def check_identities(check, generator):
-    """Step 2: each identity on random float64 logits, against fusedloss."""
+def check_identities(check, generator, device):
+    """Step 2: each identity on random float64 logits, against fusedloss on `device`."""
     batch_size, context_size, n_vocab = 3, 4, 8
     logits = torch.randn(batch_size, context_size, n_vocab, dtype=torch.float64,
-                         generator=generator, requires_grad=True)
-    targets = torch.randint(n_vocab, (batch_size, context_size), generator=generator)
+                         generator=generator).to(device).requires_grad_()
+    targets = torch.randint(n_vocab, (batch_size, context_size), generator=generator).to(device)
     # the (N, C) layout losses take: one row per prediction
     rows, row_targets = logits.view(-1, n_vocab), targets.view(-1)
     n_rows = rows.shape[0]
@@ -92,7 +92,7 @@ def check_identities(check, generator):
           -log_probs.gather(1, row_targets[:, None]).view(batch_size, context_size))
 
     # a padding mask: the last positions of rows 1 and 2 are padding (0)
-    mask = torch.ones(batch_size, context_size, dtype=torch.float64)
+    mask = torch.ones(batch_size, context_size, dtype=torch.float64, device=device)
     mask[1, -1:] = 0
     mask[2, -2:] = 0
     masked_sum = (per_position * mask).sum()  # the LSTM language model's loss
@@ -104,8 +104,8 @@ def check_identities(check, generator):
           fl.sequence_loss(logits, targets, mask))  # TF divides by sum(mask) + 1e-12
 
     # sigmoid cross-entropy, TF's documented stable form: max(x, 0) - x*z + log(1 + exp(-|x|))
-    x = torch.randn(batch_size, context_size, dtype=torch.float64, generator=generator)
-    z = torch.randint(2, x.shape, generator=generator).double()
+    x = torch.randn(batch_size, context_size, dtype=torch.float64, generator=generator).to(device)
+    z = torch.randint(2, x.shape, generator=generator).double().to(device)
     stable_form = x.clamp(min=0) - x * z + torch.log1p(torch.exp(-x.abs()))
     check("fusedloss sigmoid CE == max(x,0) - x*z + log(1+exp(-|x|))",
           fl.sigmoid_cross_entropy_with_logits(labels=z, logits=x), stable_form)
@@ -165,14 +165,14 @@ def main(argv=None):
     parser.add_argument("--context-size", type=int, default=64)
     args = parser.parse_args(argv)
     device = setup(args)
-    wall_start = time.perf_counter()
+    started = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
 
     text = zen_of_python()
     vocab = sorted(set(text))
     show_next_token_pairs(text[text.index("Beautiful"):], vocab, context_size=8)
     check = Checks()
-    check_identities(check, generator)
+    check_identities(check, generator, device)
 
     print(f"3. Training a character LSTM on the Zen of Python ({len(text)} characters, "
           f"{len(vocab)} symbols) with fusedloss cross_entropy")
@@ -180,13 +180,9 @@ def main(argv=None):
     print(f"  loss {losses[0]:.3f} -> {final_loss(losses):.3f} nats/character (last 10 steps; "
           f"uniform guessing is {torch.log(torch.tensor(float(len(vocab)))):.3f})")
     print("  continuing a prompt:", repr(continue_text(model, vocab, "Beautiful is ", 60, device)))
-    if args.plot:
-        save_loss_plot(args.plot, {"fusedloss cross_entropy": losses},
-                       "Next-character prediction, Zen of Python", "training loss (nats/char)")
-        print(f"plot: {args.plot}")
-    print(f"summary: next_token steps={args.steps} loss {losses[0]:.3f}->{final_loss(losses):.3f} "
-          f"checks {check.count - len(check.failed)}/{check.count} passed "
-          f"wall={time.perf_counter() - wall_start:.0f}s")
+    report(args, "next_token", {"fusedloss cross_entropy": losses},
+           "Next-character prediction, Zen of Python", "training loss (nats/char)", started,
+           checks_passed=f"{check.count - len(check.failed)}/{check.count}")
     return dict(losses=losses, checks=check.count, failed_checks=check.failed)
 
 

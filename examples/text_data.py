@@ -9,6 +9,7 @@ import io
 import os
 import re
 import sysconfig
+import time
 import tokenize
 
 import torch
@@ -27,6 +28,8 @@ def make_parser(doc, steps, batch_size, lr):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     parser.add_argument("--plot", metavar="PATH", help="write the loss curve to this PNG")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help="sequences per batch (default %(default)s)")
@@ -36,9 +39,9 @@ def make_parser(doc, steps, batch_size, lr):
 
 
 def setup(args):
-    """Seeded, at most 2 CPU threads (a laptop's share), and the device to train on."""
+    """Seeded, --threads CPU threads, and the device to train on."""
     torch.manual_seed(args.seed)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -154,3 +157,15 @@ def save_loss_plot(path, curves, title, ylabel="training loss"):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def report(args, name, curves, title, ylabel, started, **results):
+    """How every example ends: its loss curves as a PNG when --plot was given, then one
+    summary line (the first curve's loss at step 1 and over its last steps, then `results`)."""
+    if args.plot:
+        save_loss_plot(args.plot, curves, title, ylabel)
+        print(f"plot: {args.plot}")
+    losses = next(iter(curves.values()))
+    fields = "".join(f" {key}={value}" for key, value in results.items())
+    print(f"summary: {name} steps={args.steps} loss {losses[0]:.3f}->{final_loss(losses):.3f}"
+          f"{fields} wall={time.perf_counter() - started:.0f}s")

@@ -11,13 +11,17 @@ import bilstm_classifier  # noqa: E402
 import lstm_language_model  # noqa: E402
 import next_token  # noqa: E402
 
+# One thread: on a machine busy with other work, two threads of one small model spend most
+# of their time waiting for each other (ten times slower here).
+FAST = ["--quiet", "--threads", "1"]
+
 
 def mean(values):
     return sum(values) / len(values)
 
 
 def test_lstm_language_model_loss_falls_and_matches_pytorch():
-    result = lstm_language_model.main(["--steps", "15", "--batch-size", "16", "--quiet"])
+    result = lstm_language_model.main(["--steps", "15", "--batch-size", "16", *FAST])
     for run in (result["fusedloss"], result["pytorch"]):
         # starts near log(vocab size) = 7.6; 15 Adam steps take it well below
         assert run.losses[0] > 7.0
@@ -28,7 +32,7 @@ def test_lstm_language_model_loss_falls_and_matches_pytorch():
 
 
 def test_bilstm_classifier_loss_falls_and_beats_chance():
-    result = bilstm_classifier.main(["--steps", "60", "--quiet"])
+    result = bilstm_classifier.main(["--steps", "60", *FAST])
     losses = result["losses"]
     assert mean(losses[-10:]) < mean(losses[:10]) - 0.15, losses
     # balanced held-out set: chance is 50%
@@ -37,7 +41,7 @@ def test_bilstm_classifier_loss_falls_and_beats_chance():
 
 def test_next_token_checks_pass_and_loss_falls(tmp_path):
     plot = tmp_path / "next_token.png"
-    result = next_token.main(["--steps", "40", "--quiet", "--plot", str(plot)])
+    result = next_token.main(["--steps", "40", "--plot", str(plot), *FAST])
     assert result["checks"] >= 10 and not result["failed_checks"]
     losses = result["losses"]
     assert mean(losses[-5:]) < losses[0] - 1.0, losses
@@ -47,7 +51,7 @@ def test_next_token_checks_pass_and_loss_falls(tmp_path):
 
 def test_command_line_runs_and_prints_summary():
     script = os.path.join(EXAMPLES, "next_token.py")
-    done = subprocess.run([sys.executable, script, "--steps", "3", "--quiet"],
+    done = subprocess.run([sys.executable, script, "--steps", "3", *FAST],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("summary: ")
