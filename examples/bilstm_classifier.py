@@ -34,8 +34,10 @@ CODE, PROSE = 0, 1
 
 def labelled_lines(files, min_words):
     """{word tuple: (line, label)} for the code and comment lines of `files` with at least
-    `min_words` words; a word sequence seen as both code and prose is dropped (ambiguous)."""
-    lines, ambiguous = {}, set()
+    `min_words` words, one entry per word sequence; label None where the same words were
+    seen both as code and as prose (kept, so that a held-out line can be checked against it,
+    but never used as an example)."""
+    lines = {}
     for path in files:
         code, comments = code_and_comment_lines(path)
         for label, texts in [(CODE, code), (PROSE, comments)]:
@@ -43,14 +45,17 @@ def labelled_lines(files, min_words):
                 key = tuple(words(text))
                 if len(key) < min_words:
                     continue
-                if key in lines and lines[key][1] != label:
-                    ambiguous.add(key)
-                lines.setdefault(key, (text, label))
-    return {k: v for k, v in lines.items() if k not in ambiguous}
+                seen = lines.get(key)
+                if seen is None:
+                    lines[key] = (text, label)
+                elif seen[1] != label:
+                    lines[key] = (seen[0], None)
+    return lines
 
 
 def balanced(lines, rng):
-    """As many code lines as prose lines (code lines far outnumber comments), shuffled."""
+    """As many code lines as prose lines (code lines far outnumber comments), shuffled;
+    ambiguous lines (label None) are left out."""
     by_label = {label: sorted(text for text, lab in lines.values() if lab == label)
                 for label in (CODE, PROSE)}
     n = min(len(texts) for texts in by_label.values())

@@ -14,6 +14,7 @@
 import codecs
 import contextlib
 import io
+import math
 import sys
 import time
 
@@ -178,7 +179,7 @@ def main(argv=None):
           f"{len(vocab)} symbols) with fusedloss cross_entropy")
     model, losses = train(text, vocab, args, device, generator)
     print(f"  loss {losses[0]:.3f} -> {final_loss(losses):.3f} nats/character (last 10 steps; "
-          f"uniform guessing is {torch.log(torch.tensor(float(len(vocab)))):.3f})")
+          f"uniform guessing is {math.log(len(vocab)):.3f})")
     print("  continuing a prompt:", repr(continue_text(model, vocab, "Beautiful is ", 60, device)))
     report(args, "next_token", {"fusedloss cross_entropy": losses},
            "Next-character prediction, Zen of Python", "training loss (nats/char)", started,

@@ -1,6 +1,6 @@
 """What the examples share: real text every machine has (the Python standard library's own
-source files), a Keras-style word tokenizer, padded batches with their padding mask, the
-common command-line flags and the loss-curve plot."""
+source files), a Keras-style word tokenizer, right-padded batches, the command-line flags
+and how a run ends (loss-curve plot, summary line)."""
 
 import argparse
 import ast
@@ -71,7 +71,7 @@ def docstrings(path):
     """The docstrings of a module and of its classes and functions."""
     try:
         tree = ast.parse(read_source(path))
-    except SyntaxError:  # a stdlib test fixture may be deliberately invalid
+    except SyntaxError:  # a module this Python cannot parse has no docstrings for us
         return []
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     return [d for node in ast.walk(tree) if isinstance(node, kinds)
@@ -86,6 +86,8 @@ def code_and_comment_lines(path):
     lines = read_source(path).splitlines()
     code_rows, comment_cols = set(), {}
     try:
+        # tokenize the very lines indexed below: splitlines() also breaks at form feeds,
+        # which the tokenizer would not, and the row numbers would drift apart
         for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
             if tok.type == tokenize.COMMENT:
                 comment_cols[tok.start[0]] = tok.start[1]
@@ -108,8 +110,8 @@ def words(text):
 
 
 class WordTokenizer:
-    """Keras-style: ids by descending word count (ties: first seen), only the `num_words` - 1
-    most frequent words kept (id 0 is padding), the rest mapped to OOV."""
+    """Keras-style, `num_words` ids in all: 0 is padding, 1 is OOV, then the `specials`, then
+    the most frequent words of the fitted texts (ties: first seen); any other word is OOV."""
 
     def __init__(self, num_words, specials=()):
         self.num_words = num_words
