@@ -9,12 +9,14 @@ Environment:
 """
 
 import glob
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
@@ -58,6 +60,15 @@ def newer(target, deps):
         os.path.getmtime(target) >= os.path.getmtime(d) for d in deps)
 
 
+def same_command(obj, cmd):
+    """Whether `obj` was built by exactly `cmd` (flags or architectures may have changed)."""
+    try:
+        with open(obj + ".cmd") as f:
+            return json.loads(f.read()) == cmd
+    except (OSError, ValueError):
+        return False
+
+
 def header_deps(folder_list):
     deps = []
     for folder in folder_list:
@@ -75,8 +86,9 @@ def find_cuda_home():
     if nvcc is None:
         return None
     try:
-        out = subprocess.run([nvcc, "-dryrun", "--version"], capture_output=True, text=True,
-                             timeout=60)
+        # A dry-run compile prints the toolkit's root as "#$ TOP=..." (--version does not).
+        out = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
         m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
         if m:
             return os.path.realpath(m.group(1).strip())
@@ -128,7 +140,10 @@ class BuildExt(cpp_extension.BuildExtension):
 
     def build_extensions(self):
         ext = self.extensions[0]
-        obj_dir = os.path.join(self.build_temp, "fusedloss_objs")
+        # Kept in the repository's build/ folder, not in build_temp (which `pip install -e`
+        # deletes): an install recompiles only the objects whose sources or flags changed, and
+        # tests/test_cuda_audit.py finds the CUDA objects and their ptxas reports here.
+        obj_dir = os.path.join(ROOT, "build", "fusedloss_objs")
         os.makedirs(obj_dir, exist_ok=True)
         jobs = []
         torch_includes = [f"-I{p}" for p in cpp_extension.include_paths()]
@@ -147,18 +162,39 @@ class BuildExt(cpp_extension.BuildExtension):
             cu_deps = header_deps(["cuda", "common"])
             for src in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))):
                 obj = os.path.join(obj_dir, os.path.basename(src) + ".o")
+                # -Xptxas=-v: registers, stack and spills of every kernel, kept beside the
+                # object (tests/test_cuda_audit.py reads them); compressed fatbins (5x smaller).
                 cmd = [nvcc, CXX_STD, "-O3", "-c", src, "-o", obj, "-Xcompiler", "-fPIC",
-                       "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v",
+                       "-Xcompiler", "-fvisibility=hidden", "--expt-relaxed-constexpr",
+                       "-lineinfo", "-Xptxas=-v", "-Xfatbin=-compress-all",
                        f"-I{CSRC}"] + arch_flags
                 jobs.append((obj, [src] + cu_deps, cmd))
-        todo = [(o, c) for o, d, c in jobs if not newer(o, d)]
+        todo = [(o, c) for o, d, c in jobs if not (newer(o, d) and same_command(o, c))]
         log(f"compiling {len(todo)} kernel objects ({len(jobs) - len(todo)} up to date)")
+
+        def compile_one(obj_cmd):
+            obj, cmd = obj_cmd
+            start = time.monotonic()
+            out = run(cmd)
+            with open(obj + ".cmd", "w") as f:  # what built it (same_command)
+                f.write(json.dumps(cmd))
+            if "ptxas" in out:
+                with open(obj + ".ptxas.log", "w") as f:
+                    f.write(out)
+            log(f"  {os.path.basename(obj)}: {time.monotonic() - start:.1f} s")
+
+        start = time.monotonic()
         with ThreadPoolExecutor(max_jobs()) as pool:
-            for out in pool.map(lambda oc: run(oc[1]), todo):
-                if "ptxas" in out:
-                    ptxas_log = os.path.join(obj_dir, "ptxas.log")
-                    with open(ptxas_log, "a") as f:
-                        f.write(out)
+            list(pool.map(compile_one, todo))
+        if todo:
+            log(f"kernel objects: {time.monotonic() - start:.1f} s with {max_jobs()} jobs")
+        # ptxas.log: the reports of every CUDA object of this build, current ones only.
+        logs = sorted(glob.glob(os.path.join(obj_dir, "*.cu.o.ptxas.log")))
+        if logs:
+            with open(os.path.join(obj_dir, "ptxas.log"), "w") as f:
+                for path in logs:
+                    with open(path) as part:
+                        f.write(part.read())
         ext.extra_objects = [o for o, _, _ in jobs]
         super().build_extensions()
 
@@ -166,7 +202,8 @@ class BuildExt(cpp_extension.BuildExtension):
 def make_extension():
     cuda_home = want_cuda()
     sources = [os.path.join("csrc", "fusedloss.cpp"), os.path.join("csrc", "build_info.cpp"),
-               os.path.join("csrc", "cpu", "ops_cpu.cpp")]
+               os.path.join("csrc", "cpu", "ops_cpu.cpp"),
+               os.path.join("csrc", "cpu", "output_buffer.cpp")]
     isas = [name for name, _ in CPU_ISAS]
     macros = [("FUSEDLOSS_CPU_ISAS", f'"{",".join(isas)}"')]
     macros += [(f"FUSEDLOSS_HAVE_{isa}", "1") for isa in isas]

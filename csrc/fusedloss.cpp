@@ -16,6 +16,8 @@
 // sigmoid_ce / sigmoid_ce_backward: the same pair for sigmoid cross-entropy over a
 // (rows, cols) view; weight, pos_weight and mask are (rows, cols) broadcast views.
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
+// build_info / empty_cache / cached_bytes: what was compiled; the CPU output buffers kept
+// for reuse (csrc/cpu/output_buffer.h).
 // The SIMT test harness compiles this file again with FUSEDLOSS_LIBRARY=fusedloss_simt, so that
 // its emulated CUDA kernels are registered under the very same schemas.
 #ifndef FUSEDLOSS_LIBRARY
@@ -44,6 +46,8 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
       "Tensor? pos_weight, Tensor? mask, float label_smoothing, int reduction) -> Tensor");
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("build_info() -> str");
+  m.def("empty_cache() -> ()");
+  m.def("cached_bytes() -> int");
 }
 
 #ifndef FUSEDLOSS_NO_PYINIT

@@ -27,6 +27,7 @@ __all__ = [
     "SequenceLoss",
     "build_info",
     "set_target_validation",
+    "empty_cache",
 ]
 
 
@@ -37,3 +38,12 @@ def build_info() -> dict:
     info["cuda"] = info["cuda"] == "1"
     info["cuda_archs"] = [a for a in info["cuda_archs"].split(";") if a]
     return info
+
+
+def empty_cache() -> None:
+    """Free the CPU gradient buffers fusedloss keeps for reuse.
+
+    A freed gradient of several MB is kept (at most two) and handed to the next call of the
+    same size, so that a training loop does not fault a fresh N x C buffer in on every step.
+    FUSEDLOSS_KEEP_OUTPUT_BUFFERS=0 turns the keeping off."""
+    torch.ops.fusedloss.empty_cache()

@@ -16,6 +16,7 @@
 
 #include "../op_checks.h"
 #include "kernels.h"
+#include "output_buffer.h"
 
 namespace fusedloss {
 namespace cpu {
@@ -176,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
   at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
   at::Tensor row_stats = at::empty({c.shape.rows, 2}, acc_opts);
-  at::Tensor grad = compute_grad ? at::empty({c.shape.rows, c.shape.classes}, logits.options())
+  at::Tensor grad = compute_grad ? new_output({c.shape.rows, c.shape.classes}, logits.options())
                                  : at::empty({0}, logits.options());
   SoftmaxCEParams p = softmax_params(c);
   p.grad = compute_grad ? grad.data_ptr() : nullptr;
@@ -242,7 +243,7 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
     go = grad_loss.to(c.acc).reshape({1}).mul(c.grad_scale).expand({c.shape.rows}).contiguous();
   }
   at::Tensor stats_acc = row_stats.to(c.acc).contiguous();
-  at::Tensor grad = at::empty({c.shape.rows, c.shape.classes}, logits.options());
+  at::Tensor grad = new_output({c.shape.rows, c.shape.classes}, logits.options());
   SoftmaxCEParams p = softmax_params(c);
   p.grad = grad.data_ptr();
   p.grad_row_stride = c.shape.classes;
@@ -319,9 +320,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
   const double scale = sigmoid_mean_scale(c, numel);
   at::Tensor grad_scale = at::full({1}, scale, acc_opts);
   const bool per_element = c.reduction == Reduction::None;
-  at::Tensor grad = compute_grad && !per_element ? at::empty(input.sizes(), input.options())
+  at::Tensor grad = compute_grad && !per_element ? new_output(input.sizes(), input.options())
                                                  : at::empty({0}, input.options());
-  at::Tensor loss_elems = per_element ? at::empty(input.sizes(), input.options())
+  at::Tensor loss_elems = per_element ? new_output(input.sizes(), input.options())
                                       : at::empty({0}, input.options());
   const int64_t chunks = (numel + kSigmoidChunkElems - 1) / kSigmoidChunkElems;
   at::Tensor chunk_loss = at::zeros({per_element ? 0 : chunks}, acc_opts);
@@ -345,7 +346,7 @@ at::Tensor sigmoid_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const c10::optional<at::Tensor>& mask, double label_smoothing,
                                    int64_t reduction) {
   SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
-  at::Tensor grad = at::empty(input.sizes(), input.options());
+  at::Tensor grad = new_output(input.sizes(), input.options());
   SigmoidCEParams p = sigmoid_params(c, label_smoothing);
   at::Tensor go, factor;
   if (c.reduction == Reduction::None) {

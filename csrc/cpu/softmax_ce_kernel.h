@@ -160,9 +160,13 @@ struct SoftmaxCERowKernel {
         Vec vsum[K], va[K], vb[K];
         for (int k = 0; k < K; ++k) vsum[k] = va[k] = vb[k] = Vec(acc_t(0));
         const Vec vrow_max(row_max);
+        // The next row's logits: fetched into L2 while this row computes exp (one cache line
+        // per step, which is at least one line of data per step for every dtype).
+        const scalar_t* next = r + 1 < row_end ? x + p.logits_row_stride : nullptr;
         for (int64_t j = 0; j < C; j += kStep) {
           const int64_t n = std::min<int64_t>(kStep, C - j);
           Vec z[K], e[K];
+          if (next) prefetch_l2(next + j);
           load_z(x, j, n, z);
           for (int k = 0; k < K; ++k) {
             z[k] = z[k] - vrow_max;  // lanes past the end are masked out below, via w or e
@@ -244,6 +248,8 @@ struct SoftmaxCERowKernel {
       // exp_row holds exp(z - max), so p = exp_row / sum_exp: fold 1/sum_exp into coef_p.
       SoftmaxCERowGrad<acc_t> rg_exp = rg;
       rg_exp.coef_p = rg.coef_p / sum_exp;
+      // Stream the gradient past the cache, except in place (the row is in cache already).
+      const bool stream = IO::stream_aligned(g) && static_cast<const void*>(g) != x;
       for (int64_t j = 0; j < C; j += kStep) {
         const int64_t n = std::min<int64_t>(kStep, C - j);
         Vec pv[K], w[K], out[K], zc[K];
@@ -268,9 +274,11 @@ struct SoftmaxCERowKernel {
           out[k] = softmax_ce_grad_element(from_stats ? rg : rg_exp, pv[k], w[k]);
           if constexpr (kSoftcap) out[k] = out[k] * softcap_derivative(zc[k], inv_cap);
         }
-        if (n == kStep) IO::store(g + j, out);
-        else IO::store_partial(g + j, n, out);
+        if (n != kStep) IO::store_partial(g + j, n, out);
+        else if (stream) IO::stream(g + j, out);
+        else IO::store(g + j, out);
       }
+      if (stream) stream_fence();  // the streamed row is complete before g[t] is written
       if constexpr (!kProb) g[t] = scalar_t(g_t);
     }
   }
