@@ -57,7 +57,12 @@ def test_cross_entropy_property(backend, case):
     assert_close(out, expected, dtype)
     out.sum().backward()
     expected.sum().backward()
-    assert_close(xa.grad, xr.grad, dtype)
+    # the target element's gradient is a difference of O(row scale) terms (p_t (1 + z-loss
+    # term) - 1): float rounding of those terms, not of the result, bounds its error
+    row_scale = max([float(v.abs().max()) for k, v in ref_kw.items()
+                     if k in ("weight", "mask") and v.numel()] + [1.0]) ** 2
+    _, atol = ref.tolerances(dtype)
+    assert_close(xa.grad, xr.grad, dtype, atol_floor=atol * row_scale)
 
 
 @st.composite

@@ -177,7 +177,7 @@ FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V log_weight) {
   const V zero(0);
   const V one(1);
   const V e = fl_exp(zero - fl_abs(x));       // exp(-|x|), in (0, 1]
-  const V softplus_neg = fl_max(zero - x, zero) + fl_log1p(e);
+  const V softplus_neg = fl_max(zero - x, zero) + fl_log1p_unit(e);
   const V inv = one / (one + e);
   const V sigmoid_neg = fl_select(fl_ge(x, zero), e * inv, inv);  // sigmoid(-x)
   return {(one - y) * x + log_weight * softplus_neg, (one - y) - log_weight * sigmoid_neg};

@@ -20,6 +20,10 @@ FL_HD float fl_log(float x) { return ::logf(x); }
 FL_HD double fl_log(double x) { return ::log(x); }
 FL_HD float fl_log1p(float x) { return ::log1pf(x); }
 FL_HD double fl_log1p(double x) { return ::log1p(x); }
+// log1p(x) for 0 <= x <= 1 only: the one range the losses need it on (softplus of exp(-|x|)),
+// which lets the vector code use a short series instead of a general log1p.
+FL_HD float fl_log1p_unit(float x) { return ::log1pf(x); }
+FL_HD double fl_log1p_unit(double x) { return ::log1p(x); }
 FL_HD float fl_tanh(float x) { return ::tanhf(x); }
 FL_HD double fl_tanh(double x) { return ::tanh(x); }
 FL_HD float fl_abs(float x) { return ::fabsf(x); }
