@@ -9,6 +9,8 @@ import time
 
 import torch
 
+import fusedloss
+
 
 def cpu_timer(step):
     t0 = time.perf_counter()
@@ -86,6 +88,9 @@ def probe_memory(run, device):
     del out
     run.prepare()
     gc.collect()
+    # fusedloss keeps a freed CPU gradient buffer for the next call; without this the
+    # measured step would reuse the warm-up's buffer, already counted in the baseline.
+    fusedloss.empty_cache()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
