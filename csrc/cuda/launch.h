@@ -62,6 +62,28 @@ inline int64_t pow2_ceil(int64_t v) {
   return p;
 }
 
+// The rows path keeps a thread's share of the row in registers, converted to acc_t: `vecs`
+// 16-byte packs of logits (and of probability targets), i.e. this many 32-bit words.
+inline constexpr int row_words(ScalarType t, bool prob, int vecs) {
+  return vecs * (t == ScalarType::Float16 || t == ScalarType::BFloat16 ? 8 : 4) * (prob ? 2 : 1);
+}
+
+// The most threads per row (the kernel's launch bound) for which those words and the rest fit
+// the registers of a thread with no spill: 1024 threads leave 64 registers a thread, 512 leave
+// 128. 0: the configuration is not used. Measured, not guessed: tests/test_cuda_audit.py
+// fails if any kernel spills.
+inline constexpr int row_max_threads(ScalarType t, bool prob, int vecs) {
+  const int words = row_words(t, prob, vecs);
+  if (words <= 16) return 1024;
+  if (words <= 32) return t == ScalarType::Float32 ? 1024 : 512;
+  if (words <= 64 && !prob) return 512;
+  return 0;
+}
+
+inline constexpr int max_row_vecs(ScalarType t, bool prob) {
+  return row_max_threads(t, prob, 8) ? 8 : row_max_threads(t, prob, 4) ? 4 : 2;
+}
+
 // Scratch bytes of a deterministic sum over n terms (none when one block does it all).
 inline int64_t sum_scratch_bytes(int64_t n) {
   const int64_t blocks = ceil_div(std::max<int64_t>(n, 1), kSumChunk);
@@ -106,10 +128,18 @@ inline SoftmaxCEPlan plan_softmax_ce(const SoftmaxCEParams& p, const SoftmaxCEEx
   const int lead = same_phase ? static_cast<int>((reinterpret_cast<uintptr_t>(p.logits) & 15u) / es)
                               : n - 1;
   const int64_t slots = ceil_div(C + lead, n);
-  const int max_vecs = prob ? 4 : 8;
-  plan.vecs = static_cast<int>(std::min<int64_t>(max_vecs, pow2_ceil(ceil_div(slots, 256))));
-  const int64_t tpr = pow2_ceil(ceil_div(slots, plan.vecs));
-  const bool long_rows = tpr > kRowsMaxThreads;
+  // The fewest packs per thread that need at most 256 threads per row, else the configuration
+  // with the most packs that holds the row at all.
+  int64_t tpr = 0;
+  for (int vecs = 1; vecs <= 8; vecs *= 2) {
+    const int cap = row_max_threads(p.dtype, prob, vecs);
+    const int64_t need = pow2_ceil(ceil_div(slots, vecs));
+    if (cap == 0 || need > cap) continue;
+    plan.vecs = vecs;
+    tpr = need;
+    if (need <= 256) break;
+  }
+  const bool long_rows = tpr == 0;
   if (!long_rows) {
     plan.tpr = static_cast<int>(tpr);
     plan.block = std::max(plan.tpr, kRowsMinBlock);

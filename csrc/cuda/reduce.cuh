@@ -52,10 +52,10 @@ __global__ void __launch_bounds__(kSumThreads)
     deterministic_sum_kernel(const Term term, const int64_t n, const int64_t chunk,
                              const Finish finish) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
-  const int64_t end = begin + chunk < n ? begin + chunk : n;
+  const int count = static_cast<int>((begin + chunk < n ? begin + chunk : n) - begin);
   Sum2 s{0.0, 0.0};
-  for (int64_t i = begin + threadIdx.x; i < end; i += kSumThreads) {
-    const Sum2 v = term(i);
+  for (int j = static_cast<int>(threadIdx.x); j < count; j += kSumThreads) {
+    const Sum2 v = term(begin + j);
     s.a += v.a;
     s.b += v.b;
   }

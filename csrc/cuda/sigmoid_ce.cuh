@@ -27,6 +27,19 @@ FL_DEVICE acc_t operand_at(const BroadcastOperand& op, int64_t r, int64_t c) {
                             : acc_t(1);
 }
 
+// The first n elements of v to dst: one 16-byte store when n is the whole pack.
+template <typename T, int kVec>
+FL_DEVICE void store_first(T* dst, int n, const Pack<T>& v) {
+  if (kVec > 1 && n == kVec) {
+    store_pack(dst, v);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {  // unrolled: the pack stays in registers
+    if (i < n) dst[i] = v.v[i];
+  }
+}
+
 // kVec elements per access: 16 bytes on the flat path (input, target and the elementwise
 // outputs contiguous and 16-byte aligned), 1 otherwise (any row strides).
 template <typename T, SigmoidCEMode kMode, int kVec>
@@ -106,16 +119,8 @@ __global__ void __launch_bounds__(kSigmoidThreads) sigmoid_ce_kernel(const Sigmo
       }
     }
     // Outputs are contiguous (rows, cols): flat index f.
-    if constexpr (kMode == SigmoidCEMode::LossElements) {
-      if (kVec > 1 && n == kVec) store_pack(loss_out + f, lv);
-      else
-        for (int i = 0; i < n; ++i) loss_out[f + i] = lv.v[i];
-    }
-    if constexpr (kGrad) {
-      if (kVec > 1 && n == kVec) store_pack(grad_out + f, dv);
-      else
-        for (int i = 0; i < n; ++i) grad_out[f + i] = dv.v[i];
-    }
+    if constexpr (kMode == SigmoidCEMode::LossElements) store_first<T, kVec>(loss_out + f, n, lv);
+    if constexpr (kGrad) store_first<T, kVec>(grad_out + f, n, dv);
     if (track) {
       c += a.step_cols;
       r += a.step_rows;

@@ -83,6 +83,7 @@ struct SoftmaxCEConsts {
     const acc_t z = to_acc(v);
     return softcap ? common::softcap_apply(z, cap, inv_cap) : z;
   }
+  FL_DEVICE acc_t z_of(acc_t z) const { return softcap ? common::softcap_apply(z, cap, inv_cap) : z; }
   FL_DEVICE acc_t w_of(int64_t c) const { return weight != nullptr ? weight[c] : acc_t(1); }
 };
 
@@ -129,8 +130,10 @@ template <typename T, int kVecs, bool kProb>
 struct RowSlice {
   using acc_t = acc_of<T>;
   static constexpr int N = Pack<T>::N;
-  Pack<T> xs[kVecs];
-  Pack<T> ys[kProb ? kVecs : 1];
+  // Converted to acc_t as they arrive, so that no value is live twice (as loaded and as
+  // converted) across the reductions.
+  acc_t xs[kVecs][N];
+  acc_t ys[kProb ? kVecs : 1][N];
   int base;    // element index of lane 0 of this thread's first slot
   int stride;  // elements between this thread's consecutive slots
   int lo, hi;
@@ -157,14 +160,16 @@ struct RowSlice {
     }
   }
 
-  FL_DEVICE void load_at(const T* src, int k, bool vec, Pack<T>& out) const {
+  FL_DEVICE void load_at(const T* src, int k, bool vec, acc_t (&out)[N]) const {
     const int e = e0(k);
     if (vec && full(k)) {
-      out = load_pack(src + e);
+      const Pack<T> v = load_pack(src + e);
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[i] = to_acc(v.v[i]);
     } else {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        if (in(e + i)) out.v[i] = src[e + i];
+        if (in(e + i)) out[i] = to_acc(src[e + i]);
       }
     }
   }
@@ -175,7 +180,7 @@ struct RowSlice {
     for (int k = 0; k < kVecs; ++k) {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        if (in(e0(k) + i)) m = fl_max(m, c.z_of(xs[k].v[i]));
+        if (in(e0(k) + i)) m = fl_max(m, c.z_of(xs[k][i]));
       }
     }
     return m;
@@ -192,11 +197,11 @@ struct RowSlice {
       for (int i = 0; i < N; ++i) {
         const int e = e0(k) + i;
         if (!in(e)) continue;
-        const acc_t zm = c.z_of(xs[k].v[i]) - m;
+        const acc_t zm = c.z_of(xs[k][i]) - m;
         if (!kStatsOnly) s.sum += fl_exp(zm);
         if (c.need_sums) {
           acc_t w = c.w_of(e);
-          if constexpr (kProb) w *= common::softmax_ce_smoothed_prob(c.opts, to_acc(ys[k].v[i]));
+          if constexpr (kProb) w *= common::softmax_ce_smoothed_prob(c.opts, ys[k][i]);
           if (!kStatsOnly) s.a += w * zm;
           s.b += w;
         }
@@ -218,10 +223,10 @@ struct RowSlice {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         if (!in(e + i)) continue;
-        const acc_t z = c.z_of(xs[k].v[i]);
+        const acc_t z = c.z_of(xs[k][i]);
         const acc_t pr = common::softmax_prob(z, st);
         acc_t w = c.w_of(e + i);
-        if constexpr (kProb) w *= common::softmax_ce_smoothed_prob(c.opts, to_acc(ys[k].v[i]));
+        if constexpr (kProb) w *= common::softmax_ce_smoothed_prob(c.opts, ys[k][i]);
         acc_t v = common::softmax_ce_grad_element(rg, pr, w);
         if (!kProb && e + i == t) v -= rg.coef_target;
         if (c.softcap) v *= common::softcap_derivative(z, c.inv_cap);
@@ -262,8 +267,15 @@ FL_DEVICE acc_t row_scale_of(const SoftmaxCEArgs& a, int64_t r, acc_t m) {
 // The rows path: `threads_per_row` threads per row, `rows_per_block` rows per block. kFromStats:
 // the gradient from the saved (max, log_sum) and grad_loss; otherwise the loss, the row
 // statistics and (LossAndGrad) the gradient.
+template <typename T> constexpr ScalarType scalar_type_of();
+template <> constexpr ScalarType scalar_type_of<__half>() { return ScalarType::Float16; }
+template <> constexpr ScalarType scalar_type_of<__nv_bfloat16>() { return ScalarType::BFloat16; }
+template <> constexpr ScalarType scalar_type_of<float>() { return ScalarType::Float32; }
+template <> constexpr ScalarType scalar_type_of<double>() { return ScalarType::Float64; }
+
 template <typename T, int kVecs, bool kProb, bool kFromStats>
-__global__ void __launch_bounds__(kRowsMaxThreads) softmax_ce_rows_kernel(const SoftmaxCEArgs a) {
+__global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kVecs), 1)
+    softmax_ce_rows_kernel(const SoftmaxCEArgs a) {
   using acc_t = acc_of<T>;
   const SoftmaxCEParams& p = a.p;
   const int tpr = a.threads_per_row;
@@ -500,28 +512,36 @@ int launch_rows(const SoftmaxCEArgs& a, const SoftmaxCEPlan& plan, void* stream)
   return FL_LAUNCH_STATUS();
 }
 
+// Only the pack counts the plan can choose are instantiated (row_max_threads > 0).
+template <typename T, bool kProb, bool kFromStats, int kVecs>
+int launch_rows_if(const SoftmaxCEArgs& a, const SoftmaxCEPlan& plan, void* stream) {
+  if constexpr (row_max_threads(scalar_type_of<T>(), kProb, kVecs) > 0)
+    return launch_rows<T, kVecs, kProb, kFromStats>(a, plan, stream);
+  return -1;
+}
+
 template <typename T, bool kProb, bool kFromStats>
 int launch_rows_vecs(const SoftmaxCEArgs& a, const SoftmaxCEPlan& plan, void* stream) {
   switch (plan.vecs) {
-    case 1: return launch_rows<T, 1, kProb, kFromStats>(a, plan, stream);
-    case 2: return launch_rows<T, 2, kProb, kFromStats>(a, plan, stream);
-    case 4: return launch_rows<T, 4, kProb, kFromStats>(a, plan, stream);
-    default:
-      if constexpr (!kProb) return launch_rows<T, 8, kProb, kFromStats>(a, plan, stream);
-      return -1;
+    case 1: return launch_rows_if<T, kProb, kFromStats, 1>(a, plan, stream);
+    case 2: return launch_rows_if<T, kProb, kFromStats, 2>(a, plan, stream);
+    case 4: return launch_rows_if<T, kProb, kFromStats, 4>(a, plan, stream);
+    case 8: return launch_rows_if<T, kProb, kFromStats, 8>(a, plan, stream);
+    default: return -1;
   }
 }
 
 template <typename T, bool kProb, bool kFromStats>
 int launch_split(SoftmaxCEArgs a, const SoftmaxCEPlan& plan, void* stream) {
-  const auto softmax_ce_split_stats = &softmax_ce_split_stats_kernel<T, kProb, kFromStats>;
+  // Stage 1 is needed unless the statistics are given and the target is an index.
+  constexpr bool kStage1 = !kFromStats || kProb;
   const auto softmax_ce_split_finish = &softmax_ce_split_finish_kernel<T, kProb, kFromStats>;
-  const bool stage1 = !kFromStats || kProb;
   for (int64_t begin = 0; begin < a.p.rows; begin += plan.rows_per_group) {
     a.row_begin = begin;
     a.row_end = begin + plan.rows_per_group < a.p.rows ? begin + plan.rows_per_group : a.p.rows;
     const unsigned blocks = static_cast<unsigned>((a.row_end - begin) * plan.splits);
-    if (stage1) {
+    if constexpr (kStage1) {
+      const auto softmax_ce_split_stats = &softmax_ce_split_stats_kernel<T, kProb, kFromStats>;
       FL_LAUNCH(softmax_ce_split_stats, dim3(blocks), dim3(kSplitThreads), 0, stream, a);
       if (int err = FL_LAUNCH_STATUS()) return err;
     }

@@ -114,12 +114,24 @@ struct Fiber {
   State state = State::Runnable;
 };
 
+struct Waiter {
+  Fiber* f;
+  unsigned mask;    // lanes it waits for
+  uint32_t target;  // until each has published this many phases
+};
+
 struct WarpState {
   uint64_t slot[32];
-  uint32_t seq[32];
+  uint32_t seq[32];  // phases published by each lane: 2 per collective
   unsigned mask[32];
   int kind[32];
-  std::vector<Fiber*> waiting;
+  std::vector<Waiter> waiting;
+
+  bool reached(unsigned m, uint32_t target) const {
+    for (int i = 0; i < 32; ++i)
+      if (((m >> i) & 1u) && seq[i] < target) return false;
+    return true;
+  }
 };
 
 struct Shadow {
@@ -296,9 +308,16 @@ void yield_current() {
   g_ctx = &f->tc;  // resumed
 }
 
+// Wakes the lanes whose wait is over (not every waiter: a woken lane that would only block
+// again costs two context switches).
 void wake_warp(WarpState& w) {
-  for (Fiber* f : w.waiting) make_runnable(f);
-  w.waiting.clear();
+  size_t keep = 0;
+  for (size_t i = 0; i < w.waiting.size(); ++i) {
+    const Waiter& x = w.waiting[i];
+    if (w.reached(x.mask, x.target)) make_runnable(x.f);
+    else w.waiting[keep++] = x;
+  }
+  w.waiting.resize(keep);
 }
 
 void prepare_fiber(Fiber& f) {
@@ -462,14 +481,9 @@ uint64_t warp_op(unsigned mask, int kind, uint64_t value, int arg, int width) {
   w.mask[lane] = mask;
   const uint32_t my = ++w.seq[lane];
   wake_warp(w);
-  auto all_reached = [&](uint32_t s) {
-    for (int i = 0; i < 32; ++i)
-      if (((mask >> i) & 1u) && w.seq[i] < s) return false;
-    return true;
-  };
-  while (!all_reached(my)) {
+  while (!w.reached(mask, my)) {
     f->state = State::AtWarp;
-    w.waiting.push_back(f);
+    w.waiting.push_back(Waiter{f, mask, my});
     yield_current();
   }
   // Every lane of the mask is now in this very collective (published, or already read).
@@ -520,9 +534,9 @@ uint64_t warp_op(unsigned mask, int kind, uint64_t value, int arg, int width) {
   }
   ++w.seq[lane];
   wake_warp(w);
-  while (!all_reached(my + 1)) {
+  while (!w.reached(mask, my + 1)) {
     f->state = State::AtWarp;
-    w.waiting.push_back(f);
+    w.waiting.push_back(Waiter{f, mask, my + 1});
     yield_current();
   }
   return result;
