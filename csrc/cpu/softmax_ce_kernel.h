@@ -249,9 +249,12 @@ struct SoftmaxCERowKernel {
       SoftmaxCERowGrad<acc_t> rg_exp = rg;
       rg_exp.coef_p = rg.coef_p / sum_exp;
       // Stream the gradient past the cache, except in place (the row is in cache already).
-      const bool stream = IO::stream_aligned(g) && static_cast<const void*>(g) != x;
-      for (int64_t j = 0; j < C; j += kStep) {
-        const int64_t n = std::min<int64_t>(kStep, C - j);
+      // A row that does not start on a step boundary (C = 50257, say) first stores a short
+      // head step, so that all its full steps are aligned.
+      const bool stream = static_cast<const void*>(g) != x;
+      const int64_t head = stream ? IO::elements_to_alignment(g) : 0;
+      for (int64_t j = 0, n; j < C; j += n) {
+        n = std::min<int64_t>(j == 0 && head ? head : kStep, C - j);
         Vec pv[K], w[K], out[K], zc[K];
         if (from_stats) {
           if (n == kStep) IO::load(x + j, zc);
@@ -275,7 +278,7 @@ struct SoftmaxCERowKernel {
           if constexpr (kSoftcap) out[k] = out[k] * softcap_derivative(zc[k], inv_cap);
         }
         if (n != kStep) IO::store_partial(g + j, n, out);
-        else if (stream) IO::stream(g + j, out);
+        else if (stream && IO::stream_aligned(g + j)) IO::stream(g + j, out);
         else IO::store(g + j, out);
       }
       if (stream) stream_fence();  // the streamed row is complete before g[t] is written

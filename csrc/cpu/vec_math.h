@@ -113,8 +113,15 @@ struct VecIO {
   // written once and not read soon (a gradient row) then goes to memory without first being
   // read into cache (no read-for-ownership), halving its memory traffic. Callers issue
   // stream_fence() before the written data is handed to another thread.
+  static constexpr uintptr_t kStepBytes = kStep * sizeof(scalar_t);
   static bool stream_aligned(const scalar_t* p) {
-    return reinterpret_cast<uintptr_t>(p) % (kStep * sizeof(scalar_t)) == 0;
+    return reinterpret_cast<uintptr_t>(p) % kStepBytes == 0;
+  }
+  // Elements from p to the next step boundary (0 if p is on one, or cannot reach one).
+  static int64_t elements_to_alignment(const scalar_t* p) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a % sizeof(scalar_t) != 0) return 0;
+    return static_cast<int64_t>(((kStepBytes - a % kStepBytes) % kStepBytes) / sizeof(scalar_t));
   }
   static void stream(scalar_t* p, const Vec* v) {
 #if defined(CPU_CAPABILITY_AVX512)
