@@ -152,8 +152,8 @@ class BuildExt(cpp_extension.BuildExtension):
         isa_deps = [isa_src] + header_deps(["cpu", "common"])
         for isa, flags in CPU_ISAS:
             obj = os.path.join(obj_dir, f"isa_kernels_{isa}.o")
-            cmd = ["c++", CXX_STD, "-O3", "-fPIC", "-fvisibility=hidden", abi, "-c", isa_src,
-                   "-o", obj, f"-DCPU_CAPABILITY={isa}"] + flags + torch_includes
+            cmd = ["c++", CXX_STD, "-O3", "-fPIC", "-fvisibility=hidden", "-fopenmp", abi, "-c",
+                   isa_src, "-o", obj, f"-DCPU_CAPABILITY={isa}"] + flags + torch_includes
             jobs.append((obj, isa_deps, cmd))
         cuda = getattr(self, "cuda_home", None)
         if cuda:
@@ -228,8 +228,10 @@ def make_extension():
         define_macros=macros,
         library_dirs=library_dirs,
         libraries=libraries,
-        extra_compile_args={"cxx": ["-O3", "-fvisibility=hidden"]},
-        extra_link_args=link_args,
+        # at::parallel_for is an inline OpenMP template: without -fopenmp it compiles to a
+        # serial loop. The libgomp linked here is the one torch already loaded.
+        extra_compile_args={"cxx": ["-O3", "-fvisibility=hidden", "-fopenmp"]},
+        extra_link_args=link_args + ["-fopenmp"],
     )
     return ext, cuda_home
 
