@@ -36,7 +36,6 @@ struct DeviceInfo {
 constexpr int kRowsMaxThreads = 1024;  // threads of one row on the rows path
 constexpr int kRowsMinBlock = 128;      // block size when a row needs fewer threads
 constexpr int kSplitThreads = 256;      // threads of one chunk on the split path
-constexpr int kSplitVecs = 8;           // packs per thread on the split path
 constexpr int kSumThreads = 256;        // deterministic sums
 constexpr int64_t kSumChunk = 16384;    // terms per block of a two-stage sum
 constexpr int kSigmoidThreads = 256;
@@ -78,6 +77,11 @@ inline constexpr int row_max_threads(ScalarType t, bool prob, int vecs) {
   if (words <= 32) return t == ScalarType::Float32 ? 1024 : 512;
   if (words <= 64 && !prob) return 512;
   return 0;
+}
+
+// Packs per thread on the split path: 32 values of a chunk per thread (16-bit packs hold 8).
+inline constexpr int split_vecs(ScalarType t) {
+  return t == ScalarType::Float16 || t == ScalarType::BFloat16 ? 4 : 8;
 }
 
 inline constexpr int max_row_vecs(ScalarType t, bool prob) {
@@ -151,7 +155,7 @@ inline SoftmaxCEPlan plan_softmax_ce(const SoftmaxCEParams& p, const SoftmaxCEEx
     plan.split = true;
     // A chunk's slots (one more than chunk / n when the row is misaligned) fit the block.
     const int64_t unit = int64_t(kSplitThreads) * n;
-    const int64_t max_chunk = int64_t(kSplitThreads * kSplitVecs - 1) * n;
+    const int64_t max_chunk = int64_t(kSplitThreads * split_vecs(p.dtype) - 1) * n;
     int64_t chunk = max_chunk;
     if (few_rows) {
       const int64_t want_splits = ceil_div(2 * int64_t(d.num_sms), std::max<int64_t>(p.rows, 1));

@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
   FL_SHARED_ARRAY(acc_t, red_max, kSplitThreads / kWarp);
   FL_SHARED_ARRAY(RowSums<acc_t>, red_sums, kSplitThreads / kWarp);
 
-  RowSlice<T, kSplitVecs, kProb> slice(x, static_cast<int>(lo), static_cast<int>(hi),
+  RowSlice<T, split_vecs(scalar_type_of<T>()), kProb> slice(x, static_cast<int>(lo), static_cast<int>(hi),
                                        static_cast<int>(threadIdx.x), kSplitThreads);
   slice.load(x, y);
   acc_t m = acc_t(0);
@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
   }
   const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
   const T* y = kProb ? static_cast<const T*>(p.target_probs) + r * p.target_row_stride : nullptr;
-  RowSlice<T, kSplitVecs, kProb> slice(x, static_cast<int>(lo), static_cast<int>(hi), tid,
+  RowSlice<T, split_vecs(scalar_type_of<T>()), kProb> slice(x, static_cast<int>(lo), static_cast<int>(hi), tid,
                                        kSplitThreads);
   slice.load(x, y);
   const acc_t row_scale = row_scale_of<acc_t, kFromStats>(a, r, rc.mask);

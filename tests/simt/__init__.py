@@ -25,7 +25,8 @@ _opset = None
 
 def _sources():
     return [os.path.join(HERE, f) for f in
-            ("simt_runtime.cpp", "kernels_simt.cpp", "ops_simt.cpp", "schema_simt.cpp")]
+            ("simt_runtime.cpp", "kernels_simt.cpp", "ops_simt.cpp", "schema_simt.cpp",
+                      "selftest_simt.cpp")]
 
 
 def _load_library():
@@ -55,8 +56,18 @@ def load_simt_opset():
         from fusedloss import _ops
 
         _load_library()
+        # The scheduler's seed: FUSEDLOSS_SIMT_SEED, else the test run's seed, else random.
+        seed = os.environ.get("FUSEDLOSS_SIMT_SEED", os.environ.get("FUSEDLOSS_TEST_SEED"))
+        if seed is not None:
+            torch.ops.fusedloss_simt_ctl.set_seed(int(seed))
         _opset = _ops.OpSet("fusedloss_simt")
     return _opset
+
+
+def seed():
+    """The seed of the SIMT scheduler (the order of blocks and the interleaving of threads)."""
+    load_simt_opset()
+    return int(torch.ops.fusedloss_simt_ctl.get_config()[3])
 
 
 class _Ctl:
