@@ -16,11 +16,28 @@ namespace at {
 namespace vec {
 inline namespace CPU_CAPABILITY {
 
-// exp_u20 (at most 20 ulp, ~2e-6 relative, for float; exact exp() for double) is about twice as
-// fast as the 1-ulp exp and far inside the float32 tolerance of a loss; it is what ATen's own
-// vectorised softmax kernels use.
-template <typename T>
-inline Vectorized<T> fl_exp(const Vectorized<T>& x) { return x.exp_u20(); }
+// exp of a float vector, the hot spot of the 16-bit softmax: exp(x) = 2^n 2^f, n = round(x
+// log2 e), f in [-1/2, 1/2], 2^f by its Taylor series to degree 6 (truncation 1.2e-7; the
+// rounding of x log2 e adds at most 3e-7 relative for |x| < 10, 5e-6 at |x| = 87: the terms
+// that large are negligible in a softmax sum). About 12 vector operations against ~17 for
+// exp_u20. Below -87.3 it returns 2^-126 (~1e-38) rather than 0; NaN stays NaN.
+inline Vectorized<float> fl_exp(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using VI = Vectorized<int32_t>;
+  const V t = at::vec::clamp(x, V(-87.33654f), V(88.72283f)) * V(1.44269504088896341f);
+  const V n = t.round();
+  const V f = t - n;
+  V p = V(1.5403530393381606e-4f);
+  p = at::vec::fmadd(p, f, V(1.3333558146428443e-3f));
+  p = at::vec::fmadd(p, f, V(9.618129107628477e-3f));
+  p = at::vec::fmadd(p, f, V(5.550410866482158e-2f));
+  p = at::vec::fmadd(p, f, V(0.2402265069591007f));
+  p = at::vec::fmadd(p, f, V(0.6931471805599453f));
+  p = at::vec::fmadd(p, f, V(1.0f));
+  const VI bits = (at::vec::convert_to_int_of_same_size(n) + VI(127)) << VI(23);
+  return p * at::vec::cast<float>(bits);
+}
+inline Vectorized<double> fl_exp(const Vectorized<double>& x) { return x.exp(); }
 template <typename T>
 inline Vectorized<T> fl_log(const Vectorized<T>& x) { return x.log(); }
 template <typename T>
