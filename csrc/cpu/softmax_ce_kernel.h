@@ -252,6 +252,7 @@ struct SoftmaxCERowKernel {
       // A row that does not start on a step boundary (C = 50257, say) first stores a short
       // head step, so that all its full steps are aligned.
       const bool stream = static_cast<const void*>(g) != x;
+      const bool plain_index = !kProb && rg.coef_w == acc_t(0);
       const int64_t head = stream ? IO::elements_to_alignment(g) : 0;
       for (int64_t j = 0, n; j < C; j += n) {
         n = std::min<int64_t>(j == 0 && head ? head : kStep, C - j);
@@ -267,14 +268,19 @@ struct SoftmaxCERowKernel {
           IO::load_acc(exp_row.data() + j, pv);
           if constexpr (kSoftcap) IO::load_acc(z_row.data() + j, zc);
         }
-        load_weight(j, n, w);
+        if (plain_index) {  // no smoothing: the w_j term is 0, skip loading it
+          for (int k = 0; k < K; ++k) w[k] = Vec(acc_t(0));
+        } else {
+          load_weight(j, n, w);
+        }
         if constexpr (kProb) {
           Vec q[K];
           load_probs(y, j, n, q);
           for (int k = 0; k < K; ++k) w[k] = w[k] * q[k];
         }
         for (int k = 0; k < K; ++k) {
-          out[k] = softmax_ce_grad_element(from_stats ? rg : rg_exp, pv[k], w[k]);
+          out[k] = plain_index ? Vec((from_stats ? rg : rg_exp).coef_p) * pv[k]
+                               : softmax_ce_grad_element(from_stats ? rg : rg_exp, pv[k], w[k]);
           if constexpr (kSoftcap) out[k] = out[k] * softcap_derivative(zc[k], inv_cap);
         }
         if (n != kStep) IO::store_partial(g + j, n, out);
