@@ -282,3 +282,47 @@ def test_scale_grad(kind, dtype):
             kind.ops().scale_grad_(view, torch.tensor(-0.75, dtype=dtype, device=kind.device))
             assert_close(view, before.double() * -0.75, dtype)
     kind.expect("scale_grad")
+
+
+
+def _far_rows(values, stride):
+    """`values` (rows, classes) as a view whose rows are `stride` elements apart, in a storage
+    of which only the rows are ever touched (the rest stays virtual memory)."""
+    rows, classes = values.shape
+    storage = torch.empty((rows - 1) * stride + classes, dtype=values.dtype)
+    x = storage.as_strided((rows, classes), (stride, 1))
+    x.copy_(values)
+    return x
+
+
+@pytest.mark.parametrize("path", ["rows", "split"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_row_offsets_beyond_2_to_the_31(kind, path, dtype):
+    """The SIMT-sized counterpart of test_large.py: rows 2^30 + 8 elements apart, the last one
+    starting past element 2^31: loss and gradient of the rows and the split path (out of place,
+    and in place: the gradient written back at those offsets), and the strided sigmoid path."""
+    if kind.name == "cuda":
+        pytest.skip("on a GPU, test_large.py and test_cuda_native.py use real 2^31-element inputs")
+    stride, rows, classes = 2**30 + 8, 3, 3001
+    assert (rows - 1) * stride > 2**31
+    cfg = SPLIT_FEW if path == "split" else NO_SPLIT
+    x0 = logits((rows, classes), dtype, "cpu")
+    y0 = logits((rows, classes), dtype, "cpu")
+    z = torch.rand(rows, classes).to(dtype)
+    t = torch.randint(0, classes, (rows,))
+    x = _far_rows(x0, stride)
+    args = (t, None, None, -100, 0.1, 0.0, 0.0, 1, 0.0)
+    with kind.run(**cfg):
+        loss, _stats, grad = kind.ops().softmax_ce(x, *args, True)
+        kind.ops().softmax_ce_inplace(x, *args)
+        bce = fl.binary_cross_entropy_with_logits(_far_rows(y0, stride), z, reduction="none")
+    kind.expect("softmax_ce_split_finish" if path == "split" else "softmax_ce_rows",
+                "sigmoid_ce_strided")
+    xr = x0.double().requires_grad_()
+    expected = ref.cross_entropy(xr, t, label_smoothing=0.1)
+    expected.backward()
+    assert_close(loss, expected, dtype)
+    assert_close(grad, xr.grad, dtype)
+    assert torch.equal(x, grad)  # in place: the same bits, at the far offsets
+    assert_close(bce, ref.binary_cross_entropy_with_logits(y0.double(), z, reduction="none"),
+                 dtype)

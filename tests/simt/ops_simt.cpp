@@ -54,6 +54,15 @@ struct SimtPlatform {
     }
     const size_t bytes = static_cast<size_t>(last + 1) * t.element_size();
     const auto residue = static_cast<unsigned>(reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u);
+    const size_t dense = static_cast<size_t>(t.numel()) * t.element_size();
+    if (bytes > (size_t(64) << 20) && bytes > 4 * dense) {
+      // A sparse view (rows far apart, e.g. 64-bit offsets tested with a few rows): reserve
+      // the span, copy the elements only.
+      void* data = fl_simt::guarded_alloc_sparse(bytes, residue, describe(t).c_str());
+      at::Tensor copy = wrap(data, t.sizes(), t.strides(), t.options());
+      copy.copy_(t);
+      return copy;
+    }
     void* data = fl_simt::guarded_alloc(bytes, residue, describe(t).c_str());
     std::memcpy(data, t.data_ptr(), bytes);
     return wrap(data, t.sizes(), t.strides(), t.options());

@@ -134,6 +134,9 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem,
 // bytes before the next guard page. Everything in its pages outside the buffer is 0xFF (NaN in
 // every float format), and checked after each launch.
 void* guarded_alloc(size_t bytes, unsigned residue, const char* name);
+// The same, for a sparse view (a few rows far apart): the pages are reserved, not touched, so
+// only the pages a copy writes cost memory; the buffer's interior reads as zero, not NaN.
+void* guarded_alloc_sparse(size_t bytes, unsigned residue, const char* name);
 void guarded_free(void* data);
 
 struct Config {

@@ -674,24 +674,40 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem,
   }
 }
 
-void* guarded_alloc(size_t bytes, unsigned residue, const char* name) {
+namespace {
+void* map_guarded(size_t bytes, unsigned residue, const char* name, bool sparse) {
   residue &= 15u;
   const size_t data_pages = (bytes + 16 + kPage - 1) / kPage * kPage;
   const size_t len = data_pages + 2 * kPage;
-  void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | (sparse ? MAP_NORESERVE : 0), -1, 0);
   if (m == MAP_FAILED) throw std::runtime_error("SIMT: cannot map a guarded buffer");
   char* map = static_cast<char*>(m);
   mprotect(map, kPage, PROT_NONE);
   mprotect(map + kPage + data_pages, kPage, PROT_NONE);
   char* begin = map + kPage;
   char* end = begin + data_pages;
-  std::memset(begin, 0xFF, data_pages);
   uintptr_t s = reinterpret_cast<uintptr_t>(end) - bytes;
   s -= (s - residue) & 15u;
   char* data = reinterpret_cast<char*>(s);
+  if (sparse) {  // poison the two gaps only
+    std::memset(begin, 0xFF, static_cast<size_t>(data - begin));
+    std::memset(data + bytes, 0xFF, static_cast<size_t>(end - (data + bytes)));
+  } else {
+    std::memset(begin, 0xFF, data_pages);
+  }
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_guarded[data] = Guarded{map, len, begin, end, data, bytes, name};
   return data;
+}
+}  // namespace
+
+void* guarded_alloc(size_t bytes, unsigned residue, const char* name) {
+  return map_guarded(bytes, residue, name, false);
+}
+
+void* guarded_alloc_sparse(size_t bytes, unsigned residue, const char* name) {
+  return map_guarded(bytes, residue, name, true);
 }
 
 void guarded_free(void* data) {
