@@ -140,7 +140,8 @@ SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& targe
   return c;
 }
 
-SoftmaxCEParams softmax_params(const SoftmaxCall& c) {
+SoftmaxCEParams softmax_params(const SoftmaxCall& c, int64_t ignore_index,
+                               double label_smoothing, double z_loss, double softcap) {
   SoftmaxCEParams p{};
   p.logits = c.logits.data_ptr();
   p.logits_row_stride = c.logits.stride(0);
@@ -156,6 +157,10 @@ SoftmaxCEParams softmax_params(const SoftmaxCall& c) {
   p.rows = c.shape.rows;
   p.classes = c.shape.classes;
   p.weight_sum = c.weight_sum;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.z_loss = z_loss;
+  p.softcap = softcap;
   p.dtype = kernel_dtype_of(c.logits, kSoftmaxOp, "logits");
   return p;
 }
@@ -169,29 +174,34 @@ at::Tensor reduce_rows(const SoftmaxCall& c, const at::Tensor& row_loss) {
   return at::scalar_tensor(total, at::TensorOptions().dtype(dtype));
 }
 
+// The forward kernel: the loss and the row statistics, and the gradient into `grad` (rows with
+// stride grad_row_stride) unless it is null.
+std::tuple<at::Tensor, at::Tensor> run_softmax_forward(const SoftmaxCall& c, SoftmaxCEParams p,
+                                                       void* grad, int64_t grad_row_stride) {
+  const auto acc_opts = at::TensorOptions().dtype(c.acc);
+  at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
+  at::Tensor row_stats = at::empty({c.shape.rows, 2}, acc_opts);
+  p.grad = grad;
+  p.grad_row_stride = grad_row_stride;
+  p.row_loss = row_loss.data_ptr();
+  p.row_stats = row_stats.data_ptr();
+  p.grad_scale = c.grad_scale.data_ptr();
+  p.mode = grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
+  if (c.shape.rows > 0) kernels().softmax_ce(p);
+  return {reduce_rows(c, row_loss), row_stats};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad) {
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
-  const auto acc_opts = at::TensorOptions().dtype(c.acc);
-  at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
-  at::Tensor row_stats = at::empty({c.shape.rows, 2}, acc_opts);
   at::Tensor grad = compute_grad ? new_output({c.shape.rows, c.shape.classes}, logits.options())
                                  : at::empty({0}, logits.options());
-  SoftmaxCEParams p = softmax_params(c);
-  p.grad = compute_grad ? grad.data_ptr() : nullptr;
-  p.grad_row_stride = c.shape.classes;
-  p.row_loss = row_loss.data_ptr();
-  p.row_stats = row_stats.data_ptr();
-  p.grad_scale = c.grad_scale.data_ptr();
-  p.ignore_index = ignore_index;
-  p.label_smoothing = label_smoothing;
-  p.z_loss = z_loss;
-  p.softcap = softcap;
-  p.mode = compute_grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
-  if (c.shape.rows > 0) kernels().softmax_ce(p);
-  return {reduce_rows(c, row_loss), row_stats, grad};
+  auto [loss, row_stats] = run_softmax_forward(
+      c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
+      compute_grad ? grad.data_ptr() : nullptr, c.shape.classes);
+  return {loss, row_stats, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
@@ -203,22 +213,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
                     "fusedloss.softmax_ce_inplace: logits must be 2-D with unit-stride rows, got "
                     "shape ", logits.sizes(), " and strides ", logits.strides());
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
-  const auto acc_opts = at::TensorOptions().dtype(c.acc);
-  at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
-  at::Tensor row_stats = at::empty({c.shape.rows, 2}, acc_opts);
-  SoftmaxCEParams p = softmax_params(c);
-  p.grad = logits.data_ptr();
-  p.grad_row_stride = logits.stride(0);
-  p.row_loss = row_loss.data_ptr();
-  p.row_stats = row_stats.data_ptr();
-  p.grad_scale = c.grad_scale.data_ptr();
-  p.ignore_index = ignore_index;
-  p.label_smoothing = label_smoothing;
-  p.z_loss = z_loss;
-  p.softcap = softcap;
-  p.mode = SoftmaxCEMode::LossAndGrad;
-  if (c.shape.rows > 0) kernels().softmax_ce(p);
-  return {reduce_rows(c, row_loss), row_stats};
+  return run_softmax_forward(c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
+                             logits.data_ptr(), logits.stride(0));
 }
 
 at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -244,17 +240,11 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   }
   at::Tensor stats_acc = row_stats.to(c.acc).contiguous();
   at::Tensor grad = new_output({c.shape.rows, c.shape.classes}, logits.options());
-  SoftmaxCEParams p = softmax_params(c);
+  SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
   p.grad = grad.data_ptr();
   p.grad_row_stride = c.shape.classes;
   p.grad_loss = go.data_ptr();
-  p.row_loss = nullptr;
   p.row_stats = stats_acc.data_ptr();
-  p.grad_scale = nullptr;
-  p.ignore_index = ignore_index;
-  p.label_smoothing = label_smoothing;
-  p.z_loss = z_loss;
-  p.softcap = softcap;
   p.mode = SoftmaxCEMode::GradFromLse;
   if (c.shape.rows > 0) kernels().softmax_ce(p);
   return grad;
