@@ -13,7 +13,9 @@ namespace cuda {
 // Combines `v` over aligned groups of `group` threads (a power of two >= 32 dividing blockDim.x)
 // through `red` (shared, at least blockDim.x / 32 entries); every thread of the block calls it
 // and gets its group's result. Warps merge in a fixed order, so every thread of a group computes
-// the same bits.
+// the same bits. `red` is read after the call's barrier by every thread: a caller that reuses
+// it needs a __syncthreads first (each kernel here reduces once per array, so none does; the
+// SIMT harness's race check would catch one that forgot).
 template <typename U, typename Op, typename Red>
 FL_DEVICE U block_group_allreduce(U v, int group, Op op, Red red) {
   v = warp_allreduce(v, op);
@@ -24,7 +26,6 @@ FL_DEVICE U block_group_allreduce(U v, int group, Op op, Red red) {
   const int first = warp / warps * warps;
   U r = red[first];
   for (int w = 1; w < warps; ++w) r = op(r, red[first + w]);
-  __syncthreads();  // `red` may be written again after this
   return r;
 }
 
