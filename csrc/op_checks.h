@@ -117,6 +117,105 @@ inline void check_sigmoid_ce(const at::Tensor& input, const at::Tensor& target, 
               " but the input is on ", input.device());
 }
 
+// The tensors of a softmax cross-entropy call as every backend's kernels take them: checked,
+// rows unit-stride, probability targets in the logits' dtype, class indices contiguous, weight
+// and mask contiguous vectors of the accumulation type. (The CPU entry adds its target check
+// and host-side sums; the CUDA entry stages them for the device and sums on it.)
+struct SoftmaxTensors {
+  SoftmaxCEShape shape;
+  at::Tensor logits, target;
+  c10::optional<at::Tensor> weight, mask;
+  at::ScalarType acc;
+  Reduction reduction;
+};
+
+inline SoftmaxTensors softmax_tensors(const at::Tensor& logits, const at::Tensor& target,
+                                      const c10::optional<at::Tensor>& weight,
+                                      const c10::optional<at::Tensor>& mask, int64_t reduction,
+                                      const char* op) {
+  SoftmaxTensors c;
+  c.shape = check_softmax_ce(logits, target, op);
+  c.reduction = reduction_of(reduction, op);
+  c.acc = acc_dtype_of(logits.scalar_type());
+  c.logits = unit_stride_rows(logits);
+  c.target = c.shape.prob_target ? unit_stride_rows(target.to(logits.scalar_type()))
+                                 : target.contiguous();
+  c.weight = acc_vector(weight, c.shape.classes, c.acc, logits.device(), op, "weight",
+                        "one weight per class");
+  c.mask = acc_vector(mask, c.shape.rows, c.acc, logits.device(), op, "mask", "one value per row");
+  return c;
+}
+
+// The kernel parameters every softmax call shares (outputs and mode are the caller's).
+inline SoftmaxCEParams softmax_params_of(const SoftmaxTensors& c, int64_t ignore_index,
+                                         double label_smoothing, double z_loss, double softcap,
+                                         double weight_sum, const char* op) {
+  SoftmaxCEParams p{};
+  p.logits = c.logits.data_ptr();
+  p.logits_row_stride = c.logits.stride(0);
+  if (c.shape.prob_target) {
+    p.target = nullptr;
+    p.target_probs = c.target.data_ptr();
+    p.target_row_stride = c.target.stride(0);
+  } else {
+    p.target = c.target.data_ptr<int64_t>();
+  }
+  p.class_weight = c.weight.has_value() ? c.weight->data_ptr() : nullptr;
+  p.mask = c.mask.has_value() ? c.mask->data_ptr() : nullptr;
+  p.rows = c.shape.rows;
+  p.classes = c.shape.classes;
+  p.weight_sum = weight_sum;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.z_loss = z_loss;
+  p.softcap = softcap;
+  p.dtype = kernel_dtype_of(c.logits, op, "logits");
+  return p;
+}
+
+// The same for the sigmoid cross-entropy over a (rows, cols) view.
+struct SigmoidTensors {
+  at::Tensor input, target;
+  c10::optional<at::Tensor> weight, pos_weight, mask;
+  at::ScalarType acc;
+  Reduction reduction;
+};
+
+inline SigmoidTensors sigmoid_tensors(const at::Tensor& input, const at::Tensor& target,
+                                      const c10::optional<at::Tensor>& weight,
+                                      const c10::optional<at::Tensor>& pos_weight,
+                                      const c10::optional<at::Tensor>& mask, int64_t reduction,
+                                      const char* op) {
+  check_sigmoid_ce(input, target, op);
+  SigmoidTensors c;
+  c.reduction = reduction_of(reduction, op);
+  c.acc = acc_dtype_of(input.scalar_type());
+  c.input = unit_stride_rows(input);
+  c.target = unit_stride_rows(target);
+  const int64_t R = input.size(0), C = input.size(1);
+  c.weight = broadcast_operand(weight, R, C, c.acc, input.device(), op, "weight");
+  c.pos_weight = broadcast_operand(pos_weight, R, C, c.acc, input.device(), op, "pos_weight");
+  c.mask = broadcast_operand(mask, R, C, c.acc, input.device(), op, "mask");
+  return c;
+}
+
+inline SigmoidCEParams sigmoid_params_of(const SigmoidTensors& c, double label_smoothing,
+                                         const char* op) {
+  SigmoidCEParams p{};
+  p.input = c.input.data_ptr();
+  p.target = c.target.data_ptr();
+  p.weight = operand_of(c.weight);
+  p.pos_weight = operand_of(c.pos_weight);
+  p.mask = operand_of(c.mask);
+  p.rows = c.input.size(0);
+  p.cols = c.input.size(1);
+  p.input_row_stride = c.input.stride(0);
+  p.target_row_stride = c.target.stride(0);
+  p.label_smoothing = label_smoothing;
+  p.dtype = kernel_dtype_of(c.input, op, "input");
+  return p;
+}
+
 // Elements per chunk of the sigmoid cross-entropy's flat index: fixed, so that the chunked
 // loss sum does not depend on the thread count.
 constexpr int64_t kSigmoidChunkElems = 16384;

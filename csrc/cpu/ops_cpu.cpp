@@ -89,14 +89,9 @@ void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_ind
                     classes, ", or ignore_index=", ignore_index, ")");
 }
 
-struct SoftmaxCall {
-  SoftmaxCEShape shape;
-  at::Tensor logits, target;
-  c10::optional<at::Tensor> weight, mask;
-  at::ScalarType acc;
+struct SoftmaxCall : SoftmaxTensors {
   double weight_sum = 0;
   at::Tensor grad_scale;  // acc_t[1]
-  Reduction reduction;
 };
 
 // Checks and normalises the arguments shared by softmax_ce and softmax_ce_inplace, and
@@ -106,17 +101,8 @@ SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& targe
                             const c10::optional<at::Tensor>& mask, int64_t ignore_index,
                             int64_t reduction, double mean_eps) {
   SoftmaxCall c;
-  c.shape = check_softmax_ce(logits_in, target_in, kSoftmaxOp);
-  c.reduction = reduction_of(reduction, kSoftmaxOp);
-  c.acc = acc_dtype_of(logits_in.scalar_type());
-  c.logits = unit_stride_rows(logits_in);
-  c.target = c.shape.prob_target
-                 ? unit_stride_rows(target_in.to(logits_in.scalar_type()))
-                 : target_in.contiguous();
-  c.weight = acc_vector(weight, c.shape.classes, c.acc, logits_in.device(), kSoftmaxOp, "weight",
-                        "one weight per class");
-  c.mask = acc_vector(mask, c.shape.rows, c.acc, logits_in.device(), kSoftmaxOp, "mask",
-                      "one value per row");
+  static_cast<SoftmaxTensors&>(c) =
+      softmax_tensors(logits_in, target_in, weight, mask, reduction, kSoftmaxOp);
   if (!c.shape.prob_target) check_targets(c.target, c.shape.classes, ignore_index);
 
   c.weight_sum = c.weight.has_value() ? deterministic_sum(*c.weight) : double(c.shape.classes);
@@ -142,27 +128,8 @@ SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& targe
 
 SoftmaxCEParams softmax_params(const SoftmaxCall& c, int64_t ignore_index,
                                double label_smoothing, double z_loss, double softcap) {
-  SoftmaxCEParams p{};
-  p.logits = c.logits.data_ptr();
-  p.logits_row_stride = c.logits.stride(0);
-  if (c.shape.prob_target) {
-    p.target = nullptr;
-    p.target_probs = c.target.data_ptr();
-    p.target_row_stride = c.target.stride(0);
-  } else {
-    p.target = c.target.data_ptr<int64_t>();
-  }
-  p.class_weight = c.weight.has_value() ? c.weight->data_ptr() : nullptr;
-  p.mask = c.mask.has_value() ? c.mask->data_ptr() : nullptr;
-  p.rows = c.shape.rows;
-  p.classes = c.shape.classes;
-  p.weight_sum = c.weight_sum;
-  p.ignore_index = ignore_index;
-  p.label_smoothing = label_smoothing;
-  p.z_loss = z_loss;
-  p.softcap = softcap;
-  p.dtype = kernel_dtype_of(c.logits, kSoftmaxOp, "logits");
-  return p;
+  return softmax_params_of(c, ignore_index, label_smoothing, z_loss, softcap, c.weight_sum,
+                           kSoftmaxOp);
 }
 
 // The op's loss output from the per-row losses: per row (none), or their sum scaled.
@@ -250,28 +217,13 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   return grad;
 }
 
-struct SigmoidCall {
-  at::Tensor input, target;
-  c10::optional<at::Tensor> weight, pos_weight, mask;
-  at::ScalarType acc;
-  Reduction reduction;
-};
+using SigmoidCall = SigmoidTensors;
 
 SigmoidCall prepare_sigmoid(const at::Tensor& input, const at::Tensor& target,
                             const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& pos_weight,
                             const c10::optional<at::Tensor>& mask, int64_t reduction) {
-  check_sigmoid_ce(input, target, kSigmoidOp);
-  SigmoidCall c;
-  c.reduction = reduction_of(reduction, kSigmoidOp);
-  c.acc = acc_dtype_of(input.scalar_type());
-  c.input = unit_stride_rows(input);
-  c.target = unit_stride_rows(target);
-  const int64_t R = input.size(0), C = input.size(1);
-  c.weight = broadcast_operand(weight, R, C, c.acc, input.device(), kSigmoidOp, "weight");
-  c.pos_weight = broadcast_operand(pos_weight, R, C, c.acc, input.device(), kSigmoidOp, "pos_weight");
-  c.mask = broadcast_operand(mask, R, C, c.acc, input.device(), kSigmoidOp, "mask");
-  return c;
+  return sigmoid_tensors(input, target, weight, pos_weight, mask, reduction, kSigmoidOp);
 }
 
 // 1 / (number of elements, or the sum of the broadcast mask) for mean; 1 for sum and none.
@@ -283,19 +235,8 @@ double sigmoid_mean_scale(const SigmoidCall& c, int64_t numel) {
 }
 
 SigmoidCEParams sigmoid_params(const SigmoidCall& c, double label_smoothing) {
-  SigmoidCEParams p{};
-  p.input = c.input.data_ptr();
-  p.target = c.target.data_ptr();
-  p.weight = operand_of(c.weight);
-  p.pos_weight = operand_of(c.pos_weight);
-  p.mask = operand_of(c.mask);
-  p.rows = c.input.size(0);
-  p.cols = c.input.size(1);
-  p.input_row_stride = c.input.stride(0);
-  p.target_row_stride = c.target.stride(0);
+  SigmoidCEParams p = sigmoid_params_of(c, label_smoothing, kSigmoidOp);
   p.chunk_elems = kSigmoidChunkElems;
-  p.label_smoothing = label_smoothing;
-  p.dtype = kernel_dtype_of(c.input, kSigmoidOp, "input");
   return p;
 }
 

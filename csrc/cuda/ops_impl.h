@@ -41,64 +41,30 @@ struct Ops {
     if (!t.has_value()) return c10::nullopt;
     return P::stage(*t);
   }
-  static const void* ptr(const c10::optional<at::Tensor>& t) {
-    return t.has_value() ? t->data_ptr() : nullptr;
-  }
 
-  struct SoftmaxCall {
-    SoftmaxCEShape shape;
-    at::Tensor logits, target;
-    c10::optional<at::Tensor> weight, mask;
-    at::ScalarType acc;
-    Reduction reduction;
-  };
+  using SoftmaxCall = SoftmaxTensors;
 
+  // The shared preparation (op_checks.h), then every tensor a kernel reads staged for it.
   static SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& target_in,
                                      const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& mask, int64_t reduction,
                                      bool stage_logits = true) {
-    SoftmaxCall c;
-    c.shape = check_softmax_ce(logits_in, target_in, kSoftmaxOp);
+    SoftmaxCall c = softmax_tensors(logits_in, target_in, weight, mask, reduction, kSoftmaxOp);
     // Indices inside a row are 32-bit in the kernels (rows are offset in 64-bit).
     TORCH_CHECK_VALUE(c.shape.classes <= std::numeric_limits<int32_t>::max() - 64, kSoftmaxOp,
                       ": at most 2^31 - 65 classes are supported on CUDA, got ", c.shape.classes);
-    c.reduction = reduction_of(reduction, kSoftmaxOp);
-    c.acc = acc_dtype_of(logits_in.scalar_type());
-    c.logits = unit_stride_rows(logits_in);
     if (stage_logits) c.logits = P::stage(c.logits);
-    c.target = P::stage(c.shape.prob_target ? unit_stride_rows(target_in.to(logits_in.scalar_type()))
-                                            : target_in.contiguous());
-    c.weight = stage(acc_vector(weight, c.shape.classes, c.acc, logits_in.device(), kSoftmaxOp,
-                                "weight", "one weight per class"));
-    c.mask = stage(acc_vector(mask, c.shape.rows, c.acc, logits_in.device(), kSoftmaxOp, "mask",
-                              "one value per row"));
+    c.target = P::stage(c.target);
+    c.weight = stage(c.weight);
+    c.mask = stage(c.mask);
     return c;
   }
 
+  // The sum of the class weights is computed on the device when it matters (launch.h).
   static SoftmaxCEParams softmax_params(const SoftmaxCall& c, int64_t ignore_index,
                                         double label_smoothing, double z_loss, double softcap) {
-    SoftmaxCEParams p{};
-    p.logits = c.logits.data_ptr();
-    p.logits_row_stride = c.logits.stride(0);
-    if (c.shape.prob_target) {
-      p.target = nullptr;
-      p.target_probs = c.target.data_ptr();
-      p.target_row_stride = c.target.stride(0);
-    } else {
-      p.target = c.target.template data_ptr<int64_t>();
-    }
-    p.class_weight = ptr(c.weight);
-    p.mask = ptr(c.mask);
-    p.rows = c.shape.rows;
-    p.classes = c.shape.classes;
-    // The sum of the class weights is computed on the device when it matters (launch.h).
-    p.weight_sum = static_cast<double>(c.shape.classes);
-    p.ignore_index = ignore_index;
-    p.label_smoothing = label_smoothing;
-    p.z_loss = z_loss;
-    p.softcap = softcap;
-    p.dtype = kernel_dtype_of(c.logits, kSoftmaxOp, "logits");
-    return p;
+    return softmax_params_of(c, ignore_index, label_smoothing, z_loss, softcap,
+                             static_cast<double>(c.shape.classes), kSoftmaxOp);
   }
 
   // Runs a softmax launch with its workspace; `loss_out` receives the reduced loss.
@@ -212,45 +178,23 @@ struct Ops {
     return grad;
   }
 
-  struct SigmoidCall {
-    at::Tensor input, target;
-    c10::optional<at::Tensor> weight, pos_weight, mask;
-    at::ScalarType acc;
-    Reduction reduction;
-  };
+  using SigmoidCall = SigmoidTensors;
 
   static SigmoidCall prepare_sigmoid(const at::Tensor& input, const at::Tensor& target,
                                      const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& pos_weight,
                                      const c10::optional<at::Tensor>& mask, int64_t reduction) {
-    check_sigmoid_ce(input, target, kSigmoidOp);
-    SigmoidCall c;
-    c.reduction = reduction_of(reduction, kSigmoidOp);
-    c.acc = acc_dtype_of(input.scalar_type());
-    c.input = P::stage(unit_stride_rows(input));
-    c.target = P::stage(unit_stride_rows(target));
-    const int64_t R = input.size(0), C = input.size(1);
-    c.weight = stage(broadcast_operand(weight, R, C, c.acc, input.device(), kSigmoidOp, "weight"));
-    c.pos_weight =
-        stage(broadcast_operand(pos_weight, R, C, c.acc, input.device(), kSigmoidOp, "pos_weight"));
-    c.mask = stage(broadcast_operand(mask, R, C, c.acc, input.device(), kSigmoidOp, "mask"));
+    SigmoidCall c = sigmoid_tensors(input, target, weight, pos_weight, mask, reduction, kSigmoidOp);
+    c.input = P::stage(c.input);
+    c.target = P::stage(c.target);
+    c.weight = stage(c.weight);
+    c.pos_weight = stage(c.pos_weight);
+    c.mask = stage(c.mask);
     return c;
   }
 
   static SigmoidCEParams sigmoid_params(const SigmoidCall& c, double label_smoothing) {
-    SigmoidCEParams p{};
-    p.input = c.input.data_ptr();
-    p.target = c.target.data_ptr();
-    p.weight = operand_of(c.weight);
-    p.pos_weight = operand_of(c.pos_weight);
-    p.mask = operand_of(c.mask);
-    p.rows = c.input.size(0);
-    p.cols = c.input.size(1);
-    p.input_row_stride = c.input.stride(0);
-    p.target_row_stride = c.target.stride(0);
-    p.label_smoothing = label_smoothing;
-    p.dtype = kernel_dtype_of(c.input, kSigmoidOp, "input");
-    return p;
+    return sigmoid_params_of(c, label_smoothing, kSigmoidOp);
   }
 
   static void run_sigmoid(const SigmoidCEParams& p, SigmoidCEExtras x, const at::Tensor& like) {
