@@ -94,7 +94,8 @@ def _demangle(names):
 def _short(demangled):
     """fusedloss::cuda::softmax_ce_rows_kernel<float, 8, false, false>(...) -> the template."""
     s = demangled.replace("fusedloss::cuda::", "").replace("(anonymous namespace)::", "")
-    return s.split("(")[0] if "(" in s else s
+    s = s.replace("(fusedloss::SigmoidCEMode)", "mode ").replace("void ", "")
+    return s[:s.rfind("(")] if s.endswith(")") else s  # drop the parameter list
 
 
 def _ptxas_spills(report):
