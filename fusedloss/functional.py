@@ -163,8 +163,7 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
                 reduction, mean_eps=0.0, inplace_backward=False, input=None):
     """The softmax cross-entropy op on (rows, classes) logits, with its autograd path chosen."""
     input = logits2d if input is None else input
-    if (_validate_targets and not target.is_floating_point() and logits2d.device.type != "cpu"
-            and not torch.compiler.is_compiling()):
+    if _validate_targets and not target.is_floating_point() and not torch.compiler.is_compiling():
         _check_targets_eagerly(target, logits2d.shape[1], ignore_index)
     if (inplace_backward and reduction != 0 and _inplace_is_safe(input, logits2d)):
         return _ops.current().SoftmaxCEInplace.apply(logits2d, target, weight, mask, ignore_index,

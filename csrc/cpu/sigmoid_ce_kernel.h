@@ -62,8 +62,7 @@ struct SigmoidCEChunkKernel {
         kMode == SigmoidCEMode::LossSumAndGrad || kMode == SigmoidCEMode::GradFromGradLoss;
     constexpr bool kSum = kMode == SigmoidCEMode::LossSum || kMode == SigmoidCEMode::LossSumAndGrad;
 
-    Vec vsum[K];
-    for (int k = 0; k < K; ++k) vsum[k] = Vec(acc_t(0));
+    BlockedSum<Vec, K> vsum;
     int64_t r = begin / cols;
     int64_t c = begin - r * cols;
     for (int64_t pos = begin; pos < end;) {
@@ -93,8 +92,10 @@ struct SigmoidCEChunkKernel {
           dloss[k] = v.dloss * wm;
         }
         if constexpr (kSum) {
+          Vec counted[K];
           for (int k = 0; k < K; ++k)
-            vsum[k] = vsum[k] + (n == kStep ? loss[k] : (loss[k] & IO::lanes_below(n, k)));
+            counted[k] = n == kStep ? loss[k] : (loss[k] & IO::lanes_below(n, k));
+          vsum.add(counted);
         }
         const int64_t flat = r * cols + j;
         if constexpr (kMode == SigmoidCEMode::LossElements) {
@@ -119,9 +120,7 @@ struct SigmoidCEChunkKernel {
       ++r;
       c = 0;
     }
-    acc_t total = acc_t(0);
-    for (int k = 0; k < K; ++k) total += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vsum[k]);
-    return total;
+    return vsum.result();
   }
 };
 

@@ -157,8 +157,7 @@ struct SoftmaxCERowKernel {
 
         // Pass B: exp(z - max) and its sum (kept for pass C), and the sums of the loss:
         // sum w (z - max) (smoothing), or sum w q (z - max) and sum w q (probability targets).
-        Vec vsum[K], va[K], vb[K];
-        for (int k = 0; k < K; ++k) vsum[k] = va[k] = vb[k] = Vec(acc_t(0));
+        BlockedSum<Vec, K> vsum, va, vb;
         const Vec vrow_max(row_max);
         // The next row's logits: fetched into L2 while this row computes exp (one cache line
         // per step, which is at least one line of data per step for every dtype).
@@ -172,8 +171,8 @@ struct SoftmaxCERowKernel {
             z[k] = z[k] - vrow_max;  // lanes past the end are masked out below, via w or e
             e[k] = fl_exp(z[k]);
             if (n != kStep) e[k] = e[k] & IO::lanes_below(n, k);
-            vsum[k] = vsum[k] + e[k];
           }
+          vsum.add(e);
           if (want_grad) IO::store_acc(exp_row.data() + j, e);
           if (need_sums) {
             Vec w[K];
@@ -181,23 +180,16 @@ struct SoftmaxCERowKernel {
             if constexpr (kProb) {
               Vec q[K];
               load_probs(y, j, n, q);
-              for (int k = 0; k < K; ++k) {
-                const Vec wq = w[k] * q[k];
-                va[k] = va[k] + wq * z[k];
-                vb[k] = vb[k] + wq;
-              }
-            } else {
-              for (int k = 0; k < K; ++k) va[k] = va[k] + w[k] * z[k];
+              for (int k = 0; k < K; ++k) w[k] = w[k] * q[k];
+              vb.add(w);
             }
+            for (int k = 0; k < K; ++k) z[k] = w[k] * z[k];
+            va.add(z);
           }
         }
-        sum_exp = acc_t(0);
-        acc_t sum_a = acc_t(0);
-        for (int k = 0; k < K; ++k) {
-          sum_exp += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vsum[k]);
-          sum_a += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), va[k]);
-          sum_w_q += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vb[k]);
-        }
+        sum_exp = vsum.result();
+        const acc_t sum_a = va.result();
+        sum_w_q = vb.result();
         stats = softmax_row_stats(SoftmaxStats<acc_t>{row_max, sum_exp});
 
         acc_t loss;
@@ -215,17 +207,16 @@ struct SoftmaxCERowKernel {
       } else {
         stats = {row_stats[2 * r], row_stats[2 * r + 1]};
         if constexpr (kProb) {  // Q = sum w q: pass B did not run in this call
-          Vec vb[K];
-          for (int k = 0; k < K; ++k) vb[k] = Vec(acc_t(0));
+          BlockedSum<Vec, K> vb;
           for (int64_t j = 0; j < C; j += kStep) {
             const int64_t n = std::min<int64_t>(kStep, C - j);
             Vec w[K], q[K];
             load_weight(j, n, w);
             load_probs(y, j, n, q);
-            for (int k = 0; k < K; ++k) vb[k] = vb[k] + w[k] * q[k];
+            for (int k = 0; k < K; ++k) w[k] = w[k] * q[k];
+            vb.add(w);
           }
-          for (int k = 0; k < K; ++k)
-            sum_w_q += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), vb[k]);
+          sum_w_q = vb.result();
         }
       }
 
