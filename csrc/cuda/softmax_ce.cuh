@@ -407,8 +407,9 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
   const int64_t local = blockIdx.x / a.splits;
   const int64_t chunk = blockIdx.x - local * a.splits;
   const int64_t r = a.row_begin + local;
-  const RowCase<acc_t> rc = row_case<acc_t, kProb>(p, r);
   const bool want_grad = p.mode != SoftmaxCEMode::Loss;
+  if (!want_grad && chunk != 0) return;  // the loss alone: chunk 0 of each row writes it
+  const RowCase<acc_t> rc = row_case<acc_t, kProb>(p, r);
   const int64_t lo = chunk * a.chunk;
   const int64_t hi = lo + a.chunk < p.classes ? lo + a.chunk : p.classes;
   const int tid = static_cast<int>(threadIdx.x);
