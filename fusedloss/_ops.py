@@ -152,7 +152,11 @@ def _register_autograd(namespace, lib):
             ctx.save_for_backward(logits, target, weight, mask, row_stats)
             ctx.options = options
             return
-        ctx.saved_grad = grad.detach()  # handed to autograd as a plain tensor, no history
+        # Outputs are kept detached: an output holds this node as its grad_fn, so keeping it
+        # as is on ctx would make a reference cycle that only the garbage collector frees
+        # (and with it this N x C gradient).
+        ctx.saved_grad = grad.detach()
+        row_stats = row_stats.detach()
         logits_ref = _LogitsRef(logits)
 
         def recompute(grad_loss):

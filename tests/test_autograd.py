@@ -1,6 +1,9 @@
 """Autograd: gradcheck for every option, the handed-over gradient, inplace_backward's safety,
 double backward and second backward errors."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -248,3 +251,25 @@ def test_backward_is_free_when_grad_output_is_one(backend, loss_fn):
                           "aten::clone", "aten::mul", "aten::mul_", "aten::empty_like"}]
     assert not big, big
     assert not g.requires_grad and g.grad_fn is None
+
+
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "bce"])
+def test_dropping_the_loss_frees_the_gradient_at_once(backend, loss_fn):
+    """No reference cycle through the autograd node: a loss dropped without a backward frees
+    its saved gradient immediately, not at the next garbage collection."""
+    x = logits((64, 32), torch.float32, backend.device).requires_grad_()
+    probe = []
+
+    def run():
+        if loss_fn == "bce":
+            loss = fl.binary_cross_entropy_with_logits(x, torch.rand(64, 32, device=backend.device))
+        else:
+            loss = fl.cross_entropy(x, torch.randint(0, 32, (64,), device=backend.device))
+        probe.append(weakref.ref(loss.grad_fn))
+
+    gc.disable()
+    try:
+        run()
+        assert probe[0]() is None, "the loss's autograd node outlived the loss"
+    finally:
+        gc.enable()
