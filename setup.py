@@ -36,6 +36,10 @@ CPU_ISAS = {
         ("AVX2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]),
         ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                     "-DCPU_CAPABILITY_AVX512"]),
+        # AVX512 plus the bfloat16 conversion instructions (Zen 4, Cooper Lake, Sapphire
+        # Rapids): chosen at run time where the CPU has them.
+        ("AVX512_BF16", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                         "-mavx512bf16", "-DCPU_CAPABILITY_AVX512", "-DFUSEDLOSS_AVX512_BF16"]),
     ],
 }.get(os.uname().machine, [("DEFAULT", [])])
 

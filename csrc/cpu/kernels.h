@@ -17,9 +17,11 @@ struct KernelTable {
 const KernelTable& kernels_DEFAULT();
 const KernelTable& kernels_AVX2();
 const KernelTable& kernels_AVX512();
+const KernelTable& kernels_AVX512_BF16();
 
-// The table for this CPU: torch's own choice (at::get_cpu_capability, which honours
-// ATEN_CPU_CAPABILITY), limited to the tables this build compiled.
+// The table for this CPU: FUSEDLOSS_CPU_ISA if set (and the CPU can run it), else torch's own
+// choice (at::get_cpu_capability, which honours ATEN_CPU_CAPABILITY), AVX512 upgraded to
+// AVX512_BF16 where the CPU has the bfloat16 instructions; limited to the compiled tables.
 const KernelTable& kernels();
 
 }  // namespace cpu

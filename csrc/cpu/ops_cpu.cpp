@@ -11,6 +11,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cctype>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -21,15 +23,53 @@
 namespace fusedloss {
 namespace cpu {
 
-const KernelTable& kernels() {
-  static const KernelTable& table = [&]() -> const KernelTable& {
-    const std::string isa = at::get_cpu_capability();
+namespace {
+
+bool cpu_can_run(const std::string& isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  if (isa == "AVX2") return avx2;
+  if (isa == "AVX512") return avx512;
+  if (isa == "AVX512_BF16") return avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+  return isa == "DEFAULT";
+}
+
+const KernelTable* compiled_table(const std::string& isa) {
+#if defined(FUSEDLOSS_HAVE_AVX512_BF16)
+  if (isa == "AVX512_BF16") return &kernels_AVX512_BF16();
+#endif
 #if defined(FUSEDLOSS_HAVE_AVX512)
-    if (isa == "AVX512") return kernels_AVX512();
+  if (isa == "AVX512") return &kernels_AVX512();
 #endif
 #if defined(FUSEDLOSS_HAVE_AVX2)
-    if (isa == "AVX512" || isa == "AVX2") return kernels_AVX2();
+  if (isa == "AVX2") return &kernels_AVX2();
 #endif
+  return isa == "DEFAULT" ? &kernels_DEFAULT() : nullptr;
+}
+
+}  // namespace
+
+const KernelTable& kernels() {
+  static const KernelTable& table = []() -> const KernelTable& {
+    if (const char* forced = std::getenv("FUSEDLOSS_CPU_ISA")) {
+      std::string isa(forced);
+      for (char& ch : isa) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+      const KernelTable* t = compiled_table(isa);
+      if (t != nullptr && cpu_can_run(isa)) return *t;
+    }
+    // Best first; torch's choice caps it (AVX512 admits AVX512_BF16, its superset).
+    const char* best_first[] = {"AVX512_BF16", "AVX512", "AVX2", "DEFAULT"};
+    const std::string torch_isa = at::get_cpu_capability();
+    const int cap = torch_isa == "AVX512" ? 0 : torch_isa == "AVX2" ? 2 : 3;
+    for (int i = cap; i < 4; ++i) {
+      const KernelTable* t = compiled_table(best_first[i]);
+      if (t != nullptr && cpu_can_run(best_first[i])) return *t;
+    }
     return kernels_DEFAULT();
   }();
   return table;
