@@ -104,6 +104,15 @@ inline BroadcastOperand operand_of(const c10::optional<at::Tensor>& t) {
   return {t->data_ptr(), t->stride(0), t->size(1) <= 1 ? 1 : t->stride(1)};
 }
 
+// softmax_ce_inplace writes the gradient over the logits: only for a reduced loss, and only
+// into rows the kernels can stream through.
+inline void check_softmax_inplace(const at::Tensor& logits, int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction != 0, "fusedloss.softmax_ce_inplace: reduction must be mean or sum");
+  TORCH_CHECK_VALUE(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1),
+                    "fusedloss.softmax_ce_inplace: logits must be 2-D with unit-stride rows, got "
+                    "shape ", logits.sizes(), " and strides ", logits.strides());
+}
+
 inline void check_sigmoid_ce(const at::Tensor& input, const at::Tensor& target, const char* op) {
   TORCH_CHECK_VALUE(input.dim() == 2, op, ": input must be 2-D (rows, cols), got shape ",
                     input.sizes());

@@ -86,6 +86,15 @@ def _softcap_value(softcap):
     return softcap
 
 
+def _check_loss_args(input, target, reduction, label_smoothing):
+    """The checks every loss shares; returns (reduction code, label_smoothing)."""
+    _check_tensor(input, "input")
+    _check_tensor(target, "target")
+    _check_logits_dtype(input, "input")
+    _check_device(target, "target", input, "input")
+    return _reduction_code(reduction), _check_fraction(label_smoothing, "label_smoothing")
+
+
 def _z_loss_value(z_loss):
     z_loss = float(z_loss)
     if not z_loss >= 0.0 or z_loss == float("inf"):
@@ -188,12 +197,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     the logits' storage, so no N x C buffer is allocated; the logits must not be used after
     the call). A ``mean`` over no valid position is 0 (torch: NaN).
     """
-    _check_tensor(input, "input")
-    _check_tensor(target, "target")
-    _check_logits_dtype(input, "input")
-    _check_device(target, "target", input, "input")
-    red = _reduction_code(reduction)
-    label_smoothing = _check_fraction(label_smoothing, "label_smoothing")
+    red, label_smoothing = _check_loss_args(input, target, reduction, label_smoothing)
     z_loss = _z_loss_value(z_loss)
     cap = _softcap_value(softcap)
     if input.dim() == 0:
@@ -255,12 +259,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     then divides by the mask's sum, and is 0 when that is 0) and ``label_smoothing``
     (targets become y * (1 - e) + e / 2). The target may be of any numeric or bool dtype.
     """
-    _check_tensor(input, "input")
-    _check_tensor(target, "target")
-    _check_logits_dtype(input, "input")
-    _check_device(target, "target", input, "input")
-    red = _reduction_code(reduction)
-    label_smoothing = _check_fraction(label_smoothing, "label_smoothing")
+    red, label_smoothing = _check_loss_args(input, target, reduction, label_smoothing)
     if target.shape != input.shape:
         raise ValueError(f"Target size ({tuple(target.shape)}) must be the same as input size "
                          f"({tuple(input.shape)})")

@@ -215,10 +215,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
     at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap, int64_t reduction, double mean_eps) {
-  TORCH_CHECK_VALUE(reduction != 0, "fusedloss.softmax_ce_inplace: reduction must be mean or sum");
-  TORCH_CHECK_VALUE(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1),
-                    "fusedloss.softmax_ce_inplace: logits must be 2-D with unit-stride rows, got "
-                    "shape ", logits.sizes(), " and strides ", logits.strides());
+  check_softmax_inplace(logits, reduction);
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
   return run_softmax_forward(c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
                              logits.data_ptr(), logits.stride(0));

@@ -109,10 +109,7 @@ struct Ops {
       at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
       const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
       double z_loss, double softcap, int64_t reduction, double mean_eps) {
-    TORCH_CHECK_VALUE(reduction != 0, "fusedloss.softmax_ce_inplace: reduction must be mean or sum");
-    TORCH_CHECK_VALUE(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1),
-                      "fusedloss.softmax_ce_inplace: logits must be 2-D with unit-stride rows, got "
-                      "shape ", logits.sizes(), " and strides ", logits.strides());
+    check_softmax_inplace(logits, reduction);
     typename P::Guard guard(logits);
     SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction, false);
     at::Tensor staged = P::stage(logits);  // read as logits, written as the gradient
