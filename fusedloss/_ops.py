@@ -138,90 +138,74 @@ def _register_fakes(namespace):
         return None
 
 
-def _register_autograd(namespace, lib):
-    def softmax_ce_setup(ctx, inputs, output):
-        (logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
-         mean_eps, _compute_grad) = inputs
-        _loss, row_stats, grad = output
+def _register_loss_autograd(namespace, lib, op, backward_op, split, what):
+    """Autograd of a loss op whose outputs are (loss, ...) and whose backward op is called as
+    backward_op(grad_loss, x, *aux, *options).
+
+    split(inputs, output) -> (x, aux tensors, options, reduction, pre-scaled gradient).
+    reduction="none" saves x and aux and recomputes; mean/sum hand the forward's gradient over
+    and keep only what a second backward needs to recompute it."""
+
+    def setup(ctx, inputs, output):
+        x, aux, options, reduction, grad = split(inputs, output)
+        ctx.n_inputs = len(inputs)
         # Only the loss is differentiable: no zero-filled N x C gradient for the other outputs.
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
-        ctx.input_numel = logits.numel()
-        options = (ignore_index, label_smoothing, z_loss, softcap, reduction, mean_eps)
+        ctx.input_numel = x.numel()
+        ctx.options = options
         if reduction == 0:
-            ctx.save_for_backward(logits, target, weight, mask, row_stats)
-            ctx.options = options
+            ctx.save_for_backward(x, *aux)
             return
-        # Outputs are kept detached: an output holds this node as its grad_fn, so keeping it
-        # as is on ctx would make a reference cycle that only the garbage collector frees
-        # (and with it this N x C gradient).
+        # Kept detached: an output holds this node as its grad_fn, so keeping it as is on ctx
+        # would make a reference cycle that only the garbage collector frees (and with it the
+        # N x C gradient).
         ctx.saved_grad = grad.detach()
-        row_stats = row_stats.detach()
-        logits_ref = _LogitsRef(logits)
+        aux = [t.detach() if t is not None else None for t in aux]
+        x_ref = _LogitsRef(x)
 
         def recompute(grad_loss):
-            x = logits_ref.get()
-            if x is None:
+            live_x = x_ref.get()
+            if live_x is None:
                 return None
-            return lib.softmax_ce_backward(grad_loss, x, target, weight, mask, row_stats,
-                                           *options)
+            return backward_op(grad_loss, live_x, *aux, *options)
 
         ctx.recompute = recompute
 
-    def softmax_ce_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    def backward(ctx, grad_loss, *_grads_of_other_outputs):
+        none_for_the_rest = (None,) * (ctx.n_inputs - 1)
         if grad_loss is None:  # no gradient flows into the loss (undefined, not zero-filled)
-            return (None,) * 11
+            return (None,) + none_for_the_rest
         if ctx.reduction == 0:
             if torch.is_grad_enabled() and not is_traced(grad_loss):
-                raise RuntimeError(_DOUBLE_BACKWARD.format("cross_entropy"))
-            logits, target, weight, mask, row_stats = ctx.saved_tensors
-            grad = lib.softmax_ce_backward(grad_loss, logits, target, weight, mask, row_stats,
-                                           *ctx.options)
+                raise RuntimeError(_DOUBLE_BACKWARD.format(what))
+            grad = backward_op(grad_loss, *ctx.saved_tensors, *ctx.options)
         else:
-            grad = _scaled_saved_grad(lib, ctx, grad_loss, "cross_entropy")
-        return (grad,) + (None,) * 10
+            grad = _scaled_saved_grad(lib, ctx, grad_loss, what)
+        return (grad,) + none_for_the_rest
 
-    torch.library.register_autograd(f"{namespace}::softmax_ce", softmax_ce_backward,
-                                    setup_context=softmax_ce_setup)
+    torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup)
 
-    def sigmoid_ce_setup(ctx, inputs, output):
+
+def _register_autograd(namespace, lib):
+    def softmax_split(inputs, output):
+        (logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
+         mean_eps, _compute_grad) = inputs
+        _loss, row_stats, grad = output
+        return (logits, (target, weight, mask, row_stats),
+                (ignore_index, label_smoothing, z_loss, softcap, reduction, mean_eps), reduction,
+                grad)
+
+    def sigmoid_split(inputs, output):
         input, target, weight, pos_weight, mask, label_smoothing, reduction, _compute_grad = inputs
         _loss, grad = output
-        ctx.set_materialize_grads(False)
-        ctx.reduction = reduction
-        ctx.input_numel = input.numel()
-        options = (label_smoothing, reduction)
-        if reduction == 0:
-            ctx.save_for_backward(input, target, weight, pos_weight, mask)
-            ctx.options = options
-            return
-        ctx.saved_grad = grad.detach()
-        input_ref = _LogitsRef(input)
+        return (input, (target, weight, pos_weight, mask), (label_smoothing, reduction),
+                reduction, grad)
 
-        def recompute(grad_loss):
-            x = input_ref.get()
-            if x is None:
-                return None
-            return lib.sigmoid_ce_backward(grad_loss, x, target, weight, pos_weight, mask,
-                                           *options)
-
-        ctx.recompute = recompute
-
-    def sigmoid_ce_backward(ctx, grad_loss, _grad_grad):
-        if grad_loss is None:
-            return (None,) * 8
-        if ctx.reduction == 0:
-            if torch.is_grad_enabled() and not is_traced(grad_loss):
-                raise RuntimeError(_DOUBLE_BACKWARD.format("binary_cross_entropy_with_logits"))
-            input, target, weight, pos_weight, mask = ctx.saved_tensors
-            grad = lib.sigmoid_ce_backward(grad_loss, input, target, weight, pos_weight, mask,
-                                           *ctx.options)
-        else:
-            grad = _scaled_saved_grad(lib, ctx, grad_loss, "binary_cross_entropy_with_logits")
-        return (grad,) + (None,) * 7
-
-    torch.library.register_autograd(f"{namespace}::sigmoid_ce", sigmoid_ce_backward,
-                                    setup_context=sigmoid_ce_setup)
+    _register_loss_autograd(namespace, lib, "softmax_ce", lib.softmax_ce_backward,
+                            softmax_split, "cross_entropy")
+    _register_loss_autograd(namespace, lib, "sigmoid_ce", lib.sigmoid_ce_backward,
+                            sigmoid_split, "binary_cross_entropy_with_logits")
 
 
 def _make_inplace_function(lib):

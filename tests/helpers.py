@@ -32,3 +32,14 @@ def grad_output_like(out):
     """A random incoming gradient (never exactly 1, so the scaling path is exercised)."""
     g = torch.rand(out.shape, dtype=torch.float64) * 2 + 0.5
     return g.to(out.dtype).to(out.device)
+
+
+def assert_loss_and_grad_close(out, expected, x, x_ref, dtype):
+    """out (of x) against the float64 reference expected (of x_ref): values, then gradients
+    under the same random grad_output."""
+    assert out.shape == expected.shape
+    assert_close(out, expected, dtype)
+    g = grad_output_like(out)
+    out.backward(g)
+    expected.backward(g.cpu().double())
+    assert_close(x.grad, x_ref.grad, dtype)

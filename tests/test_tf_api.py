@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fusedloss as fl
 import reference as ref
-from helpers import assert_close, grad_output_like, logits
+from helpers import assert_close, assert_loss_and_grad_close, logits
 
 SEQ_SHAPES = [(3, 5, 11), (1, 1, 1), (4, 7, 33), (2, 3, 1000), (0, 4, 6)]
 
@@ -29,12 +29,7 @@ def test_sequence_loss(backend, dtype, shape, avg_t, avg_b):
     out = fl.sequence_loss(xa, targets, weights, avg_t, avg_b)
     xr = x.detach().cpu().double().requires_grad_()
     expected = ref.sequence_loss(xr, targets.cpu(), weights.cpu(), avg_t, avg_b)
-    assert out.shape == expected.shape
-    assert_close(out, expected, dtype)
-    g = grad_output_like(out)
-    out.backward(g)
-    expected.backward(g.cpu().double())
-    assert_close(xa.grad, xr.grad, dtype)
+    assert_loss_and_grad_close(out, expected, xa, xr, dtype)
 
 
 def test_sequence_loss_module(backend):
@@ -58,11 +53,7 @@ def test_sparse_softmax_cross_entropy_with_logits(backend, dtype, shape):
     expected = F.cross_entropy(xr.reshape(-1, shape[-1]), labels.cpu().reshape(-1),
                                reduction="none").reshape(labels.shape)
     assert out.shape == labels.shape
-    assert_close(out, expected, dtype)
-    g = grad_output_like(out)
-    out.backward(g)
-    expected.backward(g.cpu().double())
-    assert_close(xa.grad, xr.grad, dtype)
+    assert_loss_and_grad_close(out, expected, xa, xr, dtype)
 
 
 def test_sparse_softmax_label_minus_100_is_not_ignored(backend):
@@ -87,11 +78,7 @@ def test_sigmoid_cross_entropy_with_logits(backend, shape):
     xr = x.detach().cpu().double().requires_grad_()
     # TF's documented formula: max(x, 0) - x * z + log(1 + exp(-abs(x)))
     expected = xr.clamp(min=0) - xr * labels.cpu().double() + torch.log1p(torch.exp(-xr.abs()))
-    assert_close(out, expected, torch.float32)
-    g = grad_output_like(out)
-    out.backward(g)
-    expected.backward(g.cpu().double())
-    assert_close(xa.grad, xr.grad, torch.float32)
+    assert_loss_and_grad_close(out, expected, xa, xr, torch.float32)
 
 
 def test_sigmoid_shape_mismatch_names_both_shapes():
