@@ -38,31 +38,34 @@ from ._ops import REDUCTIONS, acc_dtype, is_traced
 
 __all__ = ["linear_cross_entropy", "auto_chunk_rows"]
 
-# Chunk size rule (auto_chunk_rows): a chunk holds about 1/16 of the rows, so that its logits
-# buffer is at most 1/16 of the whole logits; but at least _MIN_CHUNK_ROWS rows, since every
-# chunk streams the whole (V, H) weight three times (logits, grad_input and grad_weight GEMMs):
-# with r rows that is 2 * r / element_size FLOPs per byte of weight read, and r = 128 keeps the
-# GEMMs compute-bound on a CPU; and at most what fits in _MAX_CHUNK_BYTES, so that a very long
-# batch does not turn its 1/16 into gigabytes.
+# Chunk size rule (auto_chunk_rows): the chunk's (rows, V) logits buffer is made about as large
+# as the (N, H) input, rows = ceil(N / ceil(V / H)) (PyTorch's chunked path sizes its chunks the
+# same way), so the extra memory is O(N * H) whatever V is; and never more than 1/16 of the
+# logits (ceil(N / 16) rows) nor than _MAX_CHUNK_BYTES. Fewer rows cost time: every chunk
+# streams the whole (V, H) weight three times (logits, grad_input and grad_weight GEMMs), i.e.
+# 2 * rows / element_size FLOPs per byte of weight, so rows are at least _MIN_CHUNK_ROWS.
 _CHUNK_FRACTION = 16
-_MIN_CHUNK_ROWS = 128
+_MIN_CHUNK_ROWS = 16
 _MAX_CHUNK_BYTES = 256 << 20
 _ROW_ALIGN = 16  # a multiple of 16 rows keeps the GEMMs' row blocks whole
 
 
+def _round_up(n, k):
+    return -(-n // k) * k
+
+
 def auto_chunk_rows(rows: int, in_features: int, classes: int, dtype: torch.dtype) -> int:
-    """Rows per chunk when ``chunk_size`` is None: ceil(rows / 16), rounded up to a multiple of
-    16, at least 128 and at most the rows whose logits fit in 256 MB (in the dtype the chunk is
-    computed in), never more than ``rows``. ``in_features`` does not enter: the GEMMs' FLOPs
-    and the weight's bytes both scale with it."""
-    del in_features  # documented above: both sides of the trade-off scale with it
+    """Rows per chunk when ``chunk_size`` is None: ceil(rows / ceil(classes / in_features))
+    rounded up to a multiple of 16 (a logits buffer about the size of the input), at least 16,
+    at most ceil(rows / 16) rounded up to 16 (1/16 of the logits) and the rows whose logits fit
+    in 256 MB (in the dtype the chunk is computed in), never more than ``rows``."""
     if rows <= 0:
         return 1
     element = torch.empty((), dtype=dtype).element_size()
-    by_fraction = -(-rows // _CHUNK_FRACTION)
-    by_fraction = -(-by_fraction // _ROW_ALIGN) * _ROW_ALIGN
+    like_input = _round_up(-(-rows // max(1, -(-classes // max(1, in_features)))), _ROW_ALIGN)
+    sixteenth = _round_up(-(-rows // _CHUNK_FRACTION), _ROW_ALIGN)
     by_bytes = max(1, _MAX_CHUNK_BYTES // max(1, classes * element))
-    return max(1, min(rows, by_bytes, max(by_fraction, _MIN_CHUNK_ROWS)))
+    return max(1, min(rows, by_bytes, max(_MIN_CHUNK_ROWS, min(like_input, sixteenth))))
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
