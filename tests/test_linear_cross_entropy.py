@@ -266,9 +266,9 @@ def _run_for_determinism(x, w, b, t, kw):
 
 
 def test_deterministic_across_runs_and_thread_counts():
-    """Bitwise identical run to run and with 1 or 2 threads (the CE kernel sums in fixed
-    blocks; the GEMMs here are MKL's, which gives each output element to one thread; the
-    mean's denominator is a running sum; measured, not assumed)."""
+    """Bitwise identical run to run and with 1 or 2 threads: the CE kernel sums in fixed
+    blocks and the mean's denominator is a running sum by construction; that MKL's GEMMs give
+    the same bits at 1 and 2 threads is measured here, not assumed."""
     x, w, b, t, kw = make_case(333, 64, 3000, torch.float32, "cpu", OPTIONS["everything"])
     threads = torch.get_num_threads()
     try:
