@@ -20,7 +20,7 @@ CHUNKS = {
     (37, 16, 50): 8,  # rows not a multiple of the chunk: a short last chunk
     (38, 16, 50): 1,  # one row per chunk
     (0, 8, 10): None,  # empty batch
-    (300, 32, 1000): None,  # automatic chunk size (19 chunks of 16)
+    (300, 32, 1000): None,  # automatic chunk size (3 chunks of 128, the last short)
 }
 SHAPES = list(CHUNKS)
 SHAPE_IDS = [f"{n}x{h}x{v}-chunk{CHUNKS[(n, h, v)]}" for n, h, v in SHAPES]
