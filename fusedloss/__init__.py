@@ -5,6 +5,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 from . import _C  # noqa: F401  (registers the fusedloss ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
 from .functional import (
+    CrossEntropyOutput,
     binary_cross_entropy_with_logits,
     cross_entropy,
     set_target_validation,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cross_entropy",
+    "CrossEntropyOutput",
     "binary_cross_entropy_with_logits",
     "sequence_loss",
     "sparse_softmax_cross_entropy_with_logits",

@@ -16,6 +16,10 @@ FL_ISA_NAMESPACE_BEGIN
 
 FL_HD float fl_exp(float x) { return ::expf(x); }
 FL_HD double fl_exp(double x) { return ::exp(x); }
+// The shorter exp the CPU vector code may use for 16-bit data (csrc/cpu/vec_math.h); on
+// scalars it is the exact one.
+FL_HD float fl_exp_fast(float x) { return ::expf(x); }
+FL_HD double fl_exp_fast(double x) { return ::exp(x); }
 FL_HD float fl_log(float x) { return ::logf(x); }
 FL_HD double fl_log(double x) { return ::log(x); }
 FL_HD float fl_log1p(float x) { return ::log1pf(x); }
@@ -55,6 +59,21 @@ template <typename T>
 FL_HD T fl_quiet_nan() {
   return std::numeric_limits<T>::quiet_NaN();
 }
+
+// Which exp a kernel evaluates; the formulas in losses.h take one as a parameter.
+//  - AccurateExp (libm, Sleef's 1-ulp vector exp): float32 and float64 data, whose loss and
+//    gradient must be as close to a float64 reference as PyTorch's own.
+//  - FastExp: float16/bfloat16 data. Its 2.4e-6 relative error is 1/1600 of a bfloat16 ulp
+//    (2^-8) and 1/200 of a float16 ulp (2^-11) of the gradient it feeds, so the rounding to
+//    the output dtype hides it (the error budget is in bench/README.md).
+struct AccurateExp {
+  template <typename V>
+  FL_HD V operator()(V x) const { return fl_exp(x); }
+};
+struct FastExp {
+  template <typename V>
+  FL_HD V operator()(V x) const { return fl_exp_fast(x); }
+};
 
 FL_ISA_NAMESPACE_END
 }  // namespace common
