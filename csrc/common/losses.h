@@ -23,8 +23,11 @@
 //
 // Sigmoid cross-entropy of one element with logit x, target y, weight w, pos_weight pw:
 //     loss    = w ((1-y) x + (1 + (pw-1) y) softplus(-x))
-//     dloss/dx = w ((1-y) - (1 + (pw-1) y) sigmoid(-x))
-// with softplus(-x) = max(-x, 0) + log1p(exp(-|x|)), which never overflows.
+//     dloss/dx = w ((1 + (pw-1) y) sigmoid(x) - pw y)
+// with softplus(-x) = max(-x, 0) + log1p(exp(-|x|)), which never overflows. The derivative is
+// written as sigmoid(x) - y (pw = 1) rather than (1 - y) - sigmoid(-x): where the two terms
+// nearly cancel (y close to sigmoid(x), both small) the latter carries 1 - y's rounding, an
+// ulp of 1, into a result far smaller than 1.
 #pragma once
 
 #include "math.h"
@@ -174,7 +177,7 @@ FL_HD V sigmoid_ce_smoothed_target(V y, T label_smoothing) {
 }
 
 // Loss and derivative of one element (before weight and mask, which the caller multiplies in
-// together with the reduction scale). `log_weight` is 1 + (pw - 1) y.
+// together with the reduction scale); pw is 1 without pos_weight.
 template <typename V>
 struct SigmoidCEValue {
   V loss;
@@ -182,19 +185,15 @@ struct SigmoidCEValue {
 };
 
 template <typename V, typename ExpFn = AccurateExp>
-FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V log_weight, ExpFn exp = {}) {
+FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V pos_weight, ExpFn exp = {}) {
   const V zero(0);
   const V one(1);
+  const V log_weight = one + (pos_weight - one) * y;  // exactly 1 when pw is 1
   const V e = exp(zero - fl_abs(x));       // exp(-|x|), in (0, 1]
   const V softplus_neg = fl_max(zero - x, zero) + fl_log1p_unit(e);
   const V inv = one / (one + e);
-  const V sigmoid_neg = fl_select(fl_ge(x, zero), e * inv, inv);  // sigmoid(-x)
-  return {(one - y) * x + log_weight * softplus_neg, (one - y) - log_weight * sigmoid_neg};
-}
-
-template <typename V>
-FL_HD V sigmoid_ce_log_weight(V y, V pos_weight) {
-  return V(1) + (pos_weight - V(1)) * y;
+  const V sigmoid_pos = fl_select(fl_ge(x, zero), inv, e * inv);  // sigmoid(x)
+  return {(one - y) * x + log_weight * softplus_neg, log_weight * sigmoid_pos - pos_weight * y};
 }
 
 FL_ISA_NAMESPACE_END

@@ -81,8 +81,7 @@ struct SigmoidCEChunkKernel {
         Vec loss[K], dloss[K];
         for (int k = 0; k < K; ++k) {
           const Vec yk = sigmoid_ce_smoothed_target(yv[k], smoothing);
-          const Vec lw = kPosWeight ? sigmoid_ce_log_weight(yk, pw[k]) : Vec(acc_t(1));
-          const auto v = sigmoid_ce_element(xv[k], yk, lw, Exp{});
+          const auto v = sigmoid_ce_element(xv[k], yk, kPosWeight ? pw[k] : Vec(acc_t(1)), Exp{});
           const Vec wm = w[k] * m[k];
           loss[k] = v.loss * wm;
           dloss[k] = v.dloss * wm;
