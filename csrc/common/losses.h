@@ -191,8 +191,7 @@ FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V pos_weight, ExpFn exp = {
   const V log_weight = one + (pos_weight - one) * y;  // exactly 1 when pw is 1
   const V e = exp(zero - fl_abs(x));       // exp(-|x|), in (0, 1]
   const V softplus_neg = fl_max(zero - x, zero) + fl_log1p_unit(e);
-  const V inv = one / (one + e);
-  const V sigmoid_pos = fl_select(fl_ge(x, zero), inv, e * inv);  // sigmoid(x)
+  const V sigmoid_pos = exp.sigmoid(x, e);
   return {(one - y) * x + log_weight * softplus_neg, log_weight * sigmoid_pos - pos_weight * y};
 }
 

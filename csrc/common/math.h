@@ -66,13 +66,25 @@ FL_HD T fl_quiet_nan() {
 //  - FastExp: float16/bfloat16 data. Its 2.4e-6 relative error is 1/1600 of a bfloat16 ulp
 //    (2^-8) and 1/200 of a float16 ulp (2^-11) of the gradient it feeds, so the rounding to
 //    the output dtype hides it (the error budget is in bench/README.md).
+// Each also says how sigmoid(x) is formed, given e = exp(-|x|):
+//  - AccurateExp: 1 / (1 + exp(-x)), PyTorch's own formula, one more exp for x < 0. Where BCE's
+//    gradient sigmoid(x) - y nearly cancels, the rounding of sigmoid(x) is the whole error, so
+//    this keeps it exactly PyTorch's;
+//  - FastExp: 1 / (1 + e), times e for x < 0 (no second exp).
 struct AccurateExp {
   template <typename V>
   FL_HD V operator()(V x) const { return fl_exp(x); }
+  template <typename V>
+  FL_HD V sigmoid(V x, V /*e*/) const { return V(1) / (V(1) + fl_exp(V(0) - x)); }
 };
 struct FastExp {
   template <typename V>
   FL_HD V operator()(V x) const { return fl_exp_fast(x); }
+  template <typename V>
+  FL_HD V sigmoid(V x, V e) const {
+    const V inv = V(1) / (V(1) + e);
+    return fl_select(fl_ge(x, V(0)), inv, e * inv);
+  }
 };
 
 FL_ISA_NAMESPACE_END

@@ -82,6 +82,10 @@ struct SigmoidCEParams {
   void* grad;             // scalar_t (rows, cols) contiguous
   void* chunk_loss;       // LossSum*: acc_t[num_chunks]
   const void* grad_scale; // acc_t[1]: the gradient's factor (mean scale [x grad_loss]), null: 1
+  double grad_divisor;    // CPU kernels: the gradient is then divided by this (the mean's
+                          // denominator, as PyTorch divides, rather than multiplied by its
+                          // rounded inverse); 0 means none. The CUDA entries fold the mean
+                          // into grad_scale on the device instead.
   int64_t rows;
   int64_t cols;
   int64_t input_row_stride;

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cctype>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -81,6 +82,18 @@ namespace {
 constexpr const char* kSoftmaxOp = "fusedloss.softmax_ce";
 constexpr const char* kSigmoidOp = "fusedloss.sigmoid_ce";
 
+// A compensated (Neumaier) running sum: its error does not grow with the number of terms, so
+// that a float64 loss summed over thousands of rows stays within an ulp or two.
+struct CompensatedSum {
+  double sum = 0, compensation = 0;
+  void add(double v) {
+    const double t = sum + v;
+    compensation += std::abs(sum) >= std::abs(v) ? (sum - t) + v : (v - t) + sum;
+    sum = t;
+  }
+  double result() const { return sum + compensation; }
+};
+
 // Sum in blocks of a fixed size, blocks added in order: the same bits for any thread count.
 template <typename acc_t>
 double deterministic_sum(const acc_t* v, int64_t n) {
@@ -89,14 +102,14 @@ double deterministic_sum(const acc_t* v, int64_t n) {
   std::vector<double> partial(blocks);
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      double s = 0;
-      for (int64_t i = b * kBlock, e = std::min(n, (b + 1) * kBlock); i < e; ++i) s += v[i];
-      partial[b] = s;
+      CompensatedSum s;
+      for (int64_t i = b * kBlock, e = std::min(n, (b + 1) * kBlock); i < e; ++i) s.add(v[i]);
+      partial[b] = s.result();
     }
   });
-  double total = 0;
-  for (double s : partial) total += s;
-  return total;
+  CompensatedSum total;
+  for (double s : partial) total.add(s);
+  return total.result();
 }
 
 double deterministic_sum(const at::Tensor& t) {
@@ -139,6 +152,8 @@ struct SoftmaxCall : SoftmaxTensors {
 };
 
 double inverse_or_zero(double d) { return d != 0 ? 1.0 / d : 0.0; }
+// A reduced value is divided (one rounding), not multiplied by the rounded inverse.
+double divide_or_zero(double total, double d) { return d != 0 ? total / d : 0.0; }
 
 // Checks and normalises the arguments shared by softmax_ce, softmax_ce_inplace and
 // softmax_ce_backward, and computes the mean's denominators (or takes the caller's).
@@ -214,13 +229,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
   const double z_part = p.row_z_loss ? deterministic_sum(row_extras[0]) : 0.0;
   double ce_part = deterministic_sum(row_loss), z_scaled = z_part;
   if (c.reduction == Reduction::Mean) {
-    ce_part *= inverse_or_zero(c.denominator);
-    z_scaled *= inverse_or_zero(c.valid_count);
+    ce_part = divide_or_zero(ce_part, c.denominator);
+    z_scaled = divide_or_zero(z_scaled, c.valid_count);
   }
   const double correct = p.row_correct ? deterministic_sum(row_extras[1]) : 0.0;
   at::Tensor extras = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
   extras.data_ptr<double>()[0] = z_scaled;
-  extras.data_ptr<double>()[1] = correct * inverse_or_zero(c.valid_count);
+  extras.data_ptr<double>()[1] = divide_or_zero(correct, c.valid_count);
   return {at::scalar_tensor(ce_part + z_scaled, acc_opts), row_stats, extras.to(c.acc)};
 }
 
@@ -296,12 +311,10 @@ SigmoidCall prepare_sigmoid(const at::Tensor& input, const at::Tensor& target,
   return sigmoid_tensors(input, target, weight, pos_weight, mask, reduction, kSigmoidOp);
 }
 
-// 1 / (number of elements, or the sum of the broadcast mask) for mean; 1 for sum and none.
-double sigmoid_mean_scale(const SigmoidCall& c, int64_t numel) {
+// The number of elements, or the sum of the broadcast mask, for mean; 1 for sum and none.
+double sigmoid_denominator(const SigmoidCall& c, int64_t numel) {
   if (c.reduction != Reduction::Mean) return 1.0;
-  const double denominator =
-      c.mask.has_value() ? at::sum(*c.mask, at::kDouble).item<double>() : double(numel);
-  return denominator != 0 ? 1.0 / denominator : 0.0;
+  return c.mask.has_value() ? at::sum(*c.mask, at::kDouble).item<double>() : double(numel);
 }
 
 SigmoidCEParams sigmoid_params(const SigmoidCall& c, double label_smoothing) {
@@ -317,8 +330,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
   SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
   const int64_t numel = input.numel();
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
-  const double scale = sigmoid_mean_scale(c, numel);
-  at::Tensor grad_scale = at::full({1}, scale, acc_opts);
+  const double denominator = sigmoid_denominator(c, numel);
+  // mean: the gradient is divided by the denominator (grad_divisor); 0 when it is 0
+  at::Tensor grad_scale = at::full({1}, denominator != 0 ? 1.0 : 0.0, acc_opts);
   const bool per_element = c.reduction == Reduction::None;
   at::Tensor grad = compute_grad && !per_element ? new_output(input.sizes(), input.options())
                                                  : at::empty({0}, input.options());
@@ -329,6 +343,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
 
   SigmoidCEParams p = sigmoid_params(c, label_smoothing);
   p.grad_scale = grad_scale.data_ptr();
+  p.grad_divisor = c.reduction == Reduction::Mean && denominator != 0 ? denominator : 0.0;
   p.loss = per_element ? loss_elems.data_ptr() : nullptr;
   p.grad = grad.numel() ? grad.data_ptr() : nullptr;
   p.chunk_loss = per_element ? nullptr : chunk_loss.data_ptr();
@@ -336,7 +351,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
                        : (grad.numel() ? SigmoidCEMode::LossSumAndGrad : SigmoidCEMode::LossSum);
   if (numel > 0) kernels().sigmoid_ce(p);
   if (per_element) return {loss_elems, grad};
-  return {at::scalar_tensor(deterministic_sum(chunk_loss) * scale, acc_opts), grad};
+  return {at::scalar_tensor(divide_or_zero(deterministic_sum(chunk_loss), denominator), acc_opts),
+          grad};
 }
 
 at::Tensor sigmoid_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
@@ -358,8 +374,10 @@ at::Tensor sigmoid_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   } else {
     TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSigmoidOp,
                       ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
-    factor = grad_loss.to(c.acc).reshape({1}).mul(sigmoid_mean_scale(c, input.numel()));
+    const double denominator = sigmoid_denominator(c, input.numel());
+    factor = grad_loss.to(c.acc).reshape({1}).mul(denominator != 0 ? 1.0 : 0.0);
     p.grad_scale = factor.data_ptr();
+    p.grad_divisor = c.reduction == Reduction::Mean && denominator != 0 ? denominator : 0.0;
   }
   p.grad = grad.data_ptr();
   p.mode = SigmoidCEMode::GradFromGradLoss;

@@ -29,9 +29,11 @@ struct SigmoidCEChunkKernel {
 
   const SigmoidCEParams& p;
   acc_t grad_scale;
+  acc_t grad_divisor;  // 0: none
 
   explicit SigmoidCEChunkKernel(const SigmoidCEParams& params) : p(params) {
     grad_scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
+    grad_divisor = acc_t(p.grad_divisor);
   }
 
   // Operand values of one step at (r, c): absent -> 1, broadcast column -> splat, else load.
@@ -107,6 +109,9 @@ struct SigmoidCEChunkKernel {
             for (int k = 0; k < K; ++k) scale[k] = Vec(grad_scale);
           }
           for (int k = 0; k < K; ++k) dloss[k] = dloss[k] * scale[k];
+          if (grad_divisor != acc_t(0)) {
+            for (int k = 0; k < K; ++k) dloss[k] = dloss[k] / Vec(grad_divisor);
+          }
           if (n == kStep) IO::store(grad_out + flat, dloss);
           else IO::store_partial(grad_out + flat, n, dloss);
         }
