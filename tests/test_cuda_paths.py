@@ -166,8 +166,9 @@ def test_inplace_matches_out_of_place(kind, dtype, path, probs):
         t = torch.randint(0, 3001, (6,))
         t[1] = -100
     o = every_option(6, 3001, probs)
-    args = (t.to(kind.device), o["weight"].to(acc).to(kind.device), o["mask"].to(acc).to(kind.device),
-            -100, o["label_smoothing"], o["z_loss"], o["softcap"], 1, 0.0)
+    weight, mask = (o[name].to(acc).to(kind.device) for name in ("weight", "mask"))
+    args = (t.to(kind.device), weight, mask, -100, o["label_smoothing"], o["z_loss"], o["softcap"],
+            1, 0.0)  # mean
     with kind.run(**cfg):
         loss, stats, grad = kind.ops().softmax_ce(x, *args, True)
         y = x.clone()

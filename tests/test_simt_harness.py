@@ -44,7 +44,8 @@ BUGS = {
         r"thread \(0,0,0\)\]",
     "global_read_wild_pointer":
         r"global memory access at address 0x40, outside every registered buffer \(nearest: "
-        r"byte offset -?\d+ of buffer '.*'.*\[kernel global_read_wild_pointer, .* thread \(3,0,0\)\]",
+        r"byte offset -?\d+ of buffer '.*'.*"
+        r"\[kernel global_read_wild_pointer, .* thread \(3,0,0\)\]",
     "global_write_into_gap": r"write outside buffer .* at byte offset 12",
     "misaligned_vector_load": r"misaligned 128-bit access",
     "divergent_barrier": r"divergent barrier",

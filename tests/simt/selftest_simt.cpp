@@ -100,7 +100,7 @@ std::string run(const std::string& name) {
     // turns into -2^31 + 16, 8 GiB before the buffer (in its reserve, wherever it was mapped).
     constexpr int64_t kStride = (int64_t(1) << 30) + 8;
     constexpr size_t kBytes = (2 * kStride + 64) * sizeof(float);
-    float* rows = static_cast<float*>(fl_simt::guarded_alloc_sparse(kBytes, 0, "selftest far rows"));
+    auto* rows = static_cast<float*>(fl_simt::guarded_alloc_sparse(kBytes, 0, "selftest far rows"));
     struct Free {
       float* p;
       ~Free() { fl_simt::guarded_free(p); }
