@@ -5,6 +5,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 from . import _C  # noqa: F401  (registers the fusedloss ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd)
 from .functional import (
+    CrossEntropyOutput,
     binary_cross_entropy_with_logits,
     cross_entropy,
     set_target_validation,
@@ -12,7 +13,8 @@ from .functional import (
     sigmoid_cross_entropy_with_logits,
     sparse_softmax_cross_entropy_with_logits,
 )
-from .nn import BCEWithLogitsLoss, CrossEntropyLoss, SequenceLoss
+from .linear_cross_entropy import linear_cross_entropy
+from .nn import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, SequenceLoss
 
 __version__ = "0.1.0"
 
@@ -22,9 +24,12 @@ __all__ = [
     "sequence_loss",
     "sparse_softmax_cross_entropy_with_logits",
     "sigmoid_cross_entropy_with_logits",
+    "linear_cross_entropy",
+    "CrossEntropyOutput",
     "CrossEntropyLoss",
     "BCEWithLogitsLoss",
     "SequenceLoss",
+    "LinearCrossEntropyLoss",
     "build_info",
     "set_target_validation",
     "empty_cache",

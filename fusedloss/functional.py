@@ -2,7 +2,7 @@
 kernels' (rows, classes) layout, and the TensorFlow-style wrappers."""
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -11,6 +11,7 @@ from . import _ops
 from ._ops import REDUCTIONS, acc_dtype
 
 __all__ = [
+    "CrossEntropyOutput",
     "set_target_validation",
     "cross_entropy",
     "binary_cross_entropy_with_logits",
@@ -18,6 +19,19 @@ __all__ = [
     "sparse_softmax_cross_entropy_with_logits",
     "sigmoid_cross_entropy_with_logits",
 ]
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What a softmax cross-entropy returns when any return_* option is set; None where not
+    asked: the loss, its z-loss part (reduced like the loss), the token accuracy (argmax ==
+    target over the valid positions) and the per-position log-sum-exp; the last three in
+    float32 (float64 for float64 inputs)."""
+
+    loss: Tensor
+    z_loss: Optional[Tensor] = None
+    token_accuracy: Optional[Tensor] = None
+    lse: Optional[Tensor] = None
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # TensorFlow's losses have no ignore_index: a label no int64 can reach disables it.
@@ -113,6 +127,17 @@ def _row_vector(t, name, shape, acc, ref):
     if not (t.is_floating_point() or t.dtype == torch.bool):
         raise TypeError(f"{name} must be a bool or floating tensor, got {t.dtype}")
     return t.reshape(-1).to(acc)
+
+
+def _class_indices(target, positions, input):
+    """A class-index target of the positions' shape, flat and int64."""
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must be class indices (an integer tensor) or class "
+                        f"probabilities (a floating tensor), got {target.dtype}")
+    if tuple(target.shape) != positions:
+        raise ValueError(f"target must have shape {positions} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    return target.reshape(-1).to(torch.int64)
 
 
 def _class_weight(weight, classes, acc, ref):
@@ -215,13 +240,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         target2d, _ = _rows_of(target)
         ignore_index = _NO_IGNORE_INDEX
     else:
-        if target.dtype == torch.bool or target.is_complex():
-            raise TypeError(f"target must be class indices (an integer tensor) or class "
-                            f"probabilities (a floating tensor), got {target.dtype}")
-        if tuple(target.shape) != positions:
-            raise ValueError(f"target must have shape {positions} for input of shape "
-                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        target2d = target.reshape(-1).to(torch.int64)
+        target2d = _class_indices(target, positions, input)
     w = _class_weight(weight, classes, acc, input)
     m = _row_vector(mask, "mask", positions, acc, input)
     loss = _softmax_ce(logits2d, target2d, w, m, int(ignore_index), label_smoothing, z_loss, cap,
