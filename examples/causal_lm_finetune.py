@@ -84,18 +84,25 @@ def make_batch(token_ids, device):
     return dict(input_ids=input_ids, attention_mask=attention_mask.long(), labels=labels)
 
 
-def peak_step_memory(args, mode):
-    """Bytes one forward + backward adds at its peak (see the module's docstring), measured
-    by this script in a fresh process (--probe-memory), so no run's leftovers count."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory", mode,
-           "--vocab-size", str(args.vocab_size), "--max-words", str(args.max_words),
-           "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-           "--device", args.device, "--threads", str(args.threads)]
-    done = subprocess.run(cmd, env={**os.environ, **MALLOC_ENV}, capture_output=True,
-                          text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory probe of {mode!r} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"]
+def peak_step_memory(args, modes):
+    """{mode: bytes one forward + backward adds at its peak} (see the module's docstring),
+    each measured by this script in a fresh process (--probe-memory), so that no run's
+    leftovers count. The processes run at once: each measures only itself."""
+    def command(mode):
+        return [sys.executable, os.path.abspath(__file__), "--probe-memory", mode,
+                "--vocab-size", str(args.vocab_size), "--max-words", str(args.max_words),
+                "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+                "--device", args.device, "--threads", str(args.threads)]
+    probes = {mode: subprocess.Popen(command(mode), env={**os.environ, **MALLOC_ENV},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for mode in modes}
+    extra = {}
+    for mode, probe in probes.items():
+        out, err = probe.communicate(timeout=600)
+        if probe.returncode != 0:
+            raise RuntimeError(f"memory probe of {mode!r} failed:\n{err}")
+        extra[mode] = json.loads(out.strip().splitlines()[-1])["extra_bytes"]
+    return extra
 
 
 def resident_bytes(field):
@@ -190,8 +197,8 @@ def main(argv=None):
         logits_mb = tokens * args.vocab_size * 4 / 2**20
         print(f"peak memory of one training step, {tokens} tokens x {args.vocab_size} classes "
               f"(float32 logits: {logits_mb:.0f} MB), each in a fresh process:")
+        memory = {mode: extra / 2**20 for mode, extra in peak_step_memory(args, modes).items()}
         for mode in modes:
-            memory[mode] = peak_step_memory(args, mode) / 2**20
             saved = (f"  ({memory['transformers'] / memory[mode]:.1f}x less than transformers)"
                      if mode != "transformers" and memory[mode] > 0 else "")
             print(f"{mode:>20}: {memory[mode]:7.1f} MB{saved}")
