@@ -12,7 +12,8 @@ batches:
 - fusedloss linear CE: `apply_fusedloss(model)`, the loss from the hidden states and the LM
   head, chunk by chunk: the N x V logits never exist (`outputs.logits` is None).
 
-Their loss curves must agree. Then the peak memory of one training step (forward + backward)
+Their loss curves must agree (the first step's loss within 1e-5, the last steps' mean within
+1e-2: training amplifies float32 roundings; see FIRST_STEP_RTOL). Then the peak memory of one training step (forward + backward)
 of each is measured in a fresh process at the largest batch shape (batch x --max-words
 tokens): the growth of the process's resident memory (peak RSS, on CUDA the allocator's peak)
 over what the model, its gradients and the batch already hold. That growth is the step's
@@ -35,13 +36,20 @@ import time
 import torch
 from tqdm import tqdm
 
-import fusedloss as fl
+from fusedloss.integrations.transformers import apply_fusedloss
 from lstm_language_model import sentences
 from text_data import (PAD, WordTokenizer, final_loss, make_parser, pad_batch, report, setup,
                        split_files, stdlib_files)
 
 BOS = 2  # WordTokenizer's first special id (after <pad> = 0 and <oov> = 1)
-CURVE_RTOL = 1e-3  # largest relative difference allowed between two runs' losses at any step
+# How close a fusedloss run must stay to transformers' loss. Step 1 (same weights, same batch)
+# compares the losses themselves: float32 roundings, ~1e-7. Later steps see weights that have
+# drifted apart by those roundings, amplified by training: here a run whose logits' gradient
+# was perturbed by random relative noise of 1e-7 drifts by 2e-5 at step 50 and 4e-4 at step
+# 80, as far as the fusedloss runs. So the end of training is compared on the mean loss of the
+# last 10 steps, with room for that drift; a wrong loss is off by far more from step 1 on.
+FIRST_STEP_RTOL = 1e-5
+FINAL_RTOL = 1e-2
 # run name: apply_fusedloss's linear_cross_entropy (None: not applied)
 MODES = {"transformers": None, "fusedloss logits": False, "fusedloss linear CE": True}
 SHORT = {"transformers": "transformers", "fusedloss logits": "logits",
@@ -51,13 +59,9 @@ SHORT = {"transformers": "transformers", "fusedloss logits": "logits",
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
-def available_modes():
-    """The linear CE run needs fl.linear_cross_entropy (fusedloss's fused linear + CE op)."""
-    return [m for m, linear in MODES.items() if linear is not True
-            or hasattr(fl, "linear_cross_entropy")]
-
-
 def tiny_llama(vocab_size, seed, device):
+    # the optional extra, imported only here: without it this module still imports (and
+    # tests/test_examples.py skips this example)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -69,8 +73,6 @@ def tiny_llama(vocab_size, seed, device):
 
 
 def prepared(model, mode):
-    from fusedloss.integrations.transformers import apply_fusedloss
-
     linear = MODES[mode]
     return model if linear is None else apply_fusedloss(model, linear_cross_entropy=linear)
 
@@ -157,12 +159,10 @@ def main(argv=None):
     token_ids = [s[:args.max_words - 1] for s in tokenizer.texts_to_sequences(text)]
     rng = random.Random(args.seed)
     batches = [rng.sample(token_ids, args.batch_size) for _ in range(args.steps)]
-    modes = available_modes()
+    modes = list(MODES)
     print(f"{len(token_ids)} training sentences, vocabulary {args.vocab_size}, batches of "
           f"{args.batch_size} sentences of at most {args.max_words} tokens; runs: "
           f"{', '.join(modes)}")
-    if len(modes) < len(MODES):
-        print("  (this fusedloss has no fl.linear_cross_entropy: the linear CE run is left out)")
 
     base = tiny_llama(args.vocab_size, args.seed, device)
     runs = {mode: prepared(copy.deepcopy(base), mode) for mode in modes}
@@ -181,19 +181,20 @@ def main(argv=None):
         progress.set_postfix(loss=f"{losses[modes[-1]][-1]:.3f}")
 
     reference = losses["transformers"]
-    max_rel_diff = max(abs(a - b) / b for mode in modes[1:]
-                       for a, b in zip(losses[mode], reference))
-    agree = max_rel_diff <= CURVE_RTOL
+    first_diff = max(abs(losses[mode][0] - reference[0]) / reference[0] for mode in modes)
+    final_diff = max(abs(final_loss(losses[mode]) - final_loss(reference)) / final_loss(reference)
+                     for mode in modes)
+    agree = first_diff <= FIRST_STEP_RTOL and final_diff <= FINAL_RTOL
     for mode in modes:
         print(f"{mode:>20}: loss {losses[mode][0]:.3f} -> {final_loss(losses[mode]):.3f} "
               f"nats/token (last 10 steps)")
-    print(f"loss curves {'agree' if agree else 'DIFFER'}: largest relative difference to "
-          f"transformers' loss {max_rel_diff:.1e} over {args.steps} steps "
-          f"(tolerance {CURVE_RTOL:.0e})")
+    print(f"loss curves {'agree' if agree else 'DIFFER'} with transformers' loss: relative "
+          f"difference {first_diff:.1e} at step 1 (tolerance {FIRST_STEP_RTOL:.0e}), "
+          f"{final_diff:.1e} over the last 10 steps (tolerance {FINAL_RTOL:.0e})")
 
     memory = {}
+    tokens = args.batch_size * args.max_words
     if not args.no_memory:
-        tokens = args.batch_size * args.max_words
         logits_mb = tokens * args.vocab_size * 4 / 2**20
         print(f"peak memory of one training step, {tokens} tokens x {args.vocab_size} classes "
               f"(float32 logits: {logits_mb:.0f} MB), each in a fresh process:")
@@ -205,9 +206,11 @@ def main(argv=None):
 
     report(args, "causal_lm_finetune", {mode: losses[mode] for mode in modes},
            "Tiny Llama fine-tuned on stdlib docstrings", "training loss (nats/token)", started,
+           bars=(f"peak MB of one training step ({tokens} x {args.vocab_size} logits)",
+                 memory) if memory else None,
            curves_agree=agree,
            **{f"peak_mb_{SHORT[mode]}": f"{mb:.0f}" for mode, mb in memory.items()})
-    return dict(losses=losses, curves_agree=agree, max_rel_diff=max_rel_diff,
+    return dict(losses=losses, curves_agree=agree, first_diff=first_diff, final_diff=final_diff,
                 memory_mb=memory, modes=modes)
 
 

@@ -56,8 +56,7 @@ def test_causal_lm_finetune_curves_agree_and_fusedloss_saves_memory(tmp_path):
     pytest.importorskip("transformers")  # the optional extra (requirements-extras.txt)
     plot = tmp_path / "causal_lm.png"
     result = causal_lm_finetune.main(["--steps", "3", "--plot", str(plot), *FAST])
-    assert result["modes"] == list(causal_lm_finetune.MODES)  # the linear CE run included
-    assert result["curves_agree"], result["max_rel_diff"]
+    assert result["curves_agree"], (result["first_diff"], result["final_diff"])
     for losses in result["losses"].values():
         assert losses[-1] < losses[0], losses  # starts near log(16000) = 9.7
     memory = result["memory_mb"]

@@ -16,7 +16,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # Trainer needs it
 
-import fusedloss as fl  # noqa: E402
 from fusedloss.integrations.transformers import (  # noqa: E402
     apply_fusedloss,
     fusedloss_patched,
@@ -26,11 +25,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
 VOCAB = 1000  # ~1000 classes: large enough for softmax rows to be non-trivial, fast on 2 cores
 REL = 1e-5  # the issue's parity bound for loss and every parameter gradient (float32)
-HAVE_LINEAR_CE = hasattr(fl, "linear_cross_entropy")
-MODES = [pytest.param(True, id="linear_ce",
-                      marks=pytest.mark.skipif(not HAVE_LINEAR_CE,
-                                               reason="fl.linear_cross_entropy not in this build")),
-         pytest.param(False, id="logits")]
+MODES = [pytest.param(True, id="linear_ce"), pytest.param(False, id="logits")]
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -223,7 +218,7 @@ def test_revert_and_context_manager_restore_the_model():
         torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
         assert out.loss.item() == ref.loss.item()
 
-    for linear_ce in (True, False) if HAVE_LINEAR_CE else (False,):
+    for linear_ce in (True, False):
         assert apply_fusedloss(model, linear_cross_entropy=linear_ce) is model
         assert "forward" in model.__dict__  # Gemma-2's softcap moves into the loss either way
         assert model.loss_function is not ForCausalLMLoss
@@ -265,12 +260,11 @@ def test_trainer_with_gradient_accumulation_logs_transformers_loss(tmp_path):
         ids, labels = batch(batch_size=1, length=12, seed=200 + i)
         labels[0, :i % 4] = -100  # prompts of 0-3 tokens: rows with a trained first label
         rows.append({"input_ids": ids[0], "labels": labels[0]})
-    mode = True if HAVE_LINEAR_CE else False
 
     def train(patched):
         model = tiny_model("llama")
         if patched:
-            apply_fusedloss(model, linear_cross_entropy=mode)
+            apply_fusedloss(model)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / ("fused" if patched else "reference")),
             per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
@@ -314,10 +308,9 @@ def test_a_logit_transform_is_kept_with_logits_and_refused_without():
     ref_outputs, ref_grads = loss_and_grads(model, input_ids=ids, labels=labels)
     apply_fusedloss(model, linear_cross_entropy=False)  # the loss sees the model's logits
     assert_parity(*loss_and_grads(model, input_ids=ids, labels=labels), ref_outputs, ref_grads)
-    if HAVE_LINEAR_CE:  # the hidden states alone would give another loss: refused
-        apply_fusedloss(model, linear_cross_entropy=True)
-        with pytest.raises(RuntimeError, match="linear_cross_entropy=False"):
-            model(input_ids=ids, labels=labels)
+    apply_fusedloss(model, linear_cross_entropy=True)  # the hidden states alone: refused
+    with pytest.raises(RuntimeError, match="linear_cross_entropy=False"):
+        model(input_ids=ids, labels=labels)
 
 
 def test_importing_fusedloss_does_not_import_transformers():

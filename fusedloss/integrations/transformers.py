@@ -159,8 +159,9 @@ class _Forward:
             def head_forward(hidden):
                 kept["logits"] = logits = F.linear(hidden, head.weight, head.bias)
                 return logits.detach()
+        ask_dict = {"return_dict": True} if self.explicit_return_dict or self.extra else {}
         with _forward_replaced(head, head_forward):
-            outputs = self.original(*bound.args, **bound.kwargs, return_dict=True)
+            outputs = self.original(*bound.args, **bound.kwargs, **ask_dict)
         if not kept:
             raise RuntimeError(f"{type(self.model).__name__}.forward did not call its LM head "
                                f"(get_output_embeddings()); apply_fusedloss cannot patch it")
@@ -177,7 +178,7 @@ class _Forward:
         else:
             # the raw logits are ours alone (the model returns its softcapped copy): the
             # gradient may overwrite them
-            loss = causal_lm_loss(kept["logits"], labels, self.model.config.vocab_size,
+            loss = causal_lm_loss(kept["logits"], labels, kept["logits"].shape[-1],
                                   softcap=self.softcap, inplace_backward=True, **loss_kwargs)
             fields = dict(outputs.items())
         fields["loss"] = loss
@@ -226,9 +227,6 @@ def apply_fusedloss(model, *, linear_cross_entropy=True):
     if not isinstance(linear_cross_entropy, bool):
         raise TypeError(f"linear_cross_entropy must be True or False, got {linear_cross_entropy!r}")
     _check_causal_lm(model)
-    if linear_cross_entropy and not hasattr(fl, "linear_cross_entropy"):
-        raise RuntimeError("linear_cross_entropy=True needs fl.linear_cross_entropy, which this "
-                           "build of fusedloss does not have; use linear_cross_entropy=False")
     revert_fusedloss(model)
     softcap = _final_logit_softcap(model)
     saved = {name: model.__dict__[name] for name in ("forward", "_loss_function")
