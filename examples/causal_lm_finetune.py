@@ -119,7 +119,8 @@ def probe_memory(args, device):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     generator = torch.Generator().manual_seed(args.seed)
-    tokens = torch.randint(3, args.vocab_size, (args.batch_size, args.max_words),
+    # max_words - 1 words and <s>: the longest training row
+    tokens = torch.randint(3, args.vocab_size, (args.batch_size, args.max_words - 1),
                            generator=generator).tolist()
     batch = make_batch(tokens, device)
     if device.type == "cuda":
@@ -193,8 +194,8 @@ def main(argv=None):
           f"{final_diff:.1e} over the last 10 steps (tolerance {FINAL_RTOL:.0e})")
 
     memory = {}
-    tokens = args.batch_size * args.max_words
     if not args.no_memory:
+        tokens = args.batch_size * args.max_words
         logits_mb = tokens * args.vocab_size * 4 / 2**20
         print(f"peak memory of one training step, {tokens} tokens x {args.vocab_size} classes "
               f"(float32 logits: {logits_mb:.0f} MB), each in a fresh process:")
@@ -206,8 +207,7 @@ def main(argv=None):
 
     report(args, "causal_lm_finetune", {mode: losses[mode] for mode in modes},
            "Tiny Llama fine-tuned on stdlib docstrings", "training loss (nats/token)", started,
-           bars=(f"peak MB of one training step ({tokens} x {args.vocab_size} logits)",
-                 memory) if memory else None,
+           bars=("peak memory of one step (MB)", memory) if memory else None,
            curves_agree=agree,
            **{f"peak_mb_{SHORT[mode]}": f"{mb:.0f}" for mode, mb in memory.items()})
     return dict(losses=losses, curves_agree=agree, first_diff=first_diff, final_diff=final_diff,
