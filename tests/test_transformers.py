@@ -235,9 +235,11 @@ def test_adamw_loss_curve_matches_transformers(name, linear_ce):
     reference, fused = curves
     assert reference[-1] < reference[0] - 0.5  # it trains
     # float32 roundings of two different (equally exact) loss computations compound over
-    # 30 steps of Adam; a wrong loss or gradient differs by orders of magnitude more
+    # 30 steps of Adam: measured at most 2e-5 over 32 random starts (most ~3e-7); 5e-4 leaves
+    # room for a start where Adam amplifies more. A wrong loss (a softcap twice too large) is
+    # off by more than 1e-2.
     worst = max(abs(a - b) / abs(b) for a, b in zip(fused, reference))
-    assert worst <= 1e-4, (worst, fused, reference)
+    assert worst <= 5e-4, (worst, fused, reference)
 
 
 def test_revert_and_context_manager_restore_the_model():
