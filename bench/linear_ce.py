@@ -123,6 +123,16 @@ def check_grads(case, names, inputs):
 def memory_probe(case, name, device):
     """Child process: the peak extra memory of one forward+backward of `name`."""
     r = Runner(name, make_inputs(case, device))
+    if os.environ.get("LINEAR_CE_PROBE_WARMUP", "1") == "0":  # one step only (the large cases)
+        fl.empty_cache()
+        reset = _measure._reset_hwm()
+        base = _measure._status_kib("VmHWM") if reset else _measure._status_kib("VmRSS")
+        out = r.step()
+        peak = _measure._status_kib("VmHWM")
+        del out
+        print(json.dumps({"extra_bytes": peak - base, "baseline_bytes": base, "peak_bytes": peak,
+                          "peak_was_reset": reset, "warmup": False}))
+        return
     print(json.dumps(_measure.probe_memory(r, device)))
 
 
