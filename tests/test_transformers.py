@@ -358,3 +358,9 @@ def test_importing_fusedloss_does_not_import_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_without_transformers_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="fusedloss\\[transformers\\]"):
+        apply_fusedloss(torch.nn.Linear(2, 2))

@@ -198,8 +198,13 @@ class _Forward:
 
 
 def _check_causal_lm(model):
-    from transformers import PreTrainedModel
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    try:
+        from transformers import PreTrainedModel
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError as e:
+        raise ImportError("apply_fusedloss needs the optional transformers extra: "
+                          "pip install 'fusedloss[transformers]' (or -r requirements-extras.txt)"
+                          ) from e
 
     name = type(model).__name__
     if not isinstance(model, PreTrainedModel):
