@@ -17,6 +17,7 @@ pytest.importorskip("accelerate")  # Trainer needs it
 
 from fusedloss.integrations.transformers import (  # noqa: E402
     apply_fusedloss,
+    causal_lm_loss,
     fusedloss_patched,
     revert_fusedloss,
 )
@@ -147,6 +148,19 @@ def test_bfloat16_model(name, linear_ce):
     assert rel_diff(outputs.loss, ref_outputs.loss) <= 2 ** -8
     worst = max((rel_diff(grads[n].float(), ref_grads[n].float()), n) for n in ref_grads)
     assert worst[0] <= 3e-2, worst
+
+
+def test_loss_function_called_positionally_or_by_keyword():
+    """Gemma-2 calls loss_function(logits, labels, vocab_size, **kwargs), Llama and Qwen2
+    loss_function(logits=..., labels=..., vocab_size=..., **kwargs); both pass extra keywords
+    of their own (output_attentions, position_ids, ...), which the loss ignores."""
+    ids, labels = batch()
+    logits = torch.randn(*ids.shape, VOCAB, dtype=torch.float64) * 3
+    extra = dict(num_items_in_batch=torch.tensor(17), output_attentions=False, position_ids=None)
+    expected = ForCausalLMLoss(logits, labels, VOCAB, **extra)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, VOCAB, **extra), expected)
+    torch.testing.assert_close(causal_lm_loss(logits=logits, labels=labels, vocab_size=VOCAB,
+                                              **extra), expected)
 
 
 @pytest.mark.parametrize("name", MODELS)
