@@ -45,7 +45,7 @@ BOS = 2  # WordTokenizer's first special id (after <pad> = 0 and <oov> = 1)
 # How close a fusedloss run must stay to transformers' loss. Step 1 (same weights, same batch)
 # compares the losses themselves: float32 roundings, ~1e-7. Later steps see weights that have
 # drifted apart by those roundings, amplified by training: here a run whose logits' gradient
-# was perturbed by random relative noise of 1e-7 drifts by 2e-5 at step 50 and 4e-4 at step
+# was perturbed by random relative noise of 1e-7 is up to 2e-5 off by step 55 and 4e-4 by step
 # 80, as far as the fusedloss runs. So the end of training is compared on the mean loss of the
 # last 10 steps, with room for that drift; a wrong loss is off by far more from step 1 on.
 FIRST_STEP_RTOL = 1e-5
