@@ -176,6 +176,11 @@ def run_case(case, names, device, args, index, total):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--linear-ce" in argv:  # the fused linear + cross-entropy cases: bench/linear_ce.py
+        import linear_ce
+
+        return linear_ce.main([a for a in argv if a != "--linear-ce"])
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.memory_probe:

@@ -20,6 +20,19 @@ __all__ = [
     "sigmoid_cross_entropy_with_logits",
 ]
 
+
+class CrossEntropyOutput(NamedTuple):
+    """What a softmax cross-entropy returns when any return_* option is set; None where not
+    asked: the loss, its z-loss part (reduced like the loss), the token accuracy (argmax ==
+    target over the valid positions) and the per-position log-sum-exp; the last three in
+    float32 (float64 for float64 inputs)."""
+
+    loss: Tensor
+    z_loss: Optional[Tensor] = None
+    token_accuracy: Optional[Tensor] = None
+    lse: Optional[Tensor] = None
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # TensorFlow's losses have no ignore_index: a label no int64 can reach disables it.
 _NO_IGNORE_INDEX = -(2**63)
@@ -130,6 +143,17 @@ def _row_vector(t, name, shape, acc, ref):
     if t.is_complex():
         raise TypeError(f"{name} must be a bool, integer or floating tensor, got {t.dtype}")
     return t.reshape(-1).to(acc)
+
+
+def _class_indices(target, positions, input):
+    """A class-index target of the positions' shape, flat and int64."""
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must be class indices (an integer tensor) or class "
+                        f"probabilities (a floating tensor), got {target.dtype}")
+    if tuple(target.shape) != positions:
+        raise ValueError(f"target must have shape {positions} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    return target.reshape(-1).to(torch.int64)
 
 
 def _class_weight(weight, classes, acc, ref):
@@ -296,13 +320,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         target2d, _ = _rows_of(target)
         ignore_index = _NO_IGNORE_INDEX
     else:
-        if target.dtype == torch.bool or target.is_complex():
-            raise TypeError(f"target must be class indices (an integer tensor) or class "
-                            f"probabilities (a floating tensor), got {target.dtype}")
-        if tuple(target.shape) != positions:
-            raise ValueError(f"target must have shape {positions} for input of shape "
-                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        target2d = target.reshape(-1).to(torch.int64)
+        target2d = _class_indices(target, positions, input)
     w = _class_weight(weight, classes, acc, input)
     m = _row_vector(mask, "mask", positions, acc, input)
     loss, row_stats, extras = _softmax_ce(
