@@ -178,8 +178,8 @@ def run_case(case, names, device, args, index, total):
         errs = ", ".join(f"{n} (err {checks[n]['grad_error']:.1e})" for n in bad)
         log(f"  WRONG GRADIENT: {errs}")
     timer = _measure.cuda_timer() if device.type == "cuda" else _measure.cpu_timer
-    times = _measure.interleaved(runners, args.reps, args.warmup, timer,
-                                 progress=None if args.no_progress else f"[{index}/{total}] {case.name}")
+    bar = None if args.no_progress else f"[{index}/{total}] {case.name}"
+    times = _measure.interleaved(runners, args.reps, args.warmup, timer, progress=bar)
     results = {n: {**_measure.summarize(times[n]), **checks[n]} for n in runners}
     n_sets = len(sets)
     del runners, sets
