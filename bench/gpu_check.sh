@@ -133,7 +133,11 @@ export -f env_report install_wheels build pytest_stage
 export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for bench/*.py
 
 run_stage env 30 env_report
-run_stage wheels 30 install_wheels
+if (( DRY )) && ! ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+  skip_stage wheels "dry run without .whl/ (bench/fetch_gpu_wheels.sh fetches it)"
+else
+  run_stage wheels 30 install_wheels
+fi
 [ -d "$WORK/site" ] && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 if (( REUSE )); then
   run_stage build 60 "$PY" -c "import fusedloss as fl; print('reused:', fl.build_info())"

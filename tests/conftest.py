@@ -124,4 +124,4 @@ def pytest_runtest_protocol(item, nextitem):
     start = time.monotonic()
     yield
     if slow:
-        reporter.write_line(f"[slow test] {item.nodeid}: {time.monotonic() - start:.0f} s")
+        reporter.write_line(f"\n[slow test] {item.nodeid}: {time.monotonic() - start:.0f} s")
