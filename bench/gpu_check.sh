@@ -24,7 +24,7 @@
 # The dry run works on a copy of the sources (build/gpu_check/src), so the checkout's own build
 # is left alone; there it builds the CUDA kernels too when nvcc is found.
 # Environment: PYTHON (default python3: the image's own torch; no venv, no pip install of
-# torch), GPU_CHECK_SECONDS (the whole run's budget: default 460, dry run 1800),
+# torch), GPU_CHECK_SECONDS (the whole run's budget: default 460, dry run 3600),
 # GPU_CHECK_REUSE_BUILD=1 (dry run only: work in this tree and use the fusedloss already built
 # in it, as CI does on its throwaway copy, instead of building a copy: minutes on 2 cores).
 set -uo pipefail
@@ -36,7 +36,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY="${PYTHON:-python3}"
 # The device call allows 540 s; the rest is margin. The dry run's 2 cores build far slower.
-if (( DRY )); then TOTAL="${GPU_CHECK_SECONDS:-1800}"; else TOTAL="${GPU_CHECK_SECONDS:-460}"; fi
+if (( DRY )); then TOTAL="${GPU_CHECK_SECONDS:-3600}"; else TOTAL="${GPU_CHECK_SECONDS:-460}"; fi
 START=$(date +%s)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -148,7 +148,7 @@ fi
 if (( DRY )); then
   # No GPU: the test stages only collect (the selection must name tests), the sanitizer's
   # script runs its cases on the CPU kernels, the benchmark runs two tiny cases on the CPU.
-  run_stage tests 400 pytest_stage tests --collect-only -m "not slow" -k "cuda and not simt"
+  run_stage tests 900 pytest_stage tests --collect-only -m "not slow" -k "cuda and not simt"
   run_stage large 60 pytest_stage large --collect-only tests/test_large.py -k cuda
   run_stage bench 240 "$PY" bench/run.py --device cpu --quick --reps 3 --warmup 1 \
     --cases ce-256x4000-bfloat16,bce-4096x128-float32 --no-progress --no-memory \
