@@ -1,7 +1,9 @@
 """The public loss functions: argument checking with the public names, reshaping to the
 kernels' (rows, classes) layout, and the TensorFlow-style wrappers."""
 
+import contextlib
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -215,11 +217,29 @@ def _functorch_active():
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+_accumulation_dtype_loss = threading.local()
+
+
+@contextlib.contextmanager
+def loss_in_accumulation_dtype():
+    """Within it, the losses come back in their accumulation dtype (float32 for 16-bit logits),
+    as under autocast, for a caller that upcasts the loss anyway (transformers' losses are
+    float32): the loss is then not rounded to 16 bits first. The logits are still read in
+    place."""
+    previous = getattr(_accumulation_dtype_loss, "on", False)
+    _accumulation_dtype_loss.on = True
+    try:
+        yield
+    finally:
+        _accumulation_dtype_loss.on = previous
+
+
 def _loss_dtype(input, promoted=None):
     """PyTorch's dtype for a loss of `input`: the input's (promoted with a floating target's),
     except under torch.autocast, whose policy runs the losses in float32 (16-bit logits are
-    still read in place)."""
-    if torch.is_autocast_enabled(input.device.type):
+    still read in place), and within loss_in_accumulation_dtype()."""
+    if (torch.is_autocast_enabled(input.device.type)
+            or getattr(_accumulation_dtype_loss, "on", False)):
         return acc_dtype(input.dtype)
     return input.dtype if promoted is None else promoted
 

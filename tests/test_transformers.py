@@ -135,17 +135,22 @@ def test_loss_and_every_gradient_equal_transformers(name, kind, linear_ce):
 @pytest.mark.parametrize("linear_ce", MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_bfloat16_model(name, linear_ce):
-    """A 16-bit model: the loss comes back in float32, as transformers' does, but computed
-    from the logits in bfloat16 (documented: rounded to bfloat16 first, 2^-9 relative); the
-    gradients differ from transformers' by bfloat16 roundings of the logits' gradient carried
-    through two layers (measured: at most 1.5e-2 of each tensor's largest value)."""
+    """A 16-bit model: the loss comes back in float32, as transformers' does, accumulated in
+    float32 from the bfloat16 logits (transformers': from a float32 copy of the same logits, so
+    the logits mode agrees to float32 rounding; the linear CE mode computes its own logits,
+    whose roundings differ from the model's bfloat16 GEMM by up to 2^-9); the gradients differ
+    from transformers' by bfloat16 roundings of the logits' gradient carried through two layers
+    (measured: at most 1.5e-2 of each tensor's largest value)."""
     model = tiny_model(name).to(torch.bfloat16)
     ids, labels = batch()
     ref_outputs, ref_grads = loss_and_grads(model, input_ids=ids, labels=labels)
     apply_fusedloss(model, linear_cross_entropy=linear_ce)
     outputs, grads = loss_and_grads(model, input_ids=ids, labels=labels)
     assert outputs.loss.dtype == ref_outputs.loss.dtype == torch.float32
-    assert rel_diff(outputs.loss, ref_outputs.loss) <= 2 ** -8
+    # Gemma-2: transformers applies the final softcap in bfloat16 arithmetic, fusedloss in
+    # float32 on the raw logits: the two differ by bfloat16 roundings of the logits
+    rounded_logits = linear_ce or name == "gemma2"
+    assert rel_diff(outputs.loss, ref_outputs.loss) <= (2 ** -8 if rounded_logits else 1e-5)
     worst = max((rel_diff(grads[n].float(), ref_grads[n].float()), n) for n in ref_grads)
     assert worst[0] <= 3e-2, worst
 

@@ -31,9 +31,9 @@ What changes, in both modes:
 The logits handed to the user are never overwritten by a gradient: ``inplace_backward`` is
 used only on the softcapped model's raw logits, which nobody else sees.
 
-Differences from transformers' loss: a mean over no valid label is 0 (transformers: NaN), and
-for 16-bit models the loss is rounded to the model's dtype before it is returned as float32
-(transformers computes it from a float32 copy of the logits).
+Differences from transformers' loss: a mean over no valid label is 0 (transformers: NaN). For
+16-bit models the loss is float32 as transformers' is, accumulated in float32 from the 16-bit
+logits read in place (transformers computes it from a float32 copy of the logits).
 """
 
 import contextlib
@@ -81,9 +81,11 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     keywords the model passes along are ignored, as there) computed by ``fl.cross_entropy``
     on the logits in their own dtype, without a float32 copy."""
     targets = _shifted_targets(labels, shift_labels, ignore_index, logits.device)
-    loss = fl.cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index,
-                            reduction=_reduction(num_items_in_batch), softcap=softcap,
-                            inplace_backward=inplace_backward)
+    with fl.functional.loss_in_accumulation_dtype():
+        loss = fl.cross_entropy(logits.reshape(-1, vocab_size), targets,
+                                ignore_index=ignore_index,
+                                reduction=_reduction(num_items_in_batch), softcap=softcap,
+                                inplace_backward=inplace_backward)
     return _per_item(loss, num_items_in_batch)
 
 
@@ -91,9 +93,12 @@ def _linear_causal_lm_loss(hidden, head, labels, num_items_in_batch=None, ignore
                            shift_labels=None, *, softcap=None, **kwargs):
     """:func:`causal_lm_loss` of ``head(hidden)``, without the logits."""
     targets = _shifted_targets(labels, shift_labels, ignore_index, hidden.device)
-    loss = fl.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
-                                   linear_bias=head.bias, ignore_index=ignore_index,
-                                   reduction=_reduction(num_items_in_batch), softcap=softcap)
+    with fl.functional.loss_in_accumulation_dtype():
+        loss = fl.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
+                                       targets, linear_bias=head.bias,
+                                       ignore_index=ignore_index,
+                                       reduction=_reduction(num_items_in_batch),
+                                       softcap=softcap)
     return _per_item(loss, num_items_in_batch)
 
 
