@@ -4,17 +4,27 @@
 #include <torch/library.h>
 
 // softmax_ce: softmax cross-entropy over rows of class logits (class dim last). `target` is
-// int64 class indices (rows,) or floating class probabilities (rows, classes). Returns the
-// loss (reduced, or per row for reduction=0), the row statistics (rows, 2) of the softmax,
-// (max, log sum exp(z - max)) in the accumulation dtype, and, when compute_grad, d(loss)/d(logits) pre-scaled for the reduction (else an empty
-// (0,) tensor). mean divides by (sum of valid weights + mean_eps), and is 0 when that is 0.
+// int64 class indices (rows,) or floating class probabilities (rows, classes). Returns
+//  - the loss (reduced, or per row for reduction=0) in the accumulation dtype (float32 for
+//    16-bit logits: the Python layer casts, except under autocast);
+//  - the row statistics (rows, 2) of the softmax, (max, log sum exp(z - max)), accumulation
+//    dtype;
+//  - when compute_grad, d(loss)/d(logits) pre-scaled for the reduction (else an empty (0,));
+//  - the extra outputs, accumulation dtype: for reduction=0 (2, rows), each row's z-loss part
+//    and m [argmax == target]; else (2,), the z-loss part of the loss and the token accuracy
+//    (mask-weighted share of valid positions whose argmax is the target). The accuracy is
+//    computed only when want_accuracy (else 0).
+// mean divides the cross-entropy part by (sum of valid mask * class weight + mean_eps) and the
+// z-loss part by (sum of valid mask + mean_eps), each 0 when its denominator is 0; a caller
+// that splits one loss over several calls passes the whole loss's two denominators instead.
 //
 // softmax_ce_inplace: the same for mean/sum, writing the gradient into `logits`.
 // softmax_ce_backward: the gradient recomputed from the logits and the row statistics; grad_loss is
 // per row for reduction=0, a scalar otherwise (reduction=0 always, and a second backward of
 // mean/sum, take this path).
 // sigmoid_ce / sigmoid_ce_backward: the same pair for sigmoid cross-entropy over a
-// (rows, cols) view; weight, pos_weight and mask are (rows, cols) broadcast views.
+// (rows, cols) view; weight, pos_weight and mask are (rows, cols) broadcast views. The loss
+// (per element for reduction=0) is in the accumulation dtype, as softmax_ce's.
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
 // build_info / empty_cache / cached_bytes: what was compiled; the CPU output buffers kept
 // for reuse (csrc/cpu/output_buffer.h).
@@ -29,15 +39,17 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
   m.def(
       "softmax_ce(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, int reduction, float mean_eps, "
-      "bool compute_grad) -> (Tensor, Tensor, Tensor)");
+      "bool compute_grad, bool want_accuracy=False, Tensor? denominators=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "softmax_ce_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? mask, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, int reduction, "
-      "float mean_eps) -> (Tensor, Tensor)");
+      "float mean_eps, bool want_accuracy=False, Tensor? denominators=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "softmax_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor? mask, Tensor row_stats, int ignore_index, float label_smoothing, float z_loss, "
-      "float softcap, int reduction, float mean_eps) -> Tensor");
+      "float softcap, int reduction, float mean_eps, Tensor? denominators=None) -> Tensor");
   m.def(
       "sigmoid_ce(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor? mask, "
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");

@@ -104,6 +104,19 @@ inline BroadcastOperand operand_of(const c10::optional<at::Tensor>& t) {
   return {t->data_ptr(), t->stride(0), t->size(1) <= 1 ? 1 : t->stride(1)};
 }
 
+// The caller's mean denominators of softmax_ce (a loss split over several calls): two values,
+// (weighted denominator, count of valid positions), on the logits' device.
+inline at::Tensor check_denominators(const at::Tensor& d, const at::Device& device,
+                                     const char* op) {
+  TORCH_CHECK_VALUE(d.numel() == 2 && d.is_floating_point(), op,
+                    ": denominators must be a floating tensor of 2 values (weighted "
+                    "denominator, count of valid positions), got ", d.scalar_type(), " of shape ",
+                    d.sizes());
+  TORCH_CHECK(d.device().type() == device.type(), op, ": denominators is on ", d.device(),
+              " but the logits are on ", device);
+  return d.reshape({2}).contiguous();
+}
+
 // softmax_ce_inplace writes the gradient over the logits: only for a reduced loss, and only
 // into rows the kernels can stream through.
 inline void check_softmax_inplace(const at::Tensor& logits, int64_t reduction) {
@@ -119,8 +132,10 @@ inline void check_sigmoid_ce(const at::Tensor& input, const at::Tensor& target, 
   kernel_dtype_of(input, op, "input");
   TORCH_CHECK_VALUE(target.sizes() == input.sizes(), op, ": target must have the input's shape ",
                     input.sizes(), ", got ", target.sizes());
-  TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), op,
-                   ": target must have the input's dtype ", input.scalar_type(), ", got ",
+  TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type() ||
+                       target.scalar_type() == acc_dtype_of(input.scalar_type()),
+                   op, ": target must have the input's dtype ", input.scalar_type(),
+                   " or the accumulation dtype ", acc_dtype_of(input.scalar_type()), ", got ",
                    target.scalar_type());
   TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
               " but the input is on ", input.device());
@@ -147,8 +162,12 @@ inline SoftmaxTensors softmax_tensors(const at::Tensor& logits, const at::Tensor
   c.reduction = reduction_of(reduction, op);
   c.acc = acc_dtype_of(logits.scalar_type());
   c.logits = unit_stride_rows(logits);
-  c.target = c.shape.prob_target ? unit_stride_rows(target.to(logits.scalar_type()))
-                                 : target.contiguous();
+  // A probability target in the accumulation dtype (float32 beside 16-bit logits) is read as
+  // it is: rounding it to the logits' dtype would change the loss.
+  c.target = c.shape.prob_target
+                 ? unit_stride_rows(target.scalar_type() == c.acc ? target
+                                                                 : target.to(logits.scalar_type()))
+                 : target.contiguous();
   c.weight = acc_vector(weight, c.shape.classes, c.acc, logits.device(), op, "weight",
                         "one weight per class");
   c.mask = acc_vector(mask, c.shape.rows, c.acc, logits.device(), op, "mask", "one value per row");
@@ -165,6 +184,7 @@ inline SoftmaxCEParams softmax_params_of(const SoftmaxTensors& c, int64_t ignore
   if (c.shape.prob_target) {
     p.target = nullptr;
     p.target_probs = c.target.data_ptr();
+    p.target_in_acc = c.target.scalar_type() != c.logits.scalar_type();
     p.target_row_stride = c.target.stride(0);
   } else {
     p.target = c.target.data_ptr<int64_t>();
@@ -213,6 +233,7 @@ inline SigmoidCEParams sigmoid_params_of(const SigmoidTensors& c, double label_s
   SigmoidCEParams p{};
   p.input = c.input.data_ptr();
   p.target = c.target.data_ptr();
+  p.target_in_acc = c.target.scalar_type() != c.input.scalar_type();
   p.weight = operand_of(c.weight);
   p.pos_weight = operand_of(c.pos_weight);
   p.mask = operand_of(c.mask);

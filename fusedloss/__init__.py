@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cross_entropy",
+    "CrossEntropyOutput",
     "binary_cross_entropy_with_logits",
     "sequence_loss",
     "sparse_softmax_cross_entropy_with_logits",

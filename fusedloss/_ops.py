@@ -2,13 +2,18 @@
 
 The forward ops return the gradient already scaled for the reduction (mean/sum), so their
 backward only multiplies it by grad_output, in place, and the kernel makes no pass at all when
-grad_output is exactly 1. reduction="none" recomputes the gradient from the saved logsumexp
-instead: that moves fewer bytes than writing a gradient in the forward and scaling it later
-(bench/README.md has the byte counts).
+grad_output is exactly 1. reduction="none" recomputes the gradient from the saved row
+statistics instead: that moves fewer bytes than writing a gradient in the forward and scaling
+it later (bench/README.md has the byte counts).
+
+Every backward through one graph gives the same bits: a second backward (retain_graph)
+recomputes the gradient with the forward kernel itself, so torch.autograd.gradcheck's
+reentrancy check holds with its default settings. What the fused kernels do not compute
+(second derivatives, the gradients of targets, masks and weights) comes from the
+differentiable compositions in _composite.py.
 """
 
 import contextlib
-import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -26,54 +31,10 @@ def is_traced(t):
     return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
-
-_DOUBLE_BACKWARD = (
-    "fusedloss: double backward (create_graph=True) through {} is not supported: its gradient "
-    "comes from a fused kernel and is not itself differentiable. Use the torch.nn.functional "
-    "loss where second derivatives are needed.")
-_CONSUMED = (
-    "fusedloss: a second backward through this {} (retain_graph=True) needs its logits, which "
-    "are gone or were modified since the forward (the first backward handed its gradient "
-    "over without a copy). Keep the logits alive and unmodified, or use reduction='none'.")
-
-
-class _LogitsRef:
-    """The logits of a mean/sum loss, kept for a second backward only if that is free: a
-    strong reference to a leaf or a view of one (the caller holds it anyway), a weak one
-    otherwise (holding a non-leaf would keep an N x C buffer alive until the backward)."""
-
-    def __init__(self, logits):
-        self.version = logits._version
-        base = logits if logits._base is None else logits._base  # a view keeps its base alive
-        self.strong = logits if base.is_leaf else None
-        self.weak = weakref.ref(logits)
-
-    def get(self):
-        logits = self.strong if self.strong is not None else self.weak()
-        if logits is None or logits._version != self.version:
-            return None
-        return logits
-
-
-def _scaled_saved_grad(lib, ctx, grad_output, what):
-    """The forward's pre-scaled gradient times grad_output, handed over without a copy; a
-    second backward recomputes it from the logits (``ctx.recompute(grad_output)``)."""
-    grad = ctx.saved_grad
-    if grad is not None and grad.numel() == 0 and ctx.input_numel != 0:
-        raise RuntimeError(f"fusedloss: {what} ran without a gradient (its input did not "
-                           "require grad when the forward ran)")
-    if is_traced(grad_output):
-        return grad * grad_output
-    if torch.is_grad_enabled():
-        raise RuntimeError(_DOUBLE_BACKWARD.format(what))
-    if grad is None:
-        grad = ctx.recompute(grad_output)
-        if grad is None:
-            raise RuntimeError(_CONSUMED.format(what))
-        return grad
-    ctx.saved_grad = None
-    lib.scale_grad_(grad, grad_output)
-    return grad
+_INPLACE_CONSUMED = (
+    "fusedloss: {} with inplace_backward=True wrote its gradient over the logits, so it can "
+    "be differentiated once only: a second backward (retain_graph=True) or a double backward "
+    "(create_graph=True) needs the logits. Use inplace_backward=False there.")
 
 
 class OpSet:
@@ -98,25 +59,33 @@ class OpSet:
 def _register_fakes(namespace):
     @torch.library.register_fake(f"{namespace}::softmax_ce")
     def _softmax_ce_fake(logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
-                         softcap, reduction, mean_eps, compute_grad):
+                         softcap, reduction, mean_eps, compute_grad, want_accuracy=False,
+                         denominators=None):
         torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
         torch._check(0 <= reduction <= 2, lambda: f"reduction must be 0, 1 or 2, got {reduction}")
         rows, classes = logits.shape
-        loss = logits.new_empty((rows,) if reduction == 0 else ())
-        row_stats = logits.new_empty((rows, 2), dtype=acc_dtype(logits.dtype))
+        acc = acc_dtype(logits.dtype)
+        per_row = reduction == 0
+        loss = logits.new_empty((rows,) if per_row else (), dtype=acc)
+        row_stats = logits.new_empty((rows, 2), dtype=acc)
         grad = logits.new_empty((rows, classes) if compute_grad else (0,))
-        return loss, row_stats, grad
+        extras = logits.new_empty((2, rows) if per_row else (2,), dtype=acc)
+        return loss, row_stats, grad, extras
 
     @torch.library.register_fake(f"{namespace}::softmax_ce_inplace")
     def _softmax_ce_inplace_fake(logits, target, weight, mask, ignore_index, label_smoothing,
-                                 z_loss, softcap, reduction, mean_eps):
+                                 z_loss, softcap, reduction, mean_eps, want_accuracy=False,
+                                 denominators=None):
         torch._check(reduction != 0, lambda: "softmax_ce_inplace needs reduction mean or sum")
-        return (logits.new_empty(()),
-                logits.new_empty((logits.shape[0], 2), dtype=acc_dtype(logits.dtype)))
+        acc = acc_dtype(logits.dtype)
+        return (logits.new_empty((), dtype=acc),
+                logits.new_empty((logits.shape[0], 2), dtype=acc),
+                logits.new_empty((2,), dtype=acc))
 
     @torch.library.register_fake(f"{namespace}::softmax_ce_backward")
     def _softmax_ce_backward_fake(grad_loss, logits, target, weight, mask, row_stats, ignore_index,
-                                  label_smoothing, z_loss, softcap, reduction, mean_eps):
+                                  label_smoothing, z_loss, softcap, reduction, mean_eps,
+                                  denominators=None):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake(f"{namespace}::sigmoid_ce")
@@ -124,7 +93,7 @@ def _register_fakes(namespace):
                          compute_grad):
         torch._check(input.dim() == 2, lambda: f"input must be 2-D, got {input.dim()}-D")
         per_element = reduction == 0
-        loss = input.new_empty(input.shape if per_element else ())
+        loss = input.new_empty(input.shape if per_element else (), dtype=acc_dtype(input.dtype))
         grad = input.new_empty(input.shape if compute_grad and not per_element else (0,))
         return loss, grad
 
@@ -138,74 +107,177 @@ def _register_fakes(namespace):
         return None
 
 
-def _register_loss_autograd(namespace, lib, op, backward_op, split, what):
-    """Autograd of a loss op whose outputs are (loss, ...) and whose backward op is called as
-    backward_op(grad_loss, x, *aux, *options).
+def _composite_grads(composite, args, diff_positions, grad_loss, create_graph):
+    """Gradients of composite(*args) (its first output) with respect to args[i] for i in
+    diff_positions, under the incoming grad_loss; differentiable when create_graph."""
+    with torch.enable_grad():
+        loss = composite(*args)
+        if isinstance(loss, tuple):
+            loss = loss[0]
+        inputs = [args[i] for i in diff_positions]
+        grads = torch.autograd.grad(loss, inputs, grad_loss, create_graph=create_graph,
+                                    allow_unused=True)
+    return dict(zip(diff_positions, grads))
 
-    split(inputs, output) -> (x, aux tensors, options, reduction, pre-scaled gradient).
-    reduction="none" saves x and aux and recomputes; mean/sum hand the forward's gradient over
-    and keep only what a second backward needs to recompute it."""
+
+def _register_loss_autograd(namespace, lib, op, spec):
+    """Autograd of a loss op (softmax_ce, sigmoid_ce); `spec` says how its inputs and outputs
+    are laid out (_SoftmaxSpec, _SigmoidSpec)."""
 
     def setup(ctx, inputs, output):
-        x, aux, options, reduction, grad = split(inputs, output)
-        ctx.n_inputs = len(inputs)
         # Only the loss is differentiable: no zero-filled N x C gradient for the other outputs.
         ctx.set_materialize_grads(False)
-        ctx.reduction = reduction
-        ctx.input_numel = x.numel()
-        ctx.options = options
-        if reduction == 0:
-            ctx.save_for_backward(x, *aux)
-            return
+        ctx.n_inputs = len(inputs)
+        ctx.reduction = spec.reduction(inputs)
+        # Saved by reference (no copy); read only by a second or double backward and by the
+        # gradients of the non-logit inputs. Like PyTorch's own losses, which keep an N x C
+        # log-softmax for their backward, this holds the logits until the backward has run.
+        ctx.save_for_backward(*spec.tensors(inputs, output))
+        ctx.nontensors = spec.nontensors(inputs)
+        grad = spec.fused_grad(output)
         # Kept detached: an output holds this node as its grad_fn, so keeping it as is on ctx
         # would make a reference cycle that only the garbage collector frees (and with it the
         # N x C gradient).
-        ctx.saved_grad = grad.detach()
-        aux = [t.detach() if t is not None else None for t in aux]
-        x_ref = _LogitsRef(x)
-
-        def recompute(grad_loss):
-            live_x = x_ref.get()
-            if live_x is None:
-                return None
-            return backward_op(grad_loss, live_x, *aux, *options)
-
-        ctx.recompute = recompute
+        ctx.saved_grad = grad.detach() if ctx.reduction != 0 and grad.numel() else None
 
     def backward(ctx, grad_loss, *_grads_of_other_outputs):
-        none_for_the_rest = (None,) * (ctx.n_inputs - 1)
+        grads = [None] * ctx.n_inputs
         if grad_loss is None:  # no gradient flows into the loss (undefined, not zero-filled)
-            return (None,) + none_for_the_rest
-        if ctx.reduction == 0:
-            if torch.is_grad_enabled() and not is_traced(grad_loss):
-                raise RuntimeError(_DOUBLE_BACKWARD.format(what))
-            grad = backward_op(grad_loss, *ctx.saved_tensors, *ctx.options)
-        else:
-            grad = _scaled_saved_grad(lib, ctx, grad_loss, what)
-        return (grad,) + none_for_the_rest
+            return tuple(grads)
+        needs = ctx.needs_input_grad
+        traced = is_traced(grad_loss)
+        create_graph = torch.is_grad_enabled() and not traced
+        composite_for = [i for i in spec.differentiable if needs[i]
+                         and (i != 0 or create_graph)]
+        if composite_for:
+            args = spec.composite_args(ctx.saved_tensors, ctx.nontensors)
+            for i, g in _composite_grads(spec.composite, args, composite_for, grad_loss,
+                                         create_graph).items():
+                grads[i] = g
+        if needs[0] and not create_graph:
+            grads[0] = _fused_logits_grad(lib, spec, ctx, grad_loss, traced)
+        return tuple(grads)
 
     torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup)
 
 
+def _fused_logits_grad(lib, spec, ctx, grad_loss, traced):
+    """d loss / d logits from the kernels: the forward's pre-scaled gradient times grad_output
+    (handed over without a copy, and with no pass when grad_output is 1), or for
+    reduction="none" the backward kernel."""
+    if ctx.reduction == 0:
+        return spec.backward_op(lib)(grad_loss, *spec.backward_args(ctx.saved_tensors,
+                                                                    ctx.nontensors))
+    grad = ctx.saved_grad
+    if traced:
+        return grad * grad_loss
+    ctx.saved_grad = None
+    if grad is None:
+        # A second backward through a retained graph (the first one consumed the gradient):
+        # the forward kernel again, so that every backward gives the same bits.
+        grad = spec.recompute_grad(lib, ctx.saved_tensors, ctx.nontensors)
+    lib.scale_grad_(grad, grad_loss)
+    return grad
+
+
+class _SoftmaxSpec:
+    """softmax_ce(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
+    reduction, mean_eps, compute_grad, want_accuracy, denominators) ->
+    (loss, row_stats, grad, extras)."""
+
+    differentiable = (0, 1, 2, 3)  # logits, a probability target, weight, mask
+
+    @staticmethod
+    def reduction(inputs):
+        return inputs[8]
+
+    @staticmethod
+    def tensors(inputs, output):
+        logits, target, weight, mask = inputs[:4]
+        denominators = inputs[12] if len(inputs) > 12 else None
+        return logits, target, weight, mask, output[1], denominators
+
+    @staticmethod
+    def nontensors(inputs):
+        return tuple(inputs[4:10])  # ignore_index .. mean_eps
+
+    @staticmethod
+    def fused_grad(output):
+        return output[2]
+
+    @staticmethod
+    def backward_op(lib):
+        return lib.softmax_ce_backward
+
+    @staticmethod
+    def backward_args(saved, nontensors):
+        logits, target, weight, mask, row_stats, denominators = saved
+        return (logits, target, weight, mask, row_stats, *nontensors, denominators)
+
+    @staticmethod
+    def recompute_grad(lib, saved, nontensors):
+        logits, target, weight, mask, _row_stats, denominators = saved
+        return lib.softmax_ce(logits, target, weight, mask, *nontensors, True, False,
+                              denominators)[2]
+
+    @staticmethod
+    def composite_args(saved, nontensors):
+        logits, target, weight, mask, _row_stats, denominators = saved
+        return (logits, target, weight, mask, *nontensors, False, denominators)
+
+    @staticmethod
+    def composite(*args):
+        from . import _composite
+        return _composite.softmax_ce(*args)
+
+
+class _SigmoidSpec:
+    """sigmoid_ce(input, target, weight, pos_weight, mask, label_smoothing, reduction,
+    compute_grad) -> (loss, grad)."""
+
+    differentiable = (0, 1, 2, 3, 4)  # input, target, weight, pos_weight, mask
+
+    @staticmethod
+    def reduction(inputs):
+        return inputs[6]
+
+    @staticmethod
+    def tensors(inputs, output):
+        return tuple(inputs[:5])
+
+    @staticmethod
+    def nontensors(inputs):
+        return tuple(inputs[5:7])  # label_smoothing, reduction
+
+    @staticmethod
+    def fused_grad(output):
+        return output[1]
+
+    @staticmethod
+    def backward_op(lib):
+        return lib.sigmoid_ce_backward
+
+    @staticmethod
+    def backward_args(saved, nontensors):
+        return (*saved, *nontensors)
+
+    @staticmethod
+    def recompute_grad(lib, saved, nontensors):
+        return lib.sigmoid_ce(*saved, *nontensors, True)[1]
+
+    @staticmethod
+    def composite_args(saved, nontensors):
+        return (*saved, *nontensors)
+
+    @staticmethod
+    def composite(*args):
+        from . import _composite
+        return _composite.sigmoid_ce(*args)
+
+
 def _register_autograd(namespace, lib):
-    def softmax_split(inputs, output):
-        (logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
-         mean_eps, _compute_grad) = inputs
-        _loss, row_stats, grad = output
-        return (logits, (target, weight, mask, row_stats),
-                (ignore_index, label_smoothing, z_loss, softcap, reduction, mean_eps), reduction,
-                grad)
-
-    def sigmoid_split(inputs, output):
-        input, target, weight, pos_weight, mask, label_smoothing, reduction, _compute_grad = inputs
-        _loss, grad = output
-        return (input, (target, weight, pos_weight, mask), (label_smoothing, reduction),
-                reduction, grad)
-
-    _register_loss_autograd(namespace, lib, "softmax_ce", lib.softmax_ce_backward,
-                            softmax_split, "cross_entropy")
-    _register_loss_autograd(namespace, lib, "sigmoid_ce", lib.sigmoid_ce_backward,
-                            sigmoid_split, "binary_cross_entropy_with_logits")
+    _register_loss_autograd(namespace, lib, "softmax_ce", _SoftmaxSpec)
+    _register_loss_autograd(namespace, lib, "sigmoid_ce", _SigmoidSpec)
 
 
 def _make_inplace_function(lib):
@@ -214,26 +286,34 @@ def _make_inplace_function(lib):
         logits' storage (no N x C buffer). Autograd sees the write: the logits' version
         counter moves, so any other op that saved them refuses to run its backward rather
         than read the gradient as logits. functional.py takes this path only where it is safe
-        (see _inplace_is_safe)."""
+        (see _inplace_is_safe), and only when the logits are the one input that needs a
+        gradient. Returns (loss, row_stats, extras) like softmax_ce, less the gradient."""
 
         @staticmethod
         def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
-                    softcap, reduction, mean_eps):
+                    softcap, reduction, mean_eps, want_accuracy):
             version = logits._version
-            loss, _row_stats = lib.softmax_ce_inplace(logits, target, weight, mask, ignore_index,
-                                                label_smoothing, z_loss, softcap, reduction,
-                                                mean_eps)
+            loss, row_stats, extras = lib.softmax_ce_inplace(
+                logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
+                reduction, mean_eps, want_accuracy)
             if logits._version == version:
                 torch.autograd.graph.increment_version(logits)
             ctx.saved_grad = logits.detach()
-            ctx.input_numel = logits.numel()
-            ctx.recompute = lambda grad_loss: None  # the logits are gone: they hold the gradient
-            return loss
+            ctx.mark_non_differentiable(row_stats, extras)
+            ctx.set_materialize_grads(False)
+            return loss, row_stats, extras
 
         @staticmethod
-        def backward(ctx, grad_loss):
-            grad = _scaled_saved_grad(lib, ctx, grad_loss, "cross_entropy")
-            return (grad,) + (None,) * 9
+        def backward(ctx, grad_loss, *_grads_of_other_outputs):
+            none_for_the_rest = (None,) * 10
+            if grad_loss is None:
+                return (None,) + none_for_the_rest
+            grad = ctx.saved_grad
+            if grad is None or (torch.is_grad_enabled() and not is_traced(grad_loss)):
+                raise RuntimeError(_INPLACE_CONSUMED.format("cross_entropy"))
+            ctx.saved_grad = None
+            lib.scale_grad_(grad, grad_loss)
+            return (grad,) + none_for_the_rest
 
     return SoftmaxCEInplace
 

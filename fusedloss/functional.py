@@ -1,13 +1,15 @@
 """The public loss functions: argument checking with the public names, reshaping to the
 kernels' (rows, classes) layout, and the TensorFlow-style wrappers."""
 
+import contextlib
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _composite, _ops
 from ._ops import REDUCTIONS, acc_dtype
 
 __all__ = [
@@ -40,6 +42,22 @@ _TF_EPSILON = 1e-12  # sequence_loss divides by sum(weights) + 1e-12, as TF r1.4
 
 
 _validate_targets = os.environ.get("FUSEDLOSS_VALIDATE_TARGETS", "0") not in ("", "0")
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What cross_entropy returns when any ``return_*`` is set (None where not asked).
+
+    loss: the loss, as without the flags. z_loss: its z-loss part (per position for
+    reduction="none"). token_accuracy: the share of valid positions whose argmax is the target
+    (mask-weighted; per position 0/mask for "none"). lse: logsumexp of each position's
+    (softcapped) logits, the target's shape; 0 at padded and ignored positions, which are not
+    read. The last three are float32 (float64 for float64 logits), computed in the same pass
+    over the logits, and carry no gradient."""
+
+    loss: Tensor
+    z_loss: Optional[Tensor] = None
+    token_accuracy: Optional[Tensor] = None
+    lse: Optional[Tensor] = None
 
 
 def set_target_validation(enabled: bool) -> None:
@@ -124,8 +142,8 @@ def _row_vector(t, name, shape, acc, ref):
     _check_device(t, name, ref, "input")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have the target's shape {tuple(shape)}, got {tuple(t.shape)}")
-    if not (t.is_floating_point() or t.dtype == torch.bool):
-        raise TypeError(f"{name} must be a bool or floating tensor, got {t.dtype}")
+    if t.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or floating tensor, got {t.dtype}")
     return t.reshape(-1).to(acc)
 
 
@@ -193,34 +211,105 @@ def _inplace_is_safe(input, logits2d):
     return not (_saved_by_producer(logits2d) or _saved_by_producer(input))
 
 
+def _functorch_active():
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running. The ops have no
+    batching rules, so the differentiable compositions (_composite.py) run instead."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+_accumulation_dtype_loss = threading.local()
+
+
+@contextlib.contextmanager
+def loss_in_accumulation_dtype():
+    """Within it, the losses come back in their accumulation dtype (float32 for 16-bit logits),
+    as under autocast, for a caller that upcasts the loss anyway (transformers' losses are
+    float32): the loss is then not rounded to 16 bits first. The logits are still read in
+    place."""
+    previous = getattr(_accumulation_dtype_loss, "on", False)
+    _accumulation_dtype_loss.on = True
+    try:
+        yield
+    finally:
+        _accumulation_dtype_loss.on = previous
+
+
+def _loss_dtype(input, promoted=None):
+    """PyTorch's dtype for a loss of `input`: the input's (promoted with a floating target's),
+    except under torch.autocast, whose policy runs the losses in float32 (16-bit logits are
+    still read in place), and within loss_in_accumulation_dtype()."""
+    if (torch.is_autocast_enabled(input.device.type)
+            or getattr(_accumulation_dtype_loss, "on", False)):
+        return acc_dtype(input.dtype)
+    return input.dtype if promoted is None else promoted
+
+
+def _with_floating_target(input, target):
+    """PyTorch computes a loss with a floating target in the promoted dtype of the two
+    (bfloat16 logits with float32 soft labels give a float32 loss of the unrounded labels).
+    Returns (input, target, promoted dtype): the target in the logits' dtype or in their
+    accumulation dtype, both of which the kernels read as they are; the logits are copied to
+    the promoted dtype only when it is wider than their accumulation dtype (float64 labels)."""
+    promoted = torch.promote_types(input.dtype, target.dtype)
+    if promoted != input.dtype and promoted != acc_dtype(input.dtype):
+        input = input.to(promoted)
+    target = target.to(input.dtype if promoted == input.dtype else acc_dtype(input.dtype))
+    return input, target, promoted
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
-                reduction, mean_eps=0.0, inplace_backward=False, input=None):
-    """The softmax cross-entropy op on (rows, classes) logits, with its autograd path chosen."""
+                reduction, mean_eps=0.0, inplace_backward=False, input=None,
+                want_accuracy=False):
+    """The softmax cross-entropy op on (rows, classes) logits, with its autograd path chosen.
+    Returns the op's (loss in the accumulation dtype, row_stats, extras)."""
     input = logits2d if input is None else input
+    args = (target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
+            mean_eps)
+    if _functorch_active():
+        return _composite.softmax_ce(logits2d, *args, want_accuracy)
     if _validate_targets and not target.is_floating_point() and not torch.compiler.is_compiling():
         _check_targets_eagerly(target, logits2d.shape[1], ignore_index)
-    if (inplace_backward and reduction != 0 and _inplace_is_safe(input, logits2d)):
-        return _ops.current().SoftmaxCEInplace.apply(logits2d, target, weight, mask, ignore_index,
-                                           label_smoothing, z_loss, softcap, reduction, mean_eps)
+    if (inplace_backward and reduction != 0 and not _needs_grad(target, weight, mask)
+            and _inplace_is_safe(input, logits2d)):
+        return _ops.current().SoftmaxCEInplace.apply(logits2d, *args, want_accuracy)
     compute_grad = reduction != 0 and torch.is_grad_enabled() and logits2d.requires_grad
-    loss, _row_stats, _grad = _ops.current().softmax_ce(logits2d, target, weight, mask, ignore_index,
-                                       label_smoothing, z_loss, softcap, reduction, mean_eps,
-                                       compute_grad)
-    return loss
+    loss, row_stats, _grad, extras = _ops.current().softmax_ce(logits2d, *args, compute_grad,
+                                                               want_accuracy)
+    return loss, row_stats, extras
+
+
+def _with_extra_outputs(loss, row_stats, extras, positions, per_position, return_z_loss,
+                        return_token_accuracy, return_lse):
+    """loss alone, or CrossEntropyOutput with what was asked for."""
+    if not (return_z_loss or return_token_accuracy or return_lse):
+        return loss
+    extras = extras.detach()
+    if per_position:
+        extras = extras.reshape((2,) + tuple(positions))
+    lse = (row_stats[:, 0] + row_stats[:, 1]).detach().reshape(positions)
+    return CrossEntropyOutput(loss, extras[0] if return_z_loss else None,
+                              extras[1] if return_token_accuracy else None,
+                              lse if return_lse else None)
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, mask: Optional[Tensor] = None,
                   z_loss: float = 0.0, softcap: Optional[float] = None,
-                  inplace_backward: bool = False) -> Tensor:
+                  inplace_backward: bool = False, return_z_loss: bool = False,
+                  return_token_accuracy: bool = False, return_lse: bool = False):
     """Drop-in for torch.nn.functional.cross_entropy, fused in one pass over the logits.
 
     Beyond torch: ``mask`` (the target's shape; 0 = padding, multiplies each position's loss),
-    ``z_loss`` (adds z_loss * logsumexp^2 per position), ``softcap`` (logits become
-    softcap * tanh(logits / softcap)) and ``inplace_backward`` (the gradient is written into
-    the logits' storage, so no N x C buffer is allocated; the logits must not be used after
-    the call). A ``mean`` over no valid position is 0 (torch: NaN).
+    ``z_loss`` (adds z_loss * logsumexp^2 per position; ``mean`` divides it by the number of
+    valid positions), ``softcap`` (logits become softcap * tanh(logits / softcap)) and
+    ``inplace_backward`` (the gradient is written into the logits' storage, so no N x C buffer
+    is allocated; the logits must not be used after the call). A ``mean`` over no valid
+    position is 0 (torch: NaN). Any ``return_*`` flag makes it return a CrossEntropyOutput.
     """
     red, label_smoothing = _check_loss_args(input, target, reduction, label_smoothing)
     z_loss = _z_loss_value(z_loss)
@@ -230,22 +319,38 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if classes == 0:
         raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
+    promoted = None
+    if target.is_floating_point() and target.shape == input.shape:
+        input, target, promoted = _with_floating_target(input, target)
     logits2d, positions = _rows_of(input)
     acc = acc_dtype(input.dtype)
 
     if target.is_floating_point():  # class probabilities
         if target.shape != input.shape:
+            if tuple(target.shape) == positions:
+                raise TypeError(f"target of shape {tuple(target.shape)} looks like class "
+                                f"indices, which must be an integer tensor, got {target.dtype} "
+                                f"(a floating target holds class probabilities and must have "
+                                f"the input's shape {tuple(input.shape)})")
             raise ValueError(f"probability target must have the input's shape "
                              f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        if return_token_accuracy:
+            raise ValueError("return_token_accuracy=True needs class-index targets, got a "
+                             "probability target")
         target2d, _ = _rows_of(target)
         ignore_index = _NO_IGNORE_INDEX
     else:
         target2d = _class_indices(target, positions, input)
     w = _class_weight(weight, classes, acc, input)
     m = _row_vector(mask, "mask", positions, acc, input)
-    loss = _softmax_ce(logits2d, target2d, w, m, int(ignore_index), label_smoothing, z_loss, cap,
-                       red, inplace_backward=inplace_backward, input=input)
-    return loss.reshape(positions) if red == 0 else loss
+    loss, row_stats, extras = _softmax_ce(
+        logits2d, target2d, w, m, int(ignore_index), label_smoothing, z_loss, cap, red,
+        inplace_backward=inplace_backward, input=input, want_accuracy=return_token_accuracy)
+    loss = loss.to(_loss_dtype(input, promoted))
+    if red == 0:
+        loss = loss.reshape(positions)
+    return _with_extra_outputs(loss, row_stats, extras, positions, red == 0, return_z_loss,
+                               return_token_accuracy, return_lse)
 
 
 def _broadcast_to_rows(t, name, input, rows, cols, acc):
@@ -280,20 +385,30 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     """
     red, label_smoothing = _check_loss_args(input, target, reduction, label_smoothing)
     if target.shape != input.shape:
-        raise ValueError(f"Target size ({tuple(target.shape)}) must be the same as input size "
-                         f"({tuple(input.shape)})")
+        raise ValueError(f"Target size {tuple(target.shape)} must be the same as input size "
+                         f"{tuple(input.shape)}")
     if target.is_complex():
         raise TypeError(f"target must be a real or bool tensor, got {target.dtype}")
+    promoted = None
+    if target.is_floating_point():
+        input, target, promoted = _with_floating_target(input, target)
+    else:
+        target = target.to(input.dtype)
     cols = input.shape[-1] if input.dim() >= 1 else 1
     rows = input.numel() // cols if cols else (input.shape[:-1].numel())
     acc = acc_dtype(input.dtype)
     x = input.reshape(rows, cols)
-    y = target.to(input.dtype).reshape(rows, cols)
+    y = target.reshape(rows, cols)
     w = _broadcast_to_rows(weight, "weight", input, rows, cols, acc)
     pw = _broadcast_to_rows(pos_weight, "pos_weight", input, rows, cols, acc)
     m = _broadcast_to_rows(mask, "mask", input, rows, cols, acc)
-    compute_grad = red != 0 and torch.is_grad_enabled() and input.requires_grad
-    loss, _grad = _ops.current().sigmoid_ce(x, y, w, pw, m, label_smoothing, red, compute_grad)
+    if _functorch_active():
+        loss = _composite.sigmoid_ce(x, y, w, pw, m, label_smoothing, red)
+    else:
+        compute_grad = red != 0 and torch.is_grad_enabled() and input.requires_grad
+        loss, _grad = _ops.current().sigmoid_ce(x, y, w, pw, m, label_smoothing, red,
+                                                compute_grad)
+    loss = loss.to(_loss_dtype(input, promoted))
     return loss.reshape(input.shape) if red == 0 else loss
 
 
@@ -314,9 +429,10 @@ def sparse_softmax_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) 
     classes = logits.shape[-1]
     if classes == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
-    loss = _softmax_ce(logits.reshape(-1, classes), labels.reshape(-1).to(torch.int64), None,
-                       None, _NO_IGNORE_INDEX, 0.0, 0.0, 0.0, 0, input=logits)
-    return loss.reshape(labels.shape)
+    loss, _row_stats, _extras = _softmax_ce(
+        logits.reshape(-1, classes), labels.reshape(-1).to(torch.int64), None, None,
+        _NO_IGNORE_INDEX, 0.0, 0.0, 0.0, 0, input=logits)
+    return loss.to(_loss_dtype(logits)).reshape(labels.shape)
 
 
 def sigmoid_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) -> Tensor:
@@ -332,13 +448,16 @@ def sigmoid_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) -> Tens
 def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
                   average_across_timesteps: bool = True, average_across_batch: bool = True, *,
                   label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  softcap: Optional[float] = None) -> Tensor:
+                  softcap: Optional[float] = None, return_z_loss: bool = False,
+                  return_token_accuracy: bool = False, return_lse: bool = False):
     """tf.contrib.seq2seq.sequence_loss (TF r1.4): weighted cross-entropy of logits
     (batch, time, classes) against targets (batch, time), weights (batch, time).
 
     Averaged across both: sum(ce * w) / (sum(w) + 1e-12), a scalar; across timesteps only:
     shape (batch,), each row divided by its own weight sum (+1e-12); across the batch only:
-    shape (time,); neither: ce * w, shape (batch, time)."""
+    shape (time,); neither: ce * w, shape (batch, time). Any ``return_*`` flag makes it return
+    a CrossEntropyOutput whose z-loss part and (weighted) token accuracy are averaged the same
+    way, and whose lse has shape (batch, time)."""
     for t, n in ((logits, "logits"), (targets, "targets"), (weights, "weights")):
         _check_tensor(t, n)
     _check_logits_dtype(logits, "logits")
@@ -374,12 +493,26 @@ def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
     flat_targets = targets.reshape(-1).to(torch.int64)
     flat_weights = weights.reshape(-1).to(acc)
     args = (flat_targets, None, flat_weights, _NO_IGNORE_INDEX, label_smoothing, z_loss, cap)
+    extra_outputs = dict(return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                         return_lse=return_lse)
     if average_across_timesteps and average_across_batch:
-        return _softmax_ce(rows, *args, REDUCTIONS["mean"], mean_eps=_TF_EPSILON, input=logits)
-    weighted = _softmax_ce(rows, *args, REDUCTIONS["none"], input=logits).reshape(batch, time)
-    w = weights.to(weighted.dtype)
-    if average_across_timesteps:
-        return weighted.sum(1) / (w.sum(1) + _TF_EPSILON)
-    if average_across_batch:
-        return weighted.sum(0) / (w.sum(0) + _TF_EPSILON)
-    return weighted
+        loss, row_stats, extras = _softmax_ce(rows, *args, REDUCTIONS["mean"],
+                                              mean_eps=_TF_EPSILON, input=logits,
+                                              want_accuracy=return_token_accuracy)
+        return _with_extra_outputs(loss.to(_loss_dtype(logits)), row_stats, extras,
+                                   (batch, time), False, **extra_outputs)
+    weighted, row_stats, extras = _softmax_ce(rows, *args, REDUCTIONS["none"], input=logits,
+                                              want_accuracy=return_token_accuracy)
+    weighted = weighted.to(_loss_dtype(logits)).reshape(batch, time)
+
+    def average(per_position):
+        w = weights.to(per_position.dtype)
+        if average_across_timesteps:
+            return per_position.sum(1) / (w.sum(1) + _TF_EPSILON)
+        if average_across_batch:
+            return per_position.sum(0) / (w.sum(0) + _TF_EPSILON)
+        return per_position
+
+    extras = torch.stack([average(e.reshape(batch, time)) for e in extras.detach()])
+    return _with_extra_outputs(average(weighted), row_stats, extras, (batch, time), False,
+                               **extra_outputs)

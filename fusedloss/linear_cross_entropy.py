@@ -16,11 +16,10 @@ backward only multiplies them by grad_output (in place, and not at all when it i
 reduction="none" cannot pre-scale (each row's grad_output is unknown in the forward): its
 backward recomputes the chunks' logits and gradients instead.
 
-The mean's denominator is global over all rows: it is computed once, on the device (no host
-synchronisation), and folded into the per-row mask that the chunk kernel (run with
-reduction="sum") multiplies each row's loss and gradient by. The kernel then produces exactly
-the mean-scaled gradient, and each chunk's loss sum is already of the mean's size (a float16
-chunk sum of unscaled losses would overflow long before the mean does).
+The mean's two denominators (the weighted one of the cross-entropy part, the count of valid
+positions of the z-loss part) are global over all rows: they are computed once, on the device
+(no host synchronisation), and handed to every chunk's kernel call (the op's `denominators`),
+which then produces exactly the mean-scaled loss, extra outputs and gradient of its rows.
 
 The whole computation is one custom op (``<namespace>::linear_ce``) with a fake kernel and
 registered autograd, so ``torch.compile(fullgraph=True)`` keeps it as one opaque call.
@@ -88,30 +87,23 @@ def _sequential_sum(v: Tensor) -> Tensor:
     return torch.cumsum(v.to(torch.float64), 0)[-1]
 
 
-def row_scale(target, class_weight, mask, ignore_index, reduction, rows, acc, device):
-    """The per-row factor the chunk kernel multiplies each row's loss and gradient by: the
-    user's mask (or None for all ones) under sum; mask / denominator under mean, where the
-    denominator is sum_i mask_i * w[t_i] * [t_i != ignore_index] for class indices and the mask's
-    sum (or the row count) for probabilities; 0 when it is 0 (the mean over nothing is 0).
-    Computed on the device: no host synchronisation."""
-    if reduction != REDUCTIONS["mean"]:
-        return mask
+def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
+    """The whole loss's (weighted denominator, count of valid positions), float64 on the device
+    (no host synchronisation): sum_i mask_i * w[t_i] * [t_i != ignore_index] and
+    sum_i mask_i * [t_i != ignore_index] for class indices, the mask's sum (or the row count)
+    twice for probabilities, as softmax_ce computes them for one call."""
+    ones = torch.ones(rows, dtype=torch.float64, device=device)
+    counted = mask.to(torch.float64) if mask is not None else ones
     if target.is_floating_point():
-        per_row = (mask.to(torch.float64) if mask is not None
-                   else torch.ones(rows, dtype=torch.float64, device=device))
-    else:
-        valid = target != ignore_index
-        per_row = valid.to(torch.float64)
-        if class_weight is not None:
-            safe = torch.where(valid, target, 0).clamp(0, class_weight.shape[0] - 1)
-            per_row = per_row * class_weight.to(torch.float64)[safe]
-        if mask is not None:
-            per_row = per_row * mask.to(torch.float64)
-    denominator = _sequential_sum(per_row)
-    inv = torch.where(denominator != 0, 1.0 / denominator, torch.zeros_like(denominator))
-    base = (mask.to(torch.float64) if mask is not None
-            else torch.ones(rows, dtype=torch.float64, device=device))
-    return (base * inv).to(acc)
+        count = _sequential_sum(counted)
+        return torch.stack([count, count])
+    valid = target != ignore_index
+    counted = torch.where(valid, counted, 0)
+    weighted = counted
+    if class_weight is not None:
+        safe = torch.where(valid, target, 0).clamp(0, class_weight.shape[0] - 1)
+        weighted = counted * class_weight.to(torch.float64)[safe]
+    return torch.stack([_sequential_sum(weighted), _sequential_sum(counted)])
 
 
 def live_rows(target, mask, ignore_index):
@@ -185,14 +177,17 @@ def _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index, 
     lib = getattr(torch.ops, ns)
     c = _Chunks(input, weight, bias, target, class_weight, mask, ignore_index, chunk_rows)
     rows, hidden = input.shape
-    scale = row_scale(target, class_weight, mask, ignore_index, reduction, rows, c.acc, c.device)
     per_row = reduction == REDUCTIONS["none"]
+    denominators = (mean_denominators(target, class_weight, mask, ignore_index, rows, c.device)
+                    if not per_row else None)
     any_grad = not per_row and (need_input_grad or need_weight_grad or need_bias_grad)
 
-    loss_rows = input.new_zeros((rows,) if per_row else (0,))
+    loss_rows = torch.zeros((rows,) if per_row else (0,), dtype=c.acc, device=c.device)
     loss_total = torch.zeros((), dtype=c.acc, device=c.device)
     stats = torch.zeros((rows, 2), dtype=c.acc, device=c.device)
-    correct = torch.zeros((rows if need_accuracy else 0,), dtype=c.acc, device=c.device)
+    # the extra outputs, as softmax_ce's: per row (z-loss part, correct) for none, else the
+    # chunks' (z-loss part, accuracy) summed (each chunk divides by the whole loss's count)
+    extras = torch.zeros((2, rows) if per_row else (2,), dtype=c.acc, device=c.device)
     grad_input = (torch.zeros((rows, hidden), dtype=input.dtype, device=c.device)
                   if any_grad and need_input_grad else input.new_empty((0,)))
     # float32 accumulation for 16-bit weights; on the CPU the chunks already are float32
@@ -204,36 +199,31 @@ def _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index, 
     for idx, n in c:
         x, logits = c.logits(idx, n)
         t = c.target[idx]
-        if need_accuracy:
-            # before the kernel overwrites the logits; argmax breaks ties as torch.argmax does
-            correct[idx] = (logits.argmax(1) == t).to(c.acc)
-        m = _take(scale, idx)
+        m = _take(mask, idx)
+        options = (t, c.class_weight, m, ignore_index, label_smoothing, z_loss, softcap)
         if per_row:
-            loss, row_stats, _ = lib.softmax_ce(logits, t, c.class_weight, m, ignore_index,
-                                                label_smoothing, z_loss, softcap, 0, 0.0, False)
-            loss_rows[idx] = loss.to(input.dtype)
+            loss, row_stats, _, chunk_extras = lib.softmax_ce(logits, *options, 0, 0.0, False,
+                                                              need_accuracy)
+            loss_rows[idx] = loss
+            extras[:, idx] = chunk_extras
         elif not any_grad:
-            loss, row_stats, _ = lib.softmax_ce(logits, t, c.class_weight, m, ignore_index,
-                                                label_smoothing, z_loss, softcap,
-                                                REDUCTIONS["sum"], 0.0, False)
+            loss, row_stats, _, chunk_extras = lib.softmax_ce(
+                logits, *options, reduction, 0.0, False, need_accuracy, denominators)
         else:
-            loss, row_stats = lib.softmax_ce_inplace(logits, t, c.class_weight, m, ignore_index,
-                                                     label_smoothing, z_loss, softcap,
-                                                     REDUCTIONS["sum"], 0.0)
+            loss, row_stats, chunk_extras = lib.softmax_ce_inplace(
+                logits, *options, reduction, 0.0, need_accuracy, denominators)
             _accumulate_grads(c, idx, n, x, logits, grad_input, grad_weight_acc, grad_bias_acc)
         if not per_row:
-            loss_total += loss.to(c.acc)
-        stats[idx] = row_stats.to(c.acc)
+            loss_total += loss
+            extras += chunk_extras
+        stats[idx] = row_stats
 
-    if per_row:
-        loss_out = loss_rows
-    else:
-        loss_out = loss_total.to(input.dtype)
+    loss_out = loss_rows if per_row else loss_total
     grad_weight = (grad_weight_acc.to(weight.dtype) if grad_weight_acc is not None
                    else weight.new_empty((0,)))
     grad_bias = (grad_bias_acc.to(weight.dtype) if grad_bias_acc is not None
                  else weight.new_empty((0,)))
-    return loss_out, stats, grad_input, grad_weight, grad_bias, correct
+    return loss_out, stats, grad_input, grad_weight, grad_bias, extras
 
 
 def _accumulate_grads(c, idx, n, x, chunk_grad, grad_input, grad_weight_acc, grad_bias_acc):
@@ -304,10 +294,11 @@ def _register(ns):
                   chunk_rows: int, need_input_grad: bool, need_weight_grad: bool,
                   need_bias_grad: bool, need_accuracy: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Returns (loss, row_stats (rows, 2), grad_input, grad_weight, grad_bias, correct):
-        the gradients pre-scaled for mean/sum (empty when not asked for, and always for
-        reduction none), row_stats the kernel's (max, log-sum-exp - max) per row (0 for rows
-        skipped), correct 1.0 where argmax == target (when need_accuracy)."""
+        """Returns (loss, row_stats (rows, 2), grad_input, grad_weight, grad_bias, extras):
+        the loss and extras in the accumulation dtype, the gradients pre-scaled for mean/sum
+        (empty when not asked for, and always for reduction none), row_stats the kernel's
+        (max, log-sum-exp - max) per row (0 for rows skipped), extras softmax_ce's (the z-loss
+        part and the token accuracy, computed when need_accuracy)."""
         return _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index,
                         label_smoothing, z_loss, softcap, reduction, chunk_rows,
                         need_input_grad, need_weight_grad, need_bias_grad, need_accuracy)
@@ -320,13 +311,13 @@ def _register(ns):
         acc = acc_dtype(input.dtype)
         per_row = reduction == REDUCTIONS["none"]
         any_grad = not per_row and (need_input_grad or need_weight_grad or need_bias_grad)
-        loss = input.new_empty((rows,) if per_row else ())
+        loss = input.new_empty((rows,) if per_row else (), dtype=acc)
         stats = input.new_empty((rows, 2), dtype=acc)
         gi = input.new_empty(input.shape if any_grad and need_input_grad else (0,))
         gw = weight.new_empty(weight.shape if any_grad and need_weight_grad else (0,))
         gb = weight.new_empty((weight.shape[0],) if any_grad and need_bias_grad else (0,))
-        correct = input.new_empty((rows if need_accuracy else 0,), dtype=acc)
-        return loss, stats, gi, gw, gb, correct
+        extras = input.new_empty((2, rows) if per_row else (2,), dtype=acc)
+        return loss, stats, gi, gw, gb, extras
 
     @torch.library.custom_op(f"{ns}::linear_ce_backward", mutates_args=())
     def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor,
@@ -387,13 +378,12 @@ def _register(ns):
             grads = getattr(ctx, "saved_grads", None)
             if traced:
                 gi, gw, gb = (g * grad_loss for g in grads)
-            elif grads is None:  # a second backward (retain_graph=True): recompute
-                _, _, gi, gw, gb, _ = linear_ce(input, weight, bias, target, class_weight, mask,
+            else:
+                if grads is None:  # a second backward (retain_graph=True): the same forward
+                    _, _, *grads, _ = linear_ce(input, weight, bias, target, class_weight, mask,
                                                 *ctx.options, ctx.reduction, ctx.chunk_rows,
                                                 need_input_grad, need_weight_grad,
                                                 need_bias_grad, False)
-                gi, gw, gb = (g * grad_loss.to(g.dtype) for g in (gi, gw, gb))
-            else:
                 # handed over without a copy, scaled in place (no pass when grad_loss is 1)
                 ctx.saved_grads = None
                 scale_grad_ = getattr(torch.ops, ns).scale_grad_
@@ -447,9 +437,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     ``reduction``, ``ignore_index``, ``label_smoothing``, ``mask``, ``z_loss`` and ``softcap``
     are fusedloss.cross_entropy's. ``chunk_size``: rows per chunk (default
     :func:`auto_chunk_rows`). With ``return_z_loss`` or ``return_token_accuracy`` the result is
-    a ``CrossEntropyOutput(loss, z_loss, token_accuracy, lse=None)``: the z-loss part of the loss
-    (reduced like it), and the fraction of valid positions (target not ignored, mask not 0)
-    where argmax of the logits == target (a scalar for every reduction).
+    a ``CrossEntropyOutput(loss, z_loss, token_accuracy, lse=None)``, as cross_entropy's: the
+    z-loss part of the loss and the (mask-weighted) share of valid positions where argmax of
+    the logits == target, both per position for reduction="none"; from the same pass.
 
     The gradients go to input, linear_weight and linear_bias; the target, mask and class weight
     must not require grad. The forward computes the gradients, so a frozen weight or an input
@@ -498,30 +488,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     need_weight_grad = grad_on and linear_weight.requires_grad
     need_bias_grad = grad_on and linear_bias is not None and linear_bias.requires_grad
     op, _ = ops_for(_ops.current().namespace)
-    loss, stats, _gi, _gw, _gb, correct = op(
+    loss, _stats, _gi, _gw, _gb, extras = op(
         x, linear_weight, linear_bias, t, w, m, int(ignore_index), label_smoothing, z_loss, cap,
         red, chunk, need_input_grad, need_weight_grad, need_bias_grad, return_token_accuracy)
-    if red == REDUCTIONS["none"]:
+    per_position = red == REDUCTIONS["none"]
+    loss = loss.to(F._loss_dtype(input))
+    if per_position:
         loss = loss.reshape(positions)
     if not (return_z_loss or return_token_accuracy):
         return loss
-    valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    if not t.is_floating_point():
-        valid = t != ignore_index
-    if m is not None:
-        valid = valid & (m != 0)
-    z_part = None
-    if return_z_loss:
-        lse = stats[:, 0] + stats[:, 1]
-        factor = row_scale(t, w, m, ignore_index, red, x.shape[0], acc, x.device)
-        z_rows = z_loss * lse * lse * valid.to(acc)
-        if factor is not None:
-            z_rows = z_rows * factor
-        z_part = z_rows.reshape(positions) if red == REDUCTIONS["none"] else _sequential_sum(
-            z_rows).to(acc)
-    accuracy = None
-    if return_token_accuracy:
-        count = _sequential_sum(valid.to(acc))
-        hits = _sequential_sum(correct * valid.to(acc))
-        accuracy = torch.where(count > 0, hits / count.clamp_min(1), torch.zeros_like(hits)).to(acc)
-    return F.CrossEntropyOutput(loss, z_part, accuracy, None)
+    extras = extras.detach()
+    if per_position:
+        extras = extras.reshape((2,) + positions)
+    return F.CrossEntropyOutput(loss, extras[0] if return_z_loss else None,
+                                extras[1] if return_token_accuracy else None, None)

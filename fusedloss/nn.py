@@ -13,21 +13,30 @@ __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss", "LinearCross
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """torch.nn.CrossEntropyLoss with fusedloss's kernel; forward(input, target, mask=None)."""
+    """torch.nn.CrossEntropyLoss with fusedloss's kernel; forward(input, target, mask=None).
+    With any return_* flag set, forward returns a CrossEntropyOutput."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
-                 softcap: Optional[float] = None, inplace_backward: bool = False) -> None:
+                 softcap: Optional[float] = None, inplace_backward: bool = False,
+                 return_z_loss: bool = False, return_token_accuracy: bool = False,
+                 return_lse: bool = False) -> None:
         super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.inplace_backward = inplace_backward
+        self.return_z_loss = return_z_loss
+        self.return_token_accuracy = return_token_accuracy
+        self.return_lse = return_lse
 
-    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None):
         return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
                                self.label_smoothing, mask=mask, z_loss=self.z_loss,
-                               softcap=self.softcap, inplace_backward=self.inplace_backward)
+                               softcap=self.softcap, inplace_backward=self.inplace_backward,
+                               return_z_loss=self.return_z_loss,
+                               return_token_accuracy=self.return_token_accuracy,
+                               return_lse=self.return_lse)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "

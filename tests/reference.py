@@ -6,9 +6,11 @@ import torch.nn.functional as F
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, mask=None, z_loss=0.0, softcap=None):
+                  label_smoothing=0.0, mask=None, z_loss=0.0, softcap=None, read_masked=False):
     """fusedloss.cross_entropy in float64: PyTorch's loss per position, plus mask, z-loss and
-    softcap; a mean over no valid position is 0."""
+    softcap; a mean over no valid position is 0. Positions with mask 0 contribute exactly 0
+    whatever their logits, unless read_masked (then their loss term is computed and multiplied
+    by 0, so that d loss / d mask is that term: what a mask that requires grad gets)."""
     x = input.double()
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
@@ -26,16 +28,25 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         safe_t = torch.where(valid, target, torch.zeros_like(target))
         denom_weight = w[safe_t] if w is not None else torch.ones_like(per)
     lse = torch.logsumexp(x, dim=1 if x.dim() > 1 else 0)
-    per = per + z_loss * lse**2 * valid
+    z_part = z_loss * lse**2 * valid
     m = mask.double() if mask is not None else torch.ones_like(per)
     # masked (0) and ignored positions contribute exactly 0, whatever their logits
-    per = torch.where((m != 0) & valid, per * m, torch.zeros_like(per))
+    kept = valid if read_masked else (m != 0) & valid
+    per = torch.where(kept, per * m, torch.zeros_like(per))
+    z_part = torch.where(kept, z_part * m, torch.zeros_like(z_part))
     if reduction == "none":
-        return per
+        return per + z_part
     if reduction == "sum":
-        return per.sum()
+        return per.sum() + z_part.sum()
+    # mean: the cross-entropy part over the weighted denominator, the z-loss part over the
+    # count of valid positions (PaLM's convention): class weights never scale the z-loss
     denom = (m * denom_weight * valid).sum()
-    return per.sum() / denom if denom != 0 else per.sum() * 0
+    count = (m * valid).sum()
+    return _divide_or_zero(per.sum(), denom) + _divide_or_zero(z_part.sum(), count)
+
+
+def _divide_or_zero(total, denominator):
+    return total / denominator if denominator != 0 else total * 0
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean",
@@ -54,7 +65,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     if reduction == "sum":
         return per.sum()
     denom = mask.double().expand(x.shape).sum() if mask is not None else float(x.numel())
-    return per.sum() / denom if denom != 0 else per.sum() * 0
+    return _divide_or_zero(per.sum(), denom)
 
 
 def sequence_loss(logits, targets, weights, average_across_timesteps=True,

@@ -3,14 +3,16 @@ softmax CE on the rows path (several rows per block; a block per row), the split
 rows; rows too long for a block, in L2-sized groups), misaligned rows, probability targets,
 in place, recomputed from the saved statistics, bad targets, skipped rows, the two-stage
 sums; sigmoid CE on the 128-bit and the strided path with every broadcast operand;
-scale_grad_.
+scale_grad_. Each softmax path runs with every option at once (class weights, label
+smoothing, z-loss, softcap, a fractional mask with padding, ignored rows or probability
+targets) under mean (the forward's gradient) and none (the gradient recomputed from the
+saved statistics), so that a term dropped on one path fails that path's test.
 
 kind "simt": the kernels on the SIMT harness, with the device parameters the launch plans see
 set so that small shapes take each path, and the launch log checked (a path that was not taken
 fails the test). kind "cuda": the same cases on a GPU with its real parameters (skipped
 without one)."""
 
-import contextlib
 import os
 import sys
 
@@ -19,58 +21,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
+from cuda_kinds import NO_SPLIT, SMALL_L2, SPLIT_FEW, kind  # noqa: E402, F401
 from helpers import assert_close, grad_output_like, logits  # noqa: E402
 
 import fusedloss as fl  # noqa: E402
-from fusedloss import _ops  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-# SIMT device parameters: 8 SMs, so few rows split; 64 KB of L2, so long rows go one per group
-SPLIT_FEW = dict(num_sms=8, min_split_classes=512)
-NO_SPLIT = dict(num_sms=1, min_split_classes=1 << 30)
-SMALL_L2 = dict(l2_bytes=64 << 10)
-
-
-class Kind:
-    def __init__(self, name):
-        self.name = name
-        self.device = torch.device("cuda" if name == "cuda" else "cpu")
-        self._log = None
-
-    @contextlib.contextmanager
-    def run(self, **device):
-        """Routes the API through this kind's kernels; `device` sets the SIMT plan's view."""
-        if self.name == "cuda":
-            yield self
-            return
-        from simt import ctl, load_simt_opset
-
-        with _ops.use(load_simt_opset()), ctl.device(**device):
-            ctl.reset_launches()
-            yield self
-            self._log = ctl.launches()
-
-    def expect(self, *kernels, count=None):
-        """The SIMT launch log names these kernels (count: launches of the first)."""
-        if self.name == "cuda":
-            return
-        for k in kernels:
-            assert k in self._log, f"{k} did not run: {self._log}"
-        if count is not None:
-            assert self._log[kernels[0]] == count, self._log
-
-    def ops(self):
-        return _ops.current()
-
-
-@pytest.fixture(params=["simt", "cuda"])
-def kind(request):
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device on this machine")
-    if request.param == "simt":
-        pytest.importorskip("simt")
-    return Kind(request.param)
 
 
 def ce_case(kind, rows, classes, dtype, reduction="mean", probs=False, cfg=None, view=None,
@@ -85,15 +41,15 @@ def ce_case(kind, rows, classes, dtype, reduction="mean", probs=False, cfg=None,
         target = torch.softmax(torch.randn(rows, classes, dtype=torch.float64), 1).to(dtype)
     else:
         target = torch.randint(0, classes, (rows,))
-        if "ignore_index" in kw:
-            target[torch.rand(rows) < 0.3] = kw["ignore_index"]
+        if "ignore_index" in kw:  # row 0 always counts
+            target[1:][torch.rand(rows - 1) < 0.3] = kw["ignore_index"]
     target = target.to(kind.device)
     fl_kw = {k: (v.to(kind.device) if torch.is_tensor(v) else v) for k, v in kw.items()}
-    if "weight" in fl_kw and dtype != torch.float64:
-        fl_kw["weight"] = fl_kw["weight"].float()
     ref_kw = dict(kw)
-    if "weight" in ref_kw and dtype != torch.float64:
-        ref_kw["weight"] = ref_kw["weight"].float().double()
+    for name in ("weight", "mask"):  # float32 in the kernels unless the logits are float64
+        if name in kw and dtype != torch.float64:
+            fl_kw[name] = fl_kw[name].float()
+            ref_kw[name] = ref_kw[name].float().double()
     check(kind, base, view, cfg, expect,
           lambda xa: fl.cross_entropy(xa, target, reduction=reduction, **fl_kw),
           lambda xr: ref.cross_entropy(xr, target.cpu(), reduction=reduction, **ref_kw))
@@ -118,64 +74,101 @@ def check(kind, base, view, cfg, expect, call, reference):
     assert_close(view(leaf.grad), xr.grad, x.dtype)
 
 
+def every_option(rows, classes, probs):
+    """Every option at once, so that a term dropped on any path shows in its loss or gradient:
+    class weights, label smoothing, z-loss, softcap, a fractional mask with padding rows (0),
+    and for class-index targets ignored rows (ce_case sets ~30% to ignore_index)."""
+    mask = torch.rand(rows, dtype=torch.float64) * 0.9 + 0.1
+    mask[1:][torch.rand(rows - 1) < 0.2] = 0.0  # row 0 always counts
+    kw = dict(weight=torch.rand(classes, dtype=torch.float64) + 0.1, label_smoothing=0.1,
+              z_loss=2e-3, softcap=8.0, mask=mask)
+    if not probs:
+        kw["ignore_index"] = -100
+    return kw
+
+
+TARGETS = pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
+# mean: the forward's gradient, pre-scaled by the mean's 1/denominator; none: the gradient
+# recomputed from the saved row statistics (every path has both)
+REDUCTIONS = pytest.mark.parametrize("reduction", ["mean", "none"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("classes", [1, 7, 30, 250], ids=lambda c: f"C{c}")
-def test_rows_path_several_rows_per_block(kind, dtype, classes):
+@TARGETS
+@REDUCTIONS
+def test_rows_path_several_rows_per_block(kind, dtype, classes, probs, reduction):
     """Up to 32 threads per row, rows of one warp reduced with shuffles of their lane group."""
-    ce_case(kind, 67, classes, dtype, cfg=NO_SPLIT, expect=("softmax_ce_rows",),
-            label_smoothing=0.1)
+    ce_case(kind, 67, classes, dtype, reduction=reduction, probs=probs, cfg=NO_SPLIT,
+            expect=("softmax_ce_rows",), **every_option(67, classes, probs))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("classes", [1000, 3001, 8001], ids=lambda c: f"C{c}")
-def test_rows_path_block_per_row(kind, dtype, classes):
+@TARGETS
+@REDUCTIONS
+def test_rows_path_block_per_row(kind, dtype, classes, probs, reduction):
     """64..1024 threads per row, reduced through shared memory; odd C: misaligned rows."""
-    ce_case(kind, 5, classes, dtype, cfg=NO_SPLIT, expect=("softmax_ce_rows",),
-            weight=torch.rand(classes, dtype=torch.float64) + 0.1, label_smoothing=0.2,
-            z_loss=1e-3)
+    if probs and dtype == torch.float64 and classes == 8001:
+        classes = 4001  # float64 logits and targets: 4096 a row at most, longer rows split
+    ce_case(kind, 5, classes, dtype, reduction=reduction, probs=probs, cfg=NO_SPLIT,
+            expect=("softmax_ce_rows",), **every_option(5, classes, probs))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@TARGETS
+@REDUCTIONS
 def test_split_path_few_rows(kind, dtype, probs, reduction):
     """Too few rows to fill the device: each row cut into chunks, merged by a second stage
     (the backward of reduction='none' recomputes from the saved statistics on the same path)."""
-    ce_case(kind, 3, 3001, dtype, reduction=reduction, probs=probs, cfg=SPLIT_FEW,
-            expect=("softmax_ce_split_finish",), label_smoothing=0.1, softcap=6.0)
+    ce_case(kind, 5, 3001, dtype, reduction=reduction, probs=probs, cfg=SPLIT_FEW,
+            expect=("softmax_ce_split_finish",), **every_option(5, 3001, probs))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_split_path_long_rows_in_l2_groups(kind, dtype):
+@TARGETS
+@REDUCTIONS
+def test_split_path_long_rows_in_l2_groups(kind, dtype, probs, reduction):
     """Rows longer than a block holds (here 40000 > 32768 classes), in groups of rows that fit
-    half the L2 (64 KB in the harness: one row a group, so 3 launches of each stage)."""
-    ce_case(kind, 3, 40000, dtype, cfg=SMALL_L2, expect=("softmax_ce_split_stats",),
-            weight=torch.rand(40000, dtype=torch.float64) + 0.1, label_smoothing=0.05)
-    kind.expect("softmax_ce_split_stats", "softmax_ce_split_finish", count=3)
+    half the L2 (64 KB in the harness: one row a group, so one launch of each stage per row;
+    the recompute of class-index targets needs no stage 1)."""
+    ce_case(kind, 3, 40000, dtype, reduction=reduction, probs=probs, cfg=SMALL_L2,
+            expect=("softmax_ce_split_finish",), **every_option(3, 40000, probs))
+    stage1 = 6 if probs and reduction == "none" else 3  # forward and recompute, or forward
+    kind.expect("softmax_ce_split_stats", "softmax_ce_split_finish", count=stage1)
 
 
 @pytest.mark.parametrize("path", ["rows", "split"])
 @pytest.mark.parametrize("layout", ["column_slice", "row_step"])
-def test_misaligned_and_strided_rows(kind, path, layout):
+@TARGETS
+def test_misaligned_and_strided_rows(kind, path, layout, probs):
     """Rows whose 16-byte phase differs from the gradient's (element stores), row strides."""
     view = (lambda t: t[:, 3:3004]) if layout == "column_slice" else (lambda t: t[::2])
     cfg = SPLIT_FEW if path == "split" else NO_SPLIT
-    ce_case(kind, 7, 3005, torch.float32, cfg=cfg, view=view,  # 7 rows < 8 SMs: split
+    ce_case(kind, 7, 3005, torch.float32, probs=probs, cfg=cfg, view=view,  # 7 rows < 8 SMs
             expect=("softmax_ce_split_finish" if path == "split" else "softmax_ce_rows",),
-            label_smoothing=0.1)
+            **every_option(*((7, 3001) if layout == "column_slice" else (4, 3005)), probs))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path", ["rows", "split"])
-def test_inplace_matches_out_of_place(kind, dtype, path):
+@TARGETS
+def test_inplace_matches_out_of_place(kind, dtype, path, probs):
     """softmax_ce_inplace writes the gradient over the logits: the same bits as the
-    out-of-place op (each element is read before it is written, z_target before any store)."""
+    out-of-place op (each element is read before it is written, z_target before any store),
+    whose gradient is checked against the reference by the tests above."""
     cfg = SPLIT_FEW if path == "split" else NO_SPLIT
     x = logits((6, 3001), dtype, kind.device)
-    t = torch.randint(0, 3001, (6,), device=kind.device)
-    w = (torch.rand(3001, device=kind.device) + 0.5).to(torch.float64 if dtype == torch.float64
-                                                          else torch.float32)
-    args = (t, w, None, -100, 0.1, 1e-3, 5.0, 1, 0.0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if probs:
+        t = torch.softmax(torch.randn(6, 3001, dtype=torch.float64), 1).to(dtype)
+    else:
+        t = torch.randint(0, 3001, (6,))
+        t[1] = -100
+    o = every_option(6, 3001, probs)
+    weight, mask = (o[name].to(acc).to(kind.device) for name in ("weight", "mask"))
+    args = (t.to(kind.device), weight, mask, -100, o["label_smoothing"], o["z_loss"], o["softcap"],
+            1, 0.0)  # mean
     with kind.run(**cfg):
         loss, stats, grad = kind.ops().softmax_ce(x, *args, True)
         y = x.clone()
@@ -249,10 +242,12 @@ def test_sigmoid_flat_path(kind, dtype, reduction, operands):
     if operands in ("column", "all"):
         kw["weight"] = torch.rand(cols, dtype=torch.float64) + 0.5
         kw["pos_weight"] = torch.rand(cols, dtype=torch.float64) * 3
-    if operands in ("row_mask", "all"):
-        kw["mask"] = (torch.rand(rows, 1) < 0.7).double()
+    if operands in ("row_mask", "all"):  # fractional, with padding rows
+        kw["mask"] = torch.rand(rows, 1, dtype=torch.float64) * (torch.rand(rows, 1) < 0.7)
     if operands == "full_mask":
         kw["mask"] = torch.rand(rows, cols, dtype=torch.float64)
+    if operands == "all":
+        kw["label_smoothing"] = 0.1
     bce_case(kind, x, y, reduction, expect=("sigmoid_ce_flat",), **kw)
 
 
@@ -265,8 +260,9 @@ def test_sigmoid_strided_path(kind, dtype, cols):
     y = torch.rand(301, cols, dtype=torch.float64).to(dtype).to(kind.device)
     bce_case(kind, base, y, "mean", expect=("sigmoid_ce_strided",),
              view=lambda t: t[:, 1:cols + 1],
+             weight=torch.rand(cols, dtype=torch.float64) + 0.5,
              pos_weight=torch.rand(cols, dtype=torch.float64) * 2,
-             mask=torch.rand(301, 1, dtype=torch.float64))
+             mask=torch.rand(301, 1, dtype=torch.float64), label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -30,6 +30,9 @@ def softmax_samples(device):
             (bf, torch.randint(0, 33, (5,), device=device), None, None, -100, 0.0, 0.0, 3.0,
              reduction, 0.0, reduction != 0),
             (empty, t[:0], None, None, -100, 0.0, 0.0, 0.0, reduction, 0.0, False),
+            # the token accuracy, and the caller's mean denominators (a loss split over calls)
+            (x, t, w, m, 2, 0.1, 1e-3, 5.0, reduction, 0.0, reduction != 0, True,
+             torch.tensor([3.5, 2.0], device=device)),
         ]
     return samples
 
@@ -56,10 +59,10 @@ def opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("index", range(18))
+@pytest.mark.parametrize("index", range(21))
 def test_opcheck_softmax_ce(backend, index):
     args = softmax_samples(backend.device)[index]
-    x = args[0].detach().requires_grad_(args[-1])
+    x = args[0].detach().requires_grad_(args[10])  # compute_grad
     opcheck(_ops.current().softmax_ce, (x,) + args[1:])
 
 
@@ -77,7 +80,7 @@ def test_opcheck_backward_ops(backend, reduction):
                   torch.randint(0, 9, (6,), device=backend.device),
                   torch.rand(9, dtype=torch.float64, device=backend.device),
                   torch.rand(6, dtype=torch.float64, device=backend.device))
-    _, stats, _ = ops.softmax_ce(x, t, w, m, -100, 0.1, 1e-3, 0.0, reduction, 0.0, False)
+    _, stats, _, _ = ops.softmax_ce(x, t, w, m, -100, 0.1, 1e-3, 0.0, reduction, 0.0, False)
     go = torch.rand(6 if reduction == 0 else (), dtype=torch.float64, device=backend.device)
     opcheck(ops.softmax_ce_backward, (go, x, t, w, m, stats, -100, 0.1, 1e-3, 0.0, reduction, 0.0))
     y = torch.rand(6, 9, dtype=torch.float64, device=backend.device)
@@ -90,6 +93,8 @@ def test_opcheck_inplace_and_scale(backend):
     x = logits((6, 9), torch.float32, backend.device)
     t = torch.randint(0, 9, (6,), device=backend.device)
     opcheck(ops.softmax_ce_inplace, (x.clone(), t, None, None, -100, 0.0, 0.0, 0.0, 1, 0.0))
+    opcheck(ops.softmax_ce_inplace, (x.clone(), t, None, None, -100, 0.1, 1e-2, 0.0, 1, 0.0, True,
+                                     torch.tensor([4.0, 5.0], device=backend.device)))
     opcheck(ops.scale_grad_, (x.clone(), torch.tensor(0.5, device=backend.device)))
     opcheck(ops.scale_grad_, (x.clone(), torch.tensor(1.0, device=backend.device)))
 

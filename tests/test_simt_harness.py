@@ -37,6 +37,15 @@ BUGS = {
     "dynamic_shared_out_of_bounds": r"index 255 out of bounds of 'dynamic shared memory",
     "global_read_past_end": r"out-of-bounds global memory access at byte offset 256 ",
     "global_read_before_start": r"out-of-bounds global memory access at byte offset -",
+    # a 64-bit row offset kept in 32 bits: 8 GiB before the buffer, named with the kernel
+    "global_offset_truncated_to_32_bits":
+        r"out-of-bounds global memory access at byte offset -8589934528 of buffer "
+        r"'selftest far rows' .*\[kernel global_offset_truncated_to_32_bits, block \(0,0,0\), "
+        r"thread \(0,0,0\)\]",
+    "global_read_wild_pointer":
+        r"global memory access at address 0x40, outside every registered buffer \(nearest: "
+        r"byte offset -?\d+ of buffer '.*'.*"
+        r"\[kernel global_read_wild_pointer, .* thread \(3,0,0\)\]",
     "global_write_into_gap": r"write outside buffer .* at byte offset 12",
     "misaligned_vector_load": r"misaligned 128-bit access",
     "divergent_barrier": r"divergent barrier",

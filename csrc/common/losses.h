@@ -5,14 +5,17 @@
 // z = s * tanh(x / s), row max m, log_sum = log(sum_c exp(z_c - m)), lse = m + log_sum,
 // p = softmax(z), class weights w, smoothing e, C classes, W = sum_c w_c:
 //
-//   class-index target t:
-//     loss    = (1-e) w_t (log_sum - (z_t - m)) + (e/C) (W log_sum - sum_c w_c (z_c - m))
-//               + z_loss lse^2
-//     dloss/dz_j = p_j ((1-e) w_t + (e/C) W + 2 z_loss lse) - (e/C) w_j - (1-e) w_t [j == t]
+//   class-index target t, the cross-entropy part:
+//     ce      = (1-e) w_t (log_sum - (z_t - m)) + (e/C) (W log_sum - sum_c w_c (z_c - m))
+//     dce/dz_j = p_j ((1-e) w_t + (e/C) W) - (e/C) w_j - (1-e) w_t [j == t]
 //   probability target y, smoothed q_c = (1-e) y_c + e/C, Q = sum_c w_c q_c:
-//     loss    = Q log_sum - sum_c w_c q_c (z_c - m) + z_loss lse^2
-//     dloss/dz_j = p_j (Q + 2 z_loss lse) - w_j q_j
-//   and dz/dx = 1 - (z/s)^2 under the softcap.
+//     ce      = Q log_sum - sum_c w_c q_c (z_c - m)
+//     dce/dz_j = p_j Q - w_j q_j
+//   the z-loss part, kept apart because `mean` divides it by the count of valid positions
+//   while it divides the cross-entropy part by the weighted one:
+//     zl      = z_loss lse^2,    dzl/dz_j = 2 z_loss lse p_j
+//   and dz/dx = 1 - (z/s)^2 under the softcap. A row's gradient is ce_scale dce/dz +
+//   z_scale dzl/dz, the scales folding in the mask, the reduction and the incoming gradient.
 //
 // The loss is written with (z - m) and log_sum rather than lse - z: in float32, lse of logits
 // around 1e4 has an ulp of 1e-3, which lse - z_t would carry into the loss whole; z - m is
@@ -20,8 +23,11 @@
 //
 // Sigmoid cross-entropy of one element with logit x, target y, weight w, pos_weight pw:
 //     loss    = w ((1-y) x + (1 + (pw-1) y) softplus(-x))
-//     dloss/dx = w ((1-y) - (1 + (pw-1) y) sigmoid(-x))
-// with softplus(-x) = max(-x, 0) + log1p(exp(-|x|)), which never overflows.
+//     dloss/dx = w ((1 + (pw-1) y) sigmoid(x) - pw y)
+// with softplus(-x) = max(-x, 0) + log1p(exp(-|x|)), which never overflows. The derivative is
+// written as sigmoid(x) - y (pw = 1) rather than (1 - y) - sigmoid(-x): where the two terms
+// nearly cancel (y close to sigmoid(x), both small) the latter carries 1 - y's rounding, an
+// ulp of 1, into a result far smaller than 1.
 #pragma once
 
 #include "math.h"
@@ -71,9 +77,9 @@ FL_HD T softmax_row_lse(SoftmaxRowStats<T> r) {
 }
 
 // p_j = softmax(z)_j from the row statistics.
-template <typename V, typename T>
-FL_HD V softmax_prob(V z, SoftmaxRowStats<T> r) {
-  return fl_exp((z - V(r.max)) - V(r.log_sum));
+template <typename V, typename T, typename ExpFn = AccurateExp>
+FL_HD V softmax_prob(V z, SoftmaxRowStats<T> r, ExpFn exp = {}) {
+  return exp((z - V(r.max)) - V(r.log_sum));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -100,9 +106,9 @@ struct SoftmaxCEOptions {
   T z_loss;
 };
 
-// Per-row constants of the gradient: dloss/dz_j * row_scale = coef_p * p_j - coef_w * w_j
-// - coef_target [j == t] (class-index targets) or coef_p * p_j - coef_w * w_j q_j
-// (probability targets). row_scale folds in the mask and the reduction (1/denominator).
+// Per-row constants of the gradient: ce_scale dce/dz_j + z_scale dzl/dz_j = coef_p * p_j
+// - coef_w * w_j - coef_target [j == t] (class-index targets) or coef_p * p_j - coef_w * w_j q_j
+// (probability targets).
 template <typename T>
 struct SoftmaxCERowGrad {
   T coef_p;
@@ -110,23 +116,31 @@ struct SoftmaxCERowGrad {
   T coef_target;
 };
 
-// Class-index target: loss of one row (before the mask). sum_w_zm = sum_c w_c (z_c - m).
+// The z-loss part of one row's loss (before the mask).
+template <typename T>
+FL_HD T softmax_ce_z_loss(const SoftmaxCEOptions<T>& o, SoftmaxRowStats<T> r) {
+  const T lse = softmax_row_lse(r);
+  return o.z_loss * lse * lse;
+}
+
+// Class-index target: the cross-entropy part of one row's loss (before the mask).
+// sum_w_zm = sum_c w_c (z_c - m).
 template <typename T>
 FL_HD T softmax_ce_index_loss(const SoftmaxCEOptions<T>& o, SoftmaxRowStats<T> r, T z_target,
                               T w_target, T sum_w_zm) {
   const T e = o.label_smoothing;
-  const T lse = softmax_row_lse(r);
   return (T(1) - e) * w_target * (r.log_sum - (z_target - r.max)) +
-         e * o.inv_classes * (o.weight_sum * r.log_sum - sum_w_zm) + o.z_loss * lse * lse;
+         e * o.inv_classes * (o.weight_sum * r.log_sum - sum_w_zm);
 }
 
 template <typename T>
 FL_HD SoftmaxCERowGrad<T> softmax_ce_index_row_grad(const SoftmaxCEOptions<T>& o, T lse,
-                                                    T w_target, T row_scale) {
+                                                    T w_target, T ce_scale, T z_scale) {
   const T e = o.label_smoothing;
   const T smooth = e * o.inv_classes;
-  return {row_scale * ((T(1) - e) * w_target + smooth * o.weight_sum + T(2) * o.z_loss * lse),
-          row_scale * smooth, row_scale * (T(1) - e) * w_target};
+  return {ce_scale * ((T(1) - e) * w_target + smooth * o.weight_sum) +
+              z_scale * (T(2) * o.z_loss * lse),
+          ce_scale * smooth, ce_scale * (T(1) - e) * w_target};
 }
 
 // Probability target: the smoothed target q_c.
@@ -135,19 +149,17 @@ FL_HD V softmax_ce_smoothed_prob(const SoftmaxCEOptions<T>& o, V y) {
   return y * V(T(1) - o.label_smoothing) + V(o.label_smoothing * o.inv_classes);
 }
 
-// Probability target: loss of one row (before the mask), from Q = sum_c w_c q_c and
-// sum_w_q_zm = sum_c w_c q_c (z_c - m).
+// Probability target: the cross-entropy part of one row's loss (before the mask), from
+// Q = sum_c w_c q_c and sum_w_q_zm = sum_c w_c q_c (z_c - m).
 template <typename T>
-FL_HD T softmax_ce_prob_loss(const SoftmaxCEOptions<T>& o, SoftmaxRowStats<T> r, T sum_w_q,
-                             T sum_w_q_zm) {
-  const T lse = softmax_row_lse(r);
-  return sum_w_q * r.log_sum - sum_w_q_zm + o.z_loss * lse * lse;
+FL_HD T softmax_ce_prob_loss(SoftmaxRowStats<T> r, T sum_w_q, T sum_w_q_zm) {
+  return sum_w_q * r.log_sum - sum_w_q_zm;
 }
 
 template <typename T>
 FL_HD SoftmaxCERowGrad<T> softmax_ce_prob_row_grad(const SoftmaxCEOptions<T>& o, T lse,
-                                                   T sum_w_q, T row_scale) {
-  return {row_scale * (sum_w_q + T(2) * o.z_loss * lse), row_scale, T(0)};
+                                                   T sum_w_q, T ce_scale, T z_scale) {
+  return {ce_scale * sum_w_q + z_scale * (T(2) * o.z_loss * lse), ce_scale, T(0)};
 }
 
 // One gradient element from p_j (class-index targets; the [j == t] term is applied by the
@@ -165,27 +177,22 @@ FL_HD V sigmoid_ce_smoothed_target(V y, T label_smoothing) {
 }
 
 // Loss and derivative of one element (before weight and mask, which the caller multiplies in
-// together with the reduction scale). `log_weight` is 1 + (pw - 1) y.
+// together with the reduction scale); pw is 1 without pos_weight.
 template <typename V>
 struct SigmoidCEValue {
   V loss;
   V dloss;
 };
 
-template <typename V>
-FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V log_weight) {
+template <typename V, typename ExpFn = AccurateExp>
+FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V pos_weight, ExpFn exp = {}) {
   const V zero(0);
   const V one(1);
-  const V e = fl_exp(zero - fl_abs(x));       // exp(-|x|), in (0, 1]
+  const V log_weight = one + (pos_weight - one) * y;  // exactly 1 when pw is 1
+  const V e = exp(zero - fl_abs(x));       // exp(-|x|), in (0, 1]
   const V softplus_neg = fl_max(zero - x, zero) + fl_log1p_unit(e);
-  const V inv = one / (one + e);
-  const V sigmoid_neg = fl_select(fl_ge(x, zero), e * inv, inv);  // sigmoid(-x)
-  return {(one - y) * x + log_weight * softplus_neg, (one - y) - log_weight * sigmoid_neg};
-}
-
-template <typename V>
-FL_HD V sigmoid_ce_log_weight(V y, V pos_weight) {
-  return V(1) + (pos_weight - V(1)) * y;
+  const V sigmoid_pos = exp.sigmoid(x, e);
+  return {(one - y) * x + log_weight * softplus_neg, log_weight * sigmoid_pos - pos_weight * y};
 }
 
 FL_ISA_NAMESPACE_END

@@ -16,6 +16,10 @@ FL_ISA_NAMESPACE_BEGIN
 
 FL_HD float fl_exp(float x) { return ::expf(x); }
 FL_HD double fl_exp(double x) { return ::exp(x); }
+// The shorter exp the CPU vector code may use for 16-bit data (csrc/cpu/vec_math.h); on
+// scalars it is the exact one.
+FL_HD float fl_exp_fast(float x) { return ::expf(x); }
+FL_HD double fl_exp_fast(double x) { return ::exp(x); }
 FL_HD float fl_log(float x) { return ::logf(x); }
 FL_HD double fl_log(double x) { return ::log(x); }
 FL_HD float fl_log1p(float x) { return ::log1pf(x); }
@@ -55,6 +59,33 @@ template <typename T>
 FL_HD T fl_quiet_nan() {
   return std::numeric_limits<T>::quiet_NaN();
 }
+
+// Which exp a kernel evaluates; the formulas in losses.h take one as a parameter.
+//  - AccurateExp (libm, Sleef's 1-ulp vector exp): float32 and float64 data, whose loss and
+//    gradient must be as close to a float64 reference as PyTorch's own.
+//  - FastExp: float16/bfloat16 data. Its 2.4e-6 relative error is 1/1600 of a bfloat16 ulp
+//    (2^-8) and 1/200 of a float16 ulp (2^-11) of the gradient it feeds, so the rounding to
+//    the output dtype hides it (the error budget is in bench/README.md).
+// Each also says how sigmoid(x) is formed, given e = exp(-|x|):
+//  - AccurateExp: 1 / (1 + exp(-x)), PyTorch's own formula, one more exp for x < 0. Where BCE's
+//    gradient sigmoid(x) - y nearly cancels, the rounding of sigmoid(x) is the whole error, so
+//    this keeps it exactly PyTorch's;
+//  - FastExp: 1 / (1 + e), times e for x < 0 (no second exp).
+struct AccurateExp {
+  template <typename V>
+  FL_HD V operator()(V x) const { return fl_exp(x); }
+  template <typename V>
+  FL_HD V sigmoid(V x, V /*e*/) const { return V(1) / (V(1) + fl_exp(V(0) - x)); }
+};
+struct FastExp {
+  template <typename V>
+  FL_HD V operator()(V x) const { return fl_exp_fast(x); }
+  template <typename V>
+  FL_HD V sigmoid(V x, V e) const {
+    const V inv = V(1) / (V(1) + e);
+    return fl_select(fl_ge(x, V(0)), inv, e * inv);
+  }
+};
 
 FL_ISA_NAMESPACE_END
 }  // namespace common

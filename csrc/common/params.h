@@ -25,14 +25,23 @@ struct SoftmaxCEParams {
   const void* logits;           // scalar_t, row r at logits + r * logits_row_stride
   void* grad;                   // scalar_t, rows x classes, row stride grad_row_stride
   const int64_t* target;        // class-index targets (rows), or null for probability targets
-  const void* target_probs;     // scalar_t probability targets, row stride target_row_stride
+  const void* target_probs;     // probability targets, scalar_t (or acc_t when target_in_acc),
+                                // row stride target_row_stride
+  bool target_in_acc;           // target_probs are acc_t (float32 beside 16-bit logits)
   const void* class_weight;     // acc_t[classes] or null
   const void* mask;             // acc_t[rows] or null
   const void* grad_loss;        // GradFromLse: acc_t[rows], d(total)/d(row loss)
-  void* row_loss;               // acc_t[rows], masked, unscaled; may be null in GradFromLse
+  void* row_loss;               // acc_t[rows]: the masked cross-entropy part of each row's
+                                // loss, z-loss excluded, unscaled; may be null in GradFromLse
+  void* row_z_loss;             // acc_t[rows]: the masked z-loss part (m z_loss lse^2); may be
+                                // null when z_loss is 0 or in GradFromLse
+  void* row_correct;            // acc_t[rows] or null: m [argmax_c z_c == target] (the first
+                                // maximum, as torch.argmax; class-index targets only)
   void* row_stats;              // acc_t[rows][2]: (max, log_sum) of each row's softmax
                                 // (0, 0 for skipped rows); read in GradFromLse
-  const void* grad_scale;       // acc_t[1]: 1/denominator (mean), 1 (sum); null means 1
+  const void* grad_scale;       // acc_t[2]: the factors of the cross-entropy and z-loss parts
+                                // of the gradient: mean 1/denominator and 1/(valid count),
+                                // sum 1 and 1; null means 1 and 1
   int64_t rows;
   int64_t classes;
   int64_t logits_row_stride;
@@ -64,14 +73,19 @@ enum class SigmoidCEMode : int32_t {
 
 struct SigmoidCEParams {
   const void* input;   // scalar_t
-  const void* target;  // scalar_t, same (rows, cols) view
+  const void* target;  // scalar_t (or acc_t when target_in_acc), same (rows, cols) view
+  bool target_in_acc;
   BroadcastOperand weight, pos_weight, mask;
   const void* grad_loss;  // GradFromGradLoss: scalar_t (rows, cols), row stride
                           // grad_loss_row_stride; null: every element's factor is *grad_scale
-  void* loss;             // LossElements: scalar_t (rows, cols) contiguous
+  void* loss;             // LossElements: acc_t (rows, cols) contiguous
   void* grad;             // scalar_t (rows, cols) contiguous
   void* chunk_loss;       // LossSum*: acc_t[num_chunks]
   const void* grad_scale; // acc_t[1]: the gradient's factor (mean scale [x grad_loss]), null: 1
+  double grad_divisor;    // CPU kernels: the gradient is then divided by this (the mean's
+                          // denominator, as PyTorch divides, rather than multiplied by its
+                          // rounded inverse); 0 means none. The CUDA entries fold the mean
+                          // into grad_scale on the device instead.
   int64_t rows;
   int64_t cols;
   int64_t input_row_stride;

@@ -4,6 +4,7 @@
 #include <ATen/Tensor.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -12,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cctype>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -80,6 +82,18 @@ namespace {
 constexpr const char* kSoftmaxOp = "fusedloss.softmax_ce";
 constexpr const char* kSigmoidOp = "fusedloss.sigmoid_ce";
 
+// A compensated (Neumaier) running sum: its error does not grow with the number of terms, so
+// that a float64 loss summed over thousands of rows stays within an ulp or two.
+struct CompensatedSum {
+  double sum = 0, compensation = 0;
+  void add(double v) {
+    const double t = sum + v;
+    compensation += std::abs(sum) >= std::abs(v) ? (sum - t) + v : (v - t) + sum;
+    sum = t;
+  }
+  double result() const { return sum + compensation; }
+};
+
 // Sum in blocks of a fixed size, blocks added in order: the same bits for any thread count.
 template <typename acc_t>
 double deterministic_sum(const acc_t* v, int64_t n) {
@@ -88,14 +102,14 @@ double deterministic_sum(const acc_t* v, int64_t n) {
   std::vector<double> partial(blocks);
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      double s = 0;
-      for (int64_t i = b * kBlock, e = std::min(n, (b + 1) * kBlock); i < e; ++i) s += v[i];
-      partial[b] = s;
+      CompensatedSum s;
+      for (int64_t i = b * kBlock, e = std::min(n, (b + 1) * kBlock); i < e; ++i) s.add(v[i]);
+      partial[b] = s.result();
     }
   });
-  double total = 0;
-  for (double s : partial) total += s;
-  return total;
+  CompensatedSum total;
+  for (double s : partial) total.add(s);
+  return total.result();
 }
 
 double deterministic_sum(const at::Tensor& t) {
@@ -131,38 +145,55 @@ void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_ind
 
 struct SoftmaxCall : SoftmaxTensors {
   double weight_sum = 0;
-  at::Tensor grad_scale;  // acc_t[1]
+  // The mean's two denominators: the weighted one of the cross-entropy part and the count of
+  // valid positions (mask sum over non-ignored rows) of the z-loss part and the accuracy.
+  double denominator = 0, valid_count = 0;
+  at::Tensor grad_scale;  // acc_t[2]: the gradient's factors of the two parts (params.h)
 };
 
-// Checks and normalises the arguments shared by softmax_ce and softmax_ce_inplace, and
-// computes the mean's denominator.
+double inverse_or_zero(double d) { return d != 0 ? 1.0 / d : 0.0; }
+// A reduced value is divided (one rounding), not multiplied by the rounded inverse.
+double divide_or_zero(double total, double d) { return d != 0 ? total / d : 0.0; }
+
+// Checks and normalises the arguments shared by softmax_ce, softmax_ce_inplace and
+// softmax_ce_backward, and computes the mean's denominators (or takes the caller's).
 SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& target_in,
                             const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& mask, int64_t ignore_index,
-                            int64_t reduction, double mean_eps) {
+                            int64_t reduction, double mean_eps,
+                            const c10::optional<at::Tensor>& denominators) {
   SoftmaxCall c;
   static_cast<SoftmaxTensors&>(c) =
       softmax_tensors(logits_in, target_in, weight, mask, reduction, kSoftmaxOp);
   if (!c.shape.prob_target) check_targets(c.target, c.shape.classes, ignore_index);
 
   c.weight_sum = c.weight.has_value() ? deterministic_sum(*c.weight) : double(c.shape.classes);
-  double denominator;
-  if (c.shape.prob_target) {
-    denominator = c.mask.has_value() ? deterministic_sum(*c.mask) : double(c.shape.rows);
+  if (denominators.has_value()) {
+    const at::Tensor d = check_denominators(*denominators, at::kCPU, kSoftmaxOp).to(at::kDouble);
+    c.denominator = d.data_ptr<double>()[0];
+    c.valid_count = d.data_ptr<double>()[1];
+  } else if (c.shape.prob_target) {
+    c.denominator = c.mask.has_value() ? deterministic_sum(*c.mask) : double(c.shape.rows);
+    c.valid_count = c.denominator;
   } else {
     const int64_t* t = c.target.data_ptr<int64_t>();
-    denominator = 0;
     for (int64_t i = 0; i < c.shape.rows; ++i) {
       if (t[i] == ignore_index) continue;
       const double w = c.acc == at::kDouble ? acc_at<double>(c.weight, t[i]) : acc_at<float>(c.weight, t[i]);
       const double m = c.acc == at::kDouble ? acc_at<double>(c.mask, i) : acc_at<float>(c.mask, i);
-      denominator += m * w;
+      c.denominator += m * w;
+      c.valid_count += m;
     }
   }
-  denominator += mean_eps;
-  const double scale =
-      c.reduction == Reduction::Mean ? (denominator != 0 ? 1.0 / denominator : 0.0) : 1.0;
-  c.grad_scale = at::full({1}, scale, at::TensorOptions().dtype(c.acc));
+  if (!denominators.has_value()) {
+    c.denominator += mean_eps;
+    c.valid_count += mean_eps;
+  }
+  const bool mean = c.reduction == Reduction::Mean;
+  c.grad_scale = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
+  c.grad_scale.data_ptr<double>()[0] = mean ? inverse_or_zero(c.denominator) : 1.0;
+  c.grad_scale.data_ptr<double>()[1] = mean ? inverse_or_zero(c.valid_count) : 1.0;
+  c.grad_scale = c.grad_scale.to(c.acc);
   return c;
 }
 
@@ -172,53 +203,67 @@ SoftmaxCEParams softmax_params(const SoftmaxCall& c, int64_t ignore_index,
                            kSoftmaxOp);
 }
 
-// The op's loss output from the per-row losses: per row (none), or their sum scaled.
-at::Tensor reduce_rows(const SoftmaxCall& c, const at::Tensor& row_loss) {
-  const auto dtype = c.logits.scalar_type();
-  if (c.reduction == Reduction::None) return row_loss.to(dtype);
-  double total = deterministic_sum(row_loss);
-  if (c.reduction == Reduction::Mean) total *= c.grad_scale.item<double>();
-  return at::scalar_tensor(total, at::TensorOptions().dtype(dtype));
-}
-
-// The forward kernel: the loss and the row statistics, and the gradient into `grad` (rows with
-// stride grad_row_stride) unless it is null.
-std::tuple<at::Tensor, at::Tensor> run_softmax_forward(const SoftmaxCall& c, SoftmaxCEParams p,
-                                                       void* grad, int64_t grad_row_stride) {
+// The forward kernel: the loss (accumulation dtype), the row statistics, the extra outputs
+// (softmax_ce's schema: the z-loss part and the token accuracy), and the gradient into `grad`
+// (rows with stride grad_row_stride) unless it is null.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
+    const SoftmaxCall& c, SoftmaxCEParams p, void* grad, int64_t grad_row_stride,
+    bool want_accuracy) {
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
-  at::Tensor row_loss = at::empty({c.shape.rows}, acc_opts);
-  at::Tensor row_stats = at::empty({c.shape.rows, 2}, acc_opts);
+  const int64_t rows = c.shape.rows;
+  const bool per_row = c.reduction == Reduction::None;
+  at::Tensor row_loss = at::empty({rows}, acc_opts);
+  at::Tensor row_stats = at::empty({rows, 2}, acc_opts);
+  // (z-loss part, correct) per row; for none they are the extra outputs themselves.
+  at::Tensor row_extras = at::zeros({2, rows}, acc_opts);
   p.grad = grad;
   p.grad_row_stride = grad_row_stride;
   p.row_loss = row_loss.data_ptr();
+  p.row_z_loss = p.z_loss != 0 ? row_extras[0].data_ptr() : nullptr;
+  p.row_correct = want_accuracy && !c.shape.prob_target ? row_extras[1].data_ptr() : nullptr;
   p.row_stats = row_stats.data_ptr();
   p.grad_scale = c.grad_scale.data_ptr();
   p.mode = grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
-  if (c.shape.rows > 0) kernels().softmax_ce(p);
-  return {reduce_rows(c, row_loss), row_stats};
+  if (rows > 0) kernels().softmax_ce(p);
+  if (per_row) return {at::add(row_loss, row_extras[0]), row_stats, row_extras};
+  const double z_part = p.row_z_loss ? deterministic_sum(row_extras[0]) : 0.0;
+  double ce_part = deterministic_sum(row_loss), z_scaled = z_part;
+  if (c.reduction == Reduction::Mean) {
+    ce_part = divide_or_zero(ce_part, c.denominator);
+    z_scaled = divide_or_zero(z_scaled, c.valid_count);
+  }
+  const double correct = p.row_correct ? deterministic_sum(row_extras[1]) : 0.0;
+  at::Tensor extras = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
+  extras.data_ptr<double>()[0] = z_scaled;
+  extras.data_ptr<double>()[1] = divide_or_zero(correct, c.valid_count);
+  return {at::scalar_tensor(ce_part + z_scaled, acc_opts), row_stats, extras.to(c.acc)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
-    double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad) {
-  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
+    double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad,
+    bool want_accuracy, const c10::optional<at::Tensor>& denominators) {
+  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
+                                  denominators);
   at::Tensor grad = compute_grad ? new_output({c.shape.rows, c.shape.classes}, logits.options())
                                  : at::empty({0}, logits.options());
-  auto [loss, row_stats] = run_softmax_forward(
+  auto [loss, row_stats, extras] = run_softmax_forward(
       c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
-      compute_grad ? grad.data_ptr() : nullptr, c.shape.classes);
-  return {loss, row_stats, grad};
+      compute_grad ? grad.data_ptr() : nullptr, c.shape.classes, want_accuracy);
+  return {loss, row_stats, grad, extras};
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
     at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
-    double z_loss, double softcap, int64_t reduction, double mean_eps) {
+    double z_loss, double softcap, int64_t reduction, double mean_eps, bool want_accuracy,
+    const c10::optional<at::Tensor>& denominators) {
   check_softmax_inplace(logits, reduction);
-  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
+  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
+                                  denominators);
   return run_softmax_forward(c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
-                             logits.data_ptr(), logits.stride(0));
+                             logits.data_ptr(), logits.stride(0), want_accuracy);
 }
 
 at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -226,8 +271,10 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const c10::optional<at::Tensor>& mask,
                                    const at::Tensor& row_stats, int64_t ignore_index,
                                    double label_smoothing, double z_loss, double softcap,
-                                   int64_t reduction, double mean_eps) {
-  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps);
+                                   int64_t reduction, double mean_eps,
+                                   const c10::optional<at::Tensor>& denominators) {
+  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
+                                  denominators);
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == c.shape.rows &&
                         row_stats.size(1) == 2,
                     kSoftmaxOp, ": row_stats must have shape (", c.shape.rows, ", 2), got ",
@@ -240,7 +287,7 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   } else {
     TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSoftmaxOp,
                       ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
-    go = grad_loss.to(c.acc).reshape({1}).mul(c.grad_scale).expand({c.shape.rows}).contiguous();
+    go = grad_loss.to(c.acc).reshape({1}).expand({c.shape.rows}).contiguous();
   }
   at::Tensor stats_acc = row_stats.to(c.acc).contiguous();
   at::Tensor grad = new_output({c.shape.rows, c.shape.classes}, logits.options());
@@ -249,6 +296,7 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   p.grad_row_stride = c.shape.classes;
   p.grad_loss = go.data_ptr();
   p.row_stats = stats_acc.data_ptr();
+  p.grad_scale = c.grad_scale.data_ptr();  // (1, 1) for none: grad_loss is per row
   p.mode = SoftmaxCEMode::GradFromLse;
   if (c.shape.rows > 0) kernels().softmax_ce(p);
   return grad;
@@ -263,12 +311,10 @@ SigmoidCall prepare_sigmoid(const at::Tensor& input, const at::Tensor& target,
   return sigmoid_tensors(input, target, weight, pos_weight, mask, reduction, kSigmoidOp);
 }
 
-// 1 / (number of elements, or the sum of the broadcast mask) for mean; 1 for sum and none.
-double sigmoid_mean_scale(const SigmoidCall& c, int64_t numel) {
+// The number of elements, or the sum of the broadcast mask, for mean; 1 for sum and none.
+double sigmoid_denominator(const SigmoidCall& c, int64_t numel) {
   if (c.reduction != Reduction::Mean) return 1.0;
-  const double denominator =
-      c.mask.has_value() ? at::sum(*c.mask, at::kDouble).item<double>() : double(numel);
-  return denominator != 0 ? 1.0 / denominator : 0.0;
+  return c.mask.has_value() ? at::sum(*c.mask, at::kDouble).item<double>() : double(numel);
 }
 
 SigmoidCEParams sigmoid_params(const SigmoidCall& c, double label_smoothing) {
@@ -283,20 +329,21 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
     double label_smoothing, int64_t reduction, bool compute_grad) {
   SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
   const int64_t numel = input.numel();
-  const auto dtype = input.scalar_type();
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
-  const double scale = sigmoid_mean_scale(c, numel);
-  at::Tensor grad_scale = at::full({1}, scale, acc_opts);
+  const double denominator = sigmoid_denominator(c, numel);
+  // mean: the gradient is divided by the denominator (grad_divisor); 0 when it is 0
+  at::Tensor grad_scale = at::full({1}, denominator != 0 ? 1.0 : 0.0, acc_opts);
   const bool per_element = c.reduction == Reduction::None;
   at::Tensor grad = compute_grad && !per_element ? new_output(input.sizes(), input.options())
                                                  : at::empty({0}, input.options());
-  at::Tensor loss_elems = per_element ? new_output(input.sizes(), input.options())
-                                      : at::empty({0}, input.options());
+  at::Tensor loss_elems = per_element ? new_output(input.sizes(), input.options().dtype(c.acc))
+                                      : at::empty({0}, acc_opts);
   const int64_t chunks = (numel + kSigmoidChunkElems - 1) / kSigmoidChunkElems;
   at::Tensor chunk_loss = at::zeros({per_element ? 0 : chunks}, acc_opts);
 
   SigmoidCEParams p = sigmoid_params(c, label_smoothing);
   p.grad_scale = grad_scale.data_ptr();
+  p.grad_divisor = c.reduction == Reduction::Mean && denominator != 0 ? denominator : 0.0;
   p.loss = per_element ? loss_elems.data_ptr() : nullptr;
   p.grad = grad.numel() ? grad.data_ptr() : nullptr;
   p.chunk_loss = per_element ? nullptr : chunk_loss.data_ptr();
@@ -304,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
                        : (grad.numel() ? SigmoidCEMode::LossSumAndGrad : SigmoidCEMode::LossSum);
   if (numel > 0) kernels().sigmoid_ce(p);
   if (per_element) return {loss_elems, grad};
-  return {at::scalar_tensor(deterministic_sum(chunk_loss) * scale, at::TensorOptions().dtype(dtype)),
+  return {at::scalar_tensor(divide_or_zero(deterministic_sum(chunk_loss), denominator), acc_opts),
           grad};
 }
 
@@ -327,8 +374,10 @@ at::Tensor sigmoid_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   } else {
     TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSigmoidOp,
                       ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
-    factor = grad_loss.to(c.acc).reshape({1}).mul(sigmoid_mean_scale(c, input.numel()));
+    const double denominator = sigmoid_denominator(c, input.numel());
+    factor = grad_loss.to(c.acc).reshape({1}).mul(denominator != 0 ? 1.0 : 0.0);
     p.grad_scale = factor.data_ptr();
+    p.grad_divisor = c.reduction == Reduction::Mean && denominator != 0 ? denominator : 0.0;
   }
   p.grad = grad.data_ptr();
   p.mode = SigmoidCEMode::GradFromGradLoss;

@@ -25,12 +25,15 @@ struct SigmoidCEChunkKernel {
   using Vec = typename IO::Vec;
   static constexpr int K = IO::K;
   static constexpr int64_t kStep = IO::kStep;
+  using Exp = std::conditional_t<IO::kReduced, FastExp, AccurateExp>;  // as in softmax_ce
 
   const SigmoidCEParams& p;
   acc_t grad_scale;
+  acc_t grad_divisor;  // 0: none
 
   explicit SigmoidCEChunkKernel(const SigmoidCEParams& params) : p(params) {
     grad_scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
+    grad_divisor = acc_t(p.grad_divisor);
   }
 
   // Operand values of one step at (r, c): absent -> 1, broadcast column -> splat, else load.
@@ -53,9 +56,8 @@ struct SigmoidCEChunkKernel {
   acc_t run(int64_t begin, int64_t end) const {
     const int64_t cols = p.cols;
     const auto* input = static_cast<const scalar_t*>(p.input);
-    const auto* target = static_cast<const scalar_t*>(p.target);
     const auto* grad_loss = static_cast<const scalar_t*>(p.grad_loss);
-    auto* loss_out = static_cast<scalar_t*>(p.loss);
+    auto* loss_out = static_cast<acc_t*>(p.loss);
     auto* grad_out = static_cast<scalar_t*>(p.grad);
     const acc_t smoothing = acc_t(p.label_smoothing);
     constexpr bool kGrad =
@@ -68,25 +70,20 @@ struct SigmoidCEChunkKernel {
     for (int64_t pos = begin; pos < end;) {
       const int64_t seg = std::min(end - pos, cols - c);
       const scalar_t* x = input + r * p.input_row_stride;
-      const scalar_t* y = target + r * p.target_row_stride;
+      const void* y = IO::row_of(p.target, p.target_in_acc, r, p.target_row_stride);
       for (int64_t j = c; j < c + seg; j += kStep) {
         const int64_t n = std::min<int64_t>(kStep, c + seg - j);
         Vec xv[K], yv[K], w[K], pw[K], m[K];
-        if (n == kStep) {
-          IO::load(x + j, xv);
-          IO::load(y + j, yv);
-        } else {
-          IO::load_partial(x + j, n, xv);
-          IO::load_partial(y + j, n, yv);
-        }
+        if (n == kStep) IO::load(x + j, xv);
+        else IO::load_partial(x + j, n, xv);
+        IO::load_either(y, p.target_in_acc, j, n, yv);
         load_operand(p.weight, r, j, n, w);
         load_operand(p.mask, r, j, n, m);
         if constexpr (kPosWeight) load_operand(p.pos_weight, r, j, n, pw);
         Vec loss[K], dloss[K];
         for (int k = 0; k < K; ++k) {
           const Vec yk = sigmoid_ce_smoothed_target(yv[k], smoothing);
-          const Vec lw = kPosWeight ? sigmoid_ce_log_weight(yk, pw[k]) : Vec(acc_t(1));
-          const auto v = sigmoid_ce_element(xv[k], yk, lw);
+          const auto v = sigmoid_ce_element(xv[k], yk, kPosWeight ? pw[k] : Vec(acc_t(1)), Exp{});
           const Vec wm = w[k] * m[k];
           loss[k] = v.loss * wm;
           dloss[k] = v.dloss * wm;
@@ -99,8 +96,8 @@ struct SigmoidCEChunkKernel {
         }
         const int64_t flat = r * cols + j;
         if constexpr (kMode == SigmoidCEMode::LossElements) {
-          if (n == kStep) IO::store(loss_out + flat, loss);
-          else IO::store_partial(loss_out + flat, n, loss);
+          if (n == kStep) IO::store_acc(loss_out + flat, loss);
+          else IO::store_acc_partial(loss_out + flat, n, loss);
         }
         if constexpr (kGrad) {
           Vec scale[K];
@@ -112,6 +109,9 @@ struct SigmoidCEChunkKernel {
             for (int k = 0; k < K; ++k) scale[k] = Vec(grad_scale);
           }
           for (int k = 0; k < K; ++k) dloss[k] = dloss[k] * scale[k];
+          if (grad_divisor != acc_t(0)) {
+            for (int k = 0; k < K; ++k) dloss[k] = dloss[k] / Vec(grad_divisor);
+          }
           if (n == kStep) IO::store(grad_out + flat, dloss);
           else IO::store_partial(grad_out + flat, n, dloss);
         }

@@ -28,11 +28,13 @@ struct SoftmaxCERowKernel {
   using Vec = typename IO::Vec;
   static constexpr int K = IO::K;
   static constexpr int64_t kStep = IO::kStep;
+  // 16-bit data: the fast exp, whose error the output rounding hides (common/math.h).
+  using Exp = std::conditional_t<IO::kReduced, FastExp, AccurateExp>;
 
   const SoftmaxCEParams& p;
   SoftmaxCEOptions<acc_t> opts;
   acc_t cap, inv_cap;
-  acc_t grad_scale;
+  acc_t ce_scale, z_scale;  // the gradient's factors of the two loss parts (params.h)
   const acc_t* weight;
   std::vector<acc_t> z_row;    // softcapped logits (kSoftcap only)
   std::vector<acc_t> exp_row;  // exp(z - max) between passes B and C
@@ -44,7 +46,9 @@ struct SoftmaxCERowKernel {
     opts.z_loss = acc_t(p.z_loss);
     cap = acc_t(p.softcap);
     inv_cap = kSoftcap ? acc_t(1) / cap : acc_t(0);
-    grad_scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
+    const auto* scales = static_cast<const acc_t*>(p.grad_scale);
+    ce_scale = scales ? scales[0] : acc_t(1);
+    z_scale = scales ? scales[1] : acc_t(1);
     weight = static_cast<const acc_t*>(p.class_weight);
     // Rounded up to whole steps: full-step stores past the row's end stay inside the buffer.
     const int64_t padded = (p.classes + kStep - 1) / kStep * kStep;
@@ -82,9 +86,30 @@ struct SoftmaxCERowKernel {
     std::fill(g, g + p.classes, scalar_t(0));
   }
 
-  void load_probs(const scalar_t* y, int64_t j, int64_t n, Vec* q) const {
-    if (n == kStep) IO::load(y + j, q);
-    else IO::load_partial(y + j, n, q);
+  // Whether the row's first maximum (torch.argmax's pick: the first NaN, if any) is at t.
+  // Only a row whose z_t equals the max scans, and only the t elements before it.
+  bool first_max_at(const scalar_t* x, int64_t t, acc_t row_max) const {
+    const bool nan_row = row_max != row_max;
+    const auto is_max = [&](acc_t v) { return nan_row ? v != v : v == row_max; };
+    if (!is_max(kSoftcap ? z_row[t] : acc_t(x[t]))) return false;
+    const Vec vmax(row_max);
+    int64_t j = 0;
+    for (; j + kStep <= t; j += kStep) {
+      Vec z[K];
+      load_z(x, j, kStep, z);
+      for (int k = 0; k < K; ++k) {
+        const Vec hit = nan_row ? z[k].isnan() : (z[k] == vmax);
+        if (hit.zero_mask() != (1 << Vec::size()) - 1) return false;
+      }
+    }
+    for (; j < t; ++j) {
+      if (is_max(kSoftcap ? z_row[j] : acc_t(x[j]))) return false;
+    }
+    return true;
+  }
+
+  void load_probs(const void* y, int64_t j, int64_t n, Vec* q) const {
+    IO::load_either(y, p.target_in_acc, j, n, q);
     for (int k = 0; k < K; ++k) q[k] = softmax_ce_smoothed_prob(opts, q[k]);
   }
 
@@ -93,8 +118,9 @@ struct SoftmaxCERowKernel {
     const auto* logits = static_cast<const scalar_t*>(p.logits);
     auto* grad = static_cast<scalar_t*>(p.grad);
     const auto* mask = static_cast<const acc_t*>(p.mask);
-    const auto* probs = static_cast<const scalar_t*>(p.target_probs);
     auto* row_loss = static_cast<acc_t*>(p.row_loss);
+    auto* row_z_loss = static_cast<acc_t*>(p.row_z_loss);
+    auto* row_correct = static_cast<acc_t*>(p.row_correct);
     auto* row_stats = static_cast<acc_t*>(p.row_stats);
     const auto* grad_loss = static_cast<const acc_t*>(p.grad_loss);
     const bool want_grad = p.mode != SoftmaxCEMode::Loss;
@@ -104,7 +130,8 @@ struct SoftmaxCERowKernel {
     for (int64_t r = row_begin; r < row_end; ++r) {
       const scalar_t* x = logits + r * p.logits_row_stride;
       scalar_t* g = want_grad ? grad + r * p.grad_row_stride : nullptr;
-      const scalar_t* y = kProb ? probs + r * p.target_row_stride : nullptr;
+      const void* y =
+          kProb ? IO::row_of(p.target_probs, p.target_in_acc, r, p.target_row_stride) : nullptr;
       const acc_t m_r = mask ? mask[r] : acc_t(1);
       const int64_t t = kProb ? 0 : p.target[r];
 
@@ -112,6 +139,8 @@ struct SoftmaxCERowKernel {
       if (m_r == acc_t(0) || (!kProb && t == p.ignore_index)) {
         if (!from_stats) {
           row_loss[r] = acc_t(0);
+          if (row_z_loss) row_z_loss[r] = acc_t(0);
+          if (row_correct) row_correct[r] = acc_t(0);
           row_stats[2 * r] = row_stats[2 * r + 1] = acc_t(0);
         }
         if (want_grad) std::fill(g, g + C, scalar_t(0));
@@ -122,6 +151,8 @@ struct SoftmaxCERowKernel {
       if (!kProb && (t < 0 || t >= C)) {
         if (!from_stats) {
           row_loss[r] = fl_quiet_nan<acc_t>();
+          if (row_z_loss) row_z_loss[r] = fl_quiet_nan<acc_t>();
+          if (row_correct) row_correct[r] = acc_t(0);
           row_stats[2 * r] = row_stats[2 * r + 1] = fl_quiet_nan<acc_t>();
         }
         if (want_grad) std::fill(g, g + C, scalar_t(fl_quiet_nan<acc_t>()));
@@ -169,7 +200,7 @@ struct SoftmaxCERowKernel {
           load_z(x, j, n, z);
           for (int k = 0; k < K; ++k) {
             z[k] = z[k] - vrow_max;  // lanes past the end are masked out below, via w or e
-            e[k] = fl_exp(z[k]);
+            e[k] = Exp{}(z[k]);
             if (n != kStep) e[k] = e[k] & IO::lanes_below(n, k);
           }
           vsum.add(e);
@@ -194,13 +225,15 @@ struct SoftmaxCERowKernel {
 
         acc_t loss;
         if constexpr (kProb) {
-          loss = softmax_ce_prob_loss(opts, stats, sum_w_q, sum_a);
+          loss = softmax_ce_prob_loss(stats, sum_w_q, sum_a);
         } else {
           const acc_t w_t = kWeight ? weight[t] : acc_t(1);
           const acc_t z_t = kSoftcap ? z_row[t] : acc_t(x[t]);
           loss = softmax_ce_index_loss(opts, stats, z_t, w_t, sum_a);
+          if (row_correct) row_correct[r] = first_max_at(x, t, row_max) ? m_r : acc_t(0);
         }
         row_loss[r] = m_r * loss;
+        if (row_z_loss) row_z_loss[r] = m_r * softmax_ce_z_loss(opts, stats);
         row_stats[2 * r] = stats.max;
         row_stats[2 * r + 1] = stats.log_sum;
         if (!want_grad) continue;
@@ -223,16 +256,18 @@ struct SoftmaxCERowKernel {
       // Pass C: the gradient, pre-scaled by mask and reduction (LossAndGrad) or by the
       // incoming per-row gradient (GradFromLse, recomputing p from the saved statistics).
       const acc_t lse = softmax_row_lse(stats);
-      const acc_t row_scale = m_r * (from_stats ? grad_loss[r] : grad_scale);
+      const acc_t row_factor = m_r * (from_stats ? grad_loss[r] : acc_t(1));
+      const acc_t row_ce = row_factor * ce_scale, row_z = row_factor * z_scale;
       const SoftmaxCERowGrad<acc_t> rg =
-          kProb ? softmax_ce_prob_row_grad(opts, lse, sum_w_q, row_scale)
-                : softmax_ce_index_row_grad(opts, lse, kWeight ? weight[t] : acc_t(1), row_scale);
+          kProb ? softmax_ce_prob_row_grad(opts, lse, sum_w_q, row_ce, row_z)
+                : softmax_ce_index_row_grad(opts, lse, kWeight ? weight[t] : acc_t(1), row_ce,
+                                            row_z);
       // The one element with the [j == t] term, in scalar arithmetic; computed before the
       // row loop because with inplace_backward that loop overwrites the logits.
       acc_t g_t = acc_t(0);
       if constexpr (!kProb) {
         const acc_t z_t = kSoftcap && !from_stats ? z_row[t] : scalar_z(x, t);
-        const acc_t p_t = from_stats ? softmax_prob(z_t, stats) : exp_row[t] / sum_exp;
+        const acc_t p_t = from_stats ? softmax_prob(z_t, stats, Exp{}) : exp_row[t] / sum_exp;
         g_t = softmax_ce_grad_element(rg, p_t, kWeight ? weight[t] : acc_t(1)) - rg.coef_target;
         if (kSoftcap) g_t *= softcap_derivative(z_t, inv_cap);
       }
@@ -253,7 +288,7 @@ struct SoftmaxCERowKernel {
           else IO::load_partial(x + j, n, zc);
           for (int k = 0; k < K; ++k) {
             if constexpr (kSoftcap) zc[k] = softcap_apply(zc[k], cap, inv_cap);
-            pv[k] = softmax_prob(zc[k], stats);
+            pv[k] = softmax_prob(zc[k], stats, Exp{});
           }
         } else {
           IO::load_acc(exp_row.data() + j, pv);

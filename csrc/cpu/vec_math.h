@@ -16,14 +16,14 @@ namespace at {
 namespace vec {
 inline namespace CPU_CAPABILITY {
 
-// exp of a float vector for x <= 0 (every caller's case: z - max, -|x|), the hot spot of the
-// 16-bit softmax: exp(x) = 2^n 2^f, n = round(x log2 e), f in [-1/2, 1/2], 2^f by its Taylor
+// The fast exp of a float vector for x <= 0 (every caller's case: z - max, -|x|), used for
+// 16-bit data only (common::FastExp); the hot spot of the 16-bit softmax: exp(x) = 2^n 2^f, n = round(x log2 e), f in [-1/2, 1/2], 2^f by its Taylor
 // series to degree 5 (truncation 2.4e-6 relative, exp_u20's accuracy; the rounding of
 // x log2 e adds at most 3e-7 for |x| < 10 and 5e-6 at |x| = 87, where the terms are
 // negligible in a softmax sum). About 11 vector operations against ~17 for exp_u20, which
 // matters because a 512-bit operation costs two cycles on Zen 4 and this loop is bound by
 // them. Below -87.3 it returns 2^-126 (~1e-38) rather than 0; NaN stays NaN.
-inline Vectorized<float> fl_exp(const Vectorized<float>& x) {
+inline Vectorized<float> fl_exp_fast(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   using VI = Vectorized<int32_t>;
   const V t = at::vec::maximum(x, V(-87.33654f)) * V(1.44269504088896341f);
@@ -38,6 +38,9 @@ inline Vectorized<float> fl_exp(const Vectorized<float>& x) {
   const VI bits = (at::vec::convert_to_int_of_same_size(n) + VI(127)) << VI(23);
   return p * at::vec::cast<float>(bits);
 }
+inline Vectorized<double> fl_exp_fast(const Vectorized<double>& x) { return x.exp(); }
+// The accurate exp (Sleef, within 1 ulp): float32 and float64 data (common::AccurateExp).
+inline Vectorized<float> fl_exp(const Vectorized<float>& x) { return x.exp(); }
 inline Vectorized<double> fl_exp(const Vectorized<double>& x) { return x.exp(); }
 template <typename T>
 inline Vectorized<T> fl_log(const Vectorized<T>& x) { return x.log(); }
@@ -194,6 +197,30 @@ struct VecIO {
   static void store_acc(acc_t* p, const Vec* v) {
     for (int k = 0; k < K; ++k) v[k].store(p + k * kLanes);
   }
+  static void store_acc_partial(acc_t* p, int64_t n, const Vec* v) {
+    for (int k = 0; k < K; ++k) {
+      const int64_t count = std::min<int64_t>(std::max<int64_t>(n - k * kLanes, 0), kLanes);
+      if (count > 0) v[k].store(p + k * kLanes, count);
+    }
+  }
+  // An operand stored in the data's dtype, or in the accumulation dtype (`in_acc`): a float32
+  // target beside 16-bit logits is read as it is, not rounded to 16 bits first.
+  static const void* row_of(const void* base, bool in_acc, int64_t r, int64_t row_stride) {
+    if (in_acc) return static_cast<const acc_t*>(base) + r * row_stride;
+    return static_cast<const scalar_t*>(base) + r * row_stride;
+  }
+  static void load_either(const void* row, bool in_acc, int64_t j, int64_t n, Vec* v) {
+    if (in_acc) {
+      const acc_t* a = static_cast<const acc_t*>(row) + j;
+      if (n == kStep) load_acc(a, v);
+      else load_acc_partial(a, n, v);
+    } else {
+      const scalar_t* s = static_cast<const scalar_t*>(row) + j;
+      if (n == kStep) load(s, v);
+      else load_partial(s, n, v);
+    }
+  }
+
   // All-ones lanes below n, zero lanes from n on, for vector k of a step.
   static Vec lanes_below(int64_t n, int k) {
     return Vec::arange(acc_t(k * kLanes), acc_t(1)) < Vec(acc_t(n));

@@ -104,9 +104,8 @@ __global__ void __launch_bounds__(kSigmoidThreads) sigmoid_ce_kernel(const Sigmo
             ge = to_acc(go[rr * p.grad_loss_row_stride + cc]);
         }
         const acc_t yk = common::sigmoid_ce_smoothed_target(ye, smoothing);
-        const acc_t lw =
-            has_pw ? common::sigmoid_ce_log_weight(yk, operand_at<acc_t>(p.pos_weight, rr, cc)) : acc_t(1);
-        const common::SigmoidCEValue<acc_t> v = common::sigmoid_ce_element(xe, yk, lw);
+        const acc_t pw = has_pw ? operand_at<acc_t>(p.pos_weight, rr, cc) : acc_t(1);
+        const common::SigmoidCEValue<acc_t> v = common::sigmoid_ce_element(xe, yk, pw);
         const acc_t wm = operand_at<acc_t>(p.weight, rr, cc) * operand_at<acc_t>(p.mask, rr, cc);
         const acc_t loss = v.loss * wm;
         if constexpr (kSum) sum += loss;

@@ -85,15 +85,36 @@ std::string run(const std::string& name) {
       auto d = fl_simt::dynamic_shared<float>();
       d[threadIdx.x] = 1.0f;
     });
-  } else if (name == "global_read_past_end") {  // 64 floats (256 bytes): the end is the guard page
+  } else if (name == "global_read_past_end") {  // 64 floats (256 bytes): the end is the reserve
     Buffer b(64);
     fl_simt::launch("global_read_past_end", one, dim3(32), 0,
                     [&] { out(load(b.p + 2 * threadIdx.x + 2)); });  // thread 31 reads b.p[64]
   } else if (name == "global_read_before_start") {
     Buffer b(64);
-    // 4100 bytes before the buffer, past its (3840-byte) page head: the leading guard page
+    // 4100 bytes before the buffer, past its (3840-byte) page head: the leading reserve
     fl_simt::launch("global_read_before_start", one, dim3(32), 0, [&] {
       if (threadIdx.x == 1) out(load(b.p - 1025));
+    });
+  } else if (name == "global_offset_truncated_to_32_bits") {
+    // Rows 2^30 + 8 floats apart: row 2 starts at element 2^31 + 16, which an int offset
+    // turns into -2^31 + 16, 8 GiB before the buffer (in its reserve, wherever it was mapped).
+    constexpr int64_t kStride = (int64_t(1) << 30) + 8;
+    constexpr size_t kBytes = (2 * kStride + 64) * sizeof(float);
+    auto* rows = static_cast<float*>(fl_simt::guarded_alloc_sparse(kBytes, 0, "selftest far rows"));
+    struct Free {
+      float* p;
+      ~Free() { fl_simt::guarded_free(p); }
+    } free_rows{rows};
+    fl_simt::launch("global_offset_truncated_to_32_bits", one, dim3(32), 0, [&] {
+      const int64_t r = 2;
+      const int offset = static_cast<int>(r * kStride);  // the bug: 64 bits kept in 32
+      if (threadIdx.x == 0) out(load(rows + offset));
+    });
+  } else if (name == "global_read_wild_pointer") {  // null plus an offset: no buffer near
+    Buffer b(64);
+    float* volatile null = nullptr;  // opaque: the compiler may not fold the access away
+    fl_simt::launch("global_read_wild_pointer", one, dim3(32), 0, [&] {
+      if (threadIdx.x == 3) out(load(null + 16));
     });
   } else if (name == "global_write_into_gap") {  // 3 floats: 4 bytes of poison before the guard
     Buffer b(3);

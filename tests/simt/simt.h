@@ -17,9 +17,13 @@
 //    read, without a __syncthreads in between is an error, and so is reading shared memory
 //    nobody wrote;
 //  - global memory: the op entries hand the kernels guard-paged copies of every tensor (see
-//    guarded_alloc); an access past a buffer faults and fails the launch (not the process),
-//    bytes between the buffer and its guard page are poisoned (NaN) and checked after each
-//    launch; 128-bit accesses must be 16-byte aligned, as on the GPU.
+//    guarded_alloc), each inside 16 GiB of inaccessible address space a side. Every global
+//    access outside the registered buffers that faults fails the launch (not the process):
+//    within a buffer's reserve (an index past the end, before the start, or wrong in 32 bits:
+//    a 64-bit offset truncated) with that buffer's name and the byte offset; anywhere else (a
+//    wild or null pointer) with the address and the nearest buffer. Bytes between a buffer and
+//    its reserve are poisoned (NaN) and checked after each launch; 128-bit accesses must be
+//    16-byte aligned, as on the GPU.
 // Any failure raises from the launch, naming the kernel, block and thread.
 #pragma once
 
@@ -129,9 +133,10 @@ inline SharedArray<T> dynamic_shared() {
 void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem,
             const std::function<void()>& body);
 
-// A buffer flanked by inaccessible pages: `bytes` bytes starting at an address that is
-// `residue` modulo 16 (so that a copy keeps its original's 16-byte phase), ending less than 16
-// bytes before the next guard page. Everything in its pages outside the buffer is 0xFF (NaN in
+// A buffer flanked by inaccessible address space (16 GiB a side; one page where the process
+// cannot reserve that much): `bytes` bytes starting at an address that is `residue` modulo 16
+// (so that a copy keeps its original's 16-byte phase), ending less than 16 bytes before the
+// trailing reserve. Everything in its pages outside the buffer is 0xFF (NaN in
 // every float format), and checked after each launch.
 void* guarded_alloc(size_t bytes, unsigned residue, const char* name);
 // The same, for a sparse view (a few rows far apart): the pages are reserved, not touched, so

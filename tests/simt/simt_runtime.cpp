@@ -28,6 +28,12 @@ ThreadCtx* g_ctx = nullptr;
 namespace {
 
 constexpr size_t kPage = 4096;
+// Inaccessible address space reserved on each side of every guarded buffer: an element index
+// of any type up to 8 bytes that went wrong in 32 bits (a 64-bit offset truncated, a sign
+// flipped) lands within 2^31 elements = 16 GiB of its buffer's start, so in the buffer's own
+// reserve, and faults there however large the true offset was (reserved, never touched:
+// address space only).
+constexpr size_t kReach = size_t(16) << 30;
 constexpr size_t kStackBytes = 128 * 1024;  // per emulated thread, plus a guard page
 constexpr int kMaxThreads = 1024;
 constexpr size_t kMaxSharedBytes = 48 * 1024;  // static + dynamic, per block (no opt-in)
@@ -205,8 +211,8 @@ std::string where() {
 struct Guarded {
   char* map;
   size_t map_len;
-  char* begin;  // first byte after the leading guard page
-  char* end;    // the trailing guard page
+  char* begin;  // first byte after the leading reserve
+  char* end;    // the trailing reserve
   char* data;
   size_t bytes;
   std::string name;
@@ -223,6 +229,23 @@ const Guarded* guard_hit(const char* addr) {
   return nullptr;
 }
 
+// The registered buffer closest to addr (for a fault outside every reserve), or null.
+const Guarded* nearest_buffer(const char* addr, long long* offset) {
+  const Guarded* best = nullptr;
+  unsigned long long best_distance = ~0ull;
+  for (const auto& [data, g] : g_guarded) {
+    const auto a = reinterpret_cast<uintptr_t>(addr), lo = reinterpret_cast<uintptr_t>(g.data);
+    const uintptr_t hi = lo + g.bytes;
+    const unsigned long long d = a < lo ? lo - a : a >= hi ? a - hi + 1 : 0;
+    if (d < best_distance) {
+      best_distance = d;
+      best = &g;
+      *offset = static_cast<long long>(a - lo);
+    }
+  }
+  return best;
+}
+
 bool stack_guard_hit(const char* addr) {
   for (const Fiber& f : g_fibers)
     if (f.stack && addr >= f.stack && addr < f.stack + kPage) return true;
@@ -232,25 +255,34 @@ bool stack_guard_hit(const char* addr) {
 void fault_handler(int sig, siginfo_t* si, void*) {
   const char* addr = static_cast<const char*>(si->si_addr);
   Launch* l = g_launch;
+  // Any fault of an emulated thread fails its launch (never the process): in a buffer's
+  // reserve, it names that buffer and the offset; elsewhere (an unmapped address: a wild
+  // pointer, null plus an offset), the nearest buffer and the offset from it.
   if (l && l->current) {
-    const Guarded* g = guard_hit(addr);
-    if (g || stack_guard_hit(addr)) {
-      if (g) {
-        const long long off = addr - g->data;
-        std::snprintf(l->fault, sizeof l->fault,
-                      "out-of-bounds global memory access at byte offset %lld of buffer '%s' "
-                      "(%zu bytes)",
-                      off, g->name.c_str(), g->bytes);
-      } else {
-        std::snprintf(l->fault, sizeof l->fault, "stack overflow of an emulated thread");
-      }
-      l->failed = true;
-      // Abandon the faulting fiber: back to the scheduler, which fails the launch. SA_NODEFER
-      // keeps the signal unblocked although this handler never returns.
-      switch_context(&l->current->ctx, &l->sched);
+    long long off = 0;
+    if (const Guarded* g = guard_hit(addr)) {
+      std::snprintf(l->fault, sizeof l->fault,
+                    "out-of-bounds global memory access at byte offset %lld of buffer '%s' "
+                    "(%zu bytes)",
+                    static_cast<long long>(addr - g->data), g->name.c_str(), g->bytes);
+    } else if (stack_guard_hit(addr)) {
+      std::snprintf(l->fault, sizeof l->fault, "stack overflow of an emulated thread");
+    } else if (const Guarded* n = nearest_buffer(addr, &off)) {
+      std::snprintf(l->fault, sizeof l->fault,
+                    "global memory access at address %p, outside every registered buffer "
+                    "(nearest: byte offset %lld of buffer '%s' (%zu bytes))",
+                    static_cast<const void*>(addr), off, n->name.c_str(), n->bytes);
+    } else {
+      std::snprintf(l->fault, sizeof l->fault,
+                    "global memory access at address %p, and no buffer is registered",
+                    static_cast<const void*>(addr));
     }
+    l->failed = true;
+    // Abandon the faulting fiber: back to the scheduler, which fails the launch. SA_NODEFER
+    // keeps the signal unblocked although this handler never returns.
+    switch_context(&l->current->ctx, &l->sched);
   }
-  // Not ours: the previous handler takes the re-raised fault.
+  // Not ours (no emulated thread runs): the previous handler takes the re-raised fault.
   sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
 }
 
@@ -678,15 +710,26 @@ namespace {
 void* map_guarded(size_t bytes, unsigned residue, const char* name, bool sparse) {
   residue &= 15u;
   const size_t data_pages = (bytes + 16 + kPage - 1) / kPage * kPage;
-  const size_t len = data_pages + 2 * kPage;
-  void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | (sparse ? MAP_NORESERVE : 0), -1, 0);
+  // The whole span inaccessible (address space only: PROT_NONE is neither committed nor
+  // touched), then the data pages opened. A process short of address space (a ulimit -v)
+  // gets one guard page a side.
+  size_t reach = kReach;
+  const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+  void* m = mmap(nullptr, data_pages + 2 * reach, PROT_NONE, flags, -1, 0);
+  if (m == MAP_FAILED) {
+    reach = kPage;
+    m = mmap(nullptr, data_pages + 2 * reach, PROT_NONE, flags, -1, 0);
+  }
   if (m == MAP_FAILED) throw std::runtime_error("SIMT: cannot map a guarded buffer");
   char* map = static_cast<char*>(m);
-  mprotect(map, kPage, PROT_NONE);
-  mprotect(map + kPage + data_pages, kPage, PROT_NONE);
-  char* begin = map + kPage;
+  const size_t len = data_pages + 2 * reach;
+  char* begin = map + reach;
   char* end = begin + data_pages;
+  if (mprotect(begin, data_pages, PROT_READ | PROT_WRITE) != 0) {
+    munmap(map, len);
+    throw std::runtime_error("SIMT: cannot map a guarded buffer of " + std::to_string(bytes) +
+                             " bytes");
+  }
   uintptr_t s = reinterpret_cast<uintptr_t>(end) - bytes;
   s -= (s - residue) & 15u;
   char* data = reinterpret_cast<char*>(s);

@@ -1,0 +1,113 @@
+"""The two losses written in differentiable PyTorch ops, with the kernels' exact semantics.
+
+The kernels compute the loss and the first derivative with respect to the logits in one pass.
+Everything beyond that is taken from these compositions, so that nothing a PyTorch user
+differentiates is silently dropped:
+  - double backward (``create_graph=True``): the backward differentiates these instead of
+    handing over the fused gradient, so second derivatives are exact;
+  - gradients with respect to a probability target, BCE's target, a floating mask, class
+    weights and pos_weight;
+  - torch.func transforms (grad, vmap, jacrev), which run these in place of the ops.
+
+Each function takes the op's arguments (the (rows, classes) layout, weight and mask already
+in the accumulation dtype) and returns what the op returns, in the accumulation dtype.
+"""
+
+import torch
+
+from ._ops import acc_dtype
+
+
+def _divide_or_zero(total, denominator):
+    """total / denominator, 0 (with a zero gradient) where the denominator is 0."""
+    nonzero = denominator != 0
+    return torch.where(nonzero, total / torch.where(nonzero, denominator, 1), 0)
+
+
+def softmax_ce(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
+               reduction, mean_eps, want_accuracy=False, denominators=None):
+    """softmax_ce's (loss, row_stats, extras) (csrc/fusedloss.cpp), differentiably."""
+    acc = acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    rows, classes = x.shape
+    prob_target = target.is_floating_point()
+    m = mask if mask is not None else x.new_ones(rows)
+    if prob_target:
+        valid = torch.ones(rows, dtype=torch.bool, device=x.device)
+        safe_t = None
+    else:
+        valid = target != ignore_index
+        safe_t = torch.where(valid, target, 0)
+    # Skipped positions are never read by the kernels: their logits may be NaN or inf. A mask
+    # that requires grad is the exception: d loss / d mask_i at mask_i = 0 is position i's
+    # loss term, so its logits are read.
+    kept = valid if m.requires_grad else valid & (m != 0)
+    x = torch.where(kept[:, None], x, 0)
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    row_max = x.detach().amax(dim=1, keepdim=True)
+    shifted = x - row_max
+    log_sum = torch.logsumexp(shifted, dim=1)
+    log_p = shifted - log_sum[:, None]
+    lse = row_max[:, 0] + log_sum
+    w = weight if weight is not None else x.new_ones(classes)
+    e = label_smoothing
+    if prob_target:
+        q = target.to(acc) * (1 - e) + e / classes
+        ce = -(w * q * log_p).sum(dim=1)
+        denominator_weight = x.new_ones(rows)
+    else:
+        w_t = w[safe_t]
+        nll = -log_p.gather(1, safe_t[:, None])[:, 0]
+        ce = (1 - e) * w_t * nll - (e / classes) * (w * log_p).sum(dim=1)
+        denominator_weight = w_t
+    zero = x.new_zeros(())
+    ce = torch.where(kept, m * ce, zero)
+    z_part = torch.where(kept, m * z_loss * lse * lse, zero)
+    correct = None
+    if want_accuracy and not prob_target:
+        hit = x.detach().argmax(dim=1) == safe_t
+        correct = torch.where(kept & hit, m.detach(), zero)
+    stats = torch.stack([torch.where(kept, row_max[:, 0], zero),
+                         torch.where(kept, log_sum, zero)], dim=1).detach()
+    if reduction == 0:
+        extras = torch.stack([z_part.detach(),
+                              correct if correct is not None else torch.zeros_like(ce)])
+        return ce + z_part, stats, extras
+    valid_m = torch.where(valid, m, zero)
+    if denominators is not None:
+        denominator, count = denominators[0], denominators[1]
+    else:
+        denominator = (valid_m * denominator_weight).sum() + mean_eps
+        count = valid_m.sum() + mean_eps
+    ce_total, z_total = ce.sum(), z_part.sum()
+    if reduction == 1:
+        ce_total = _divide_or_zero(ce_total, denominator)
+        z_total = _divide_or_zero(z_total, count)
+    accuracy = (_divide_or_zero(correct.sum(), count.detach()) if correct is not None
+                else zero)
+    extras = torch.stack([z_total.detach(), accuracy.detach()])
+    return ce_total + z_total, stats, extras
+
+
+def sigmoid_ce(input, target, weight, pos_weight, mask, label_smoothing, reduction):
+    """sigmoid_ce's loss (csrc/fusedloss.cpp), differentiably: (rows, cols) operands, weight,
+    pos_weight and mask as broadcast views in the accumulation dtype."""
+    acc = acc_dtype(input.dtype)
+    x = input.to(acc)
+    y = target.to(acc) * (1 - label_smoothing) + label_smoothing / 2
+    log_weight = 1 + (pos_weight - 1) * y if pos_weight is not None else 1
+    # softplus(-x) = max(-x, 0) + log1p(exp(-|x|)), which never overflows
+    softplus_neg = torch.clamp(-x, min=0) + torch.log1p(torch.exp(-x.abs()))
+    loss = (1 - y) * x + log_weight * softplus_neg
+    if weight is not None:
+        loss = loss * weight
+    if mask is not None:
+        loss = loss * mask
+    if reduction == 0:
+        return loss
+    total = loss.sum()
+    if reduction == 2:
+        return total
+    denominator = mask.sum() if mask is not None else x.new_tensor(float(x.numel()))
+    return _divide_or_zero(total, denominator)
