@@ -26,7 +26,6 @@ __all__ = [
     "sparse_softmax_cross_entropy_with_logits",
     "sigmoid_cross_entropy_with_logits",
     "linear_cross_entropy",
-    "CrossEntropyOutput",
     "CrossEntropyLoss",
     "BCEWithLogitsLoss",
     "SequenceLoss",

@@ -23,18 +23,6 @@ __all__ = [
 ]
 
 
-class CrossEntropyOutput(NamedTuple):
-    """What a softmax cross-entropy returns when any return_* option is set; None where not
-    asked: the loss, its z-loss part (reduced like the loss), the token accuracy (argmax ==
-    target over the valid positions) and the per-position log-sum-exp; the last three in
-    float32 (float64 for float64 inputs)."""
-
-    loss: Tensor
-    z_loss: Optional[Tensor] = None
-    token_accuracy: Optional[Tensor] = None
-    lse: Optional[Tensor] = None
-
-
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # TensorFlow's losses have no ignore_index: a label no int64 can reach disables it.
 _NO_IGNORE_INDEX = -(2**63)
