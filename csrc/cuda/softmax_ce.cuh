@@ -24,6 +24,9 @@ struct SoftmaxCEArgs {
   const void* weight_sum;    // acc_t[1] from the prep kernel, or null: p.weight_sum
   const void* grad_scale;    // acc_t[2] from the prep kernel: the gradient's factors of the
                              // cross-entropy and z-loss parts (params.h), or null: 1 and 1
+  // 1 / classes and 1 / softcap (0 without one), divided on the host: a division in a kernel
+  // calls an out-of-line slow path, whose calling convention cost the split kernels spills.
+  double inv_classes, inv_cap;
   int64_t grad_loss_stride;  // GradFromLse: 1 per row, 0 one value
   int threads_per_row;       // rows path
   int rows_per_block;        // rows path
@@ -66,13 +69,13 @@ struct SoftmaxCEConsts {
   FL_DEVICE SoftmaxCEConsts(const SoftmaxCEArgs& a, bool prob) {
     const SoftmaxCEParams& p = a.p;
     opts.label_smoothing = acc_t(p.label_smoothing);
-    opts.inv_classes = acc_t(1) / acc_t(p.classes);
+    opts.inv_classes = static_cast<acc_t>(a.inv_classes);
     opts.weight_sum = a.weight_sum != nullptr ? *static_cast<const acc_t*>(a.weight_sum)
                                               : acc_t(p.weight_sum);
     opts.z_loss = acc_t(p.z_loss);
     softcap = p.softcap != 0.0;
     cap = acc_t(p.softcap);
-    inv_cap = softcap ? acc_t(1) / cap : acc_t(0);
+    inv_cap = static_cast<acc_t>(a.inv_cap);
     need_sums = prob || p.label_smoothing != 0.0;
     weight = static_cast<const acc_t*>(p.class_weight);
   }
@@ -482,14 +485,14 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
   RowSums<acc_t> s;
   int first = 0;  // offset of the chunk's first max (chunks hold < 2^24 values: exact in acc_t)
   if constexpr (!kFromStats) {
-    const bool want_first = !kProb && p.row_correct != nullptr;
     m = block_group_allreduce(slice.max(c), kSplitThreads, MaxOp<acc_t>(), red_max);
-    unsigned max_hits = 0;
-    s = block_group_allreduce(slice.template sums<false>(c, m, want_first ? &max_hits : nullptr),
-                              kSplitThreads, RowSumsAdd<acc_t>(), red_sums);
-    if (want_first) {
-      first = block_group_allreduce(slice.first_of_hits(max_hits), kSplitThreads, MinOp<int>(),
-                                    red_first) - static_cast<int>(lo);
+    unsigned max_hits = 0;  // collected always: a compare per value, no branch
+    s = slice.template sums<false>(c, m, &max_hits);
+    first = slice.first_of_hits(max_hits);
+    s = block_group_allreduce(s, kSplitThreads, RowSumsAdd<acc_t>(), red_sums);
+    if (!kProb && p.row_correct != nullptr) {
+      first = block_group_allreduce(first, kSplitThreads, MinOp<int>(), red_first) -
+              static_cast<int>(lo);
     }
   } else {
     s = block_group_allreduce(slice.template sums<true>(c, acc_t(0)), kSplitThreads,
@@ -745,6 +748,8 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
 
   SoftmaxCEArgs a{};
   a.p = p;
+  a.inv_classes = 1.0 / static_cast<double>(p.classes);
+  a.inv_cap = p.softcap != 0.0 ? 1.0 / p.softcap : 0.0;
   a.grad_loss_stride = x.grad_loss_stride;
   a.threads_per_row = plan.tpr;
   a.rows_per_block = plan.rows_per_block;
