@@ -202,6 +202,23 @@ inline SoftmaxCEParams softmax_params_of(const SoftmaxTensors& c, int64_t ignore
   return p;
 }
 
+// The forward's outputs in softmax_ce's parameters: the gradient (null: loss only) and the
+// per-row buffers, `row_extras` (2, rows) holding each row's z-loss part and correct, written
+// only when asked (the z-loss part when z_loss != 0, correct for class indices when
+// want_accuracy): the caller zeroes it.
+inline void set_softmax_forward_outputs(SoftmaxCEParams& p, const SoftmaxTensors& c, void* grad,
+                                        int64_t grad_row_stride, const at::Tensor& row_loss,
+                                        const at::Tensor& row_stats, const at::Tensor& row_extras,
+                                        bool want_accuracy) {
+  p.grad = grad;
+  p.grad_row_stride = grad_row_stride;
+  p.row_loss = row_loss.data_ptr();
+  p.row_z_loss = p.z_loss != 0 ? row_extras[0].data_ptr() : nullptr;
+  p.row_correct = want_accuracy && !c.shape.prob_target ? row_extras[1].data_ptr() : nullptr;
+  p.row_stats = row_stats.data_ptr();
+  p.mode = grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
+}
+
 // The same for the sigmoid cross-entropy over a (rows, cols) view.
 struct SigmoidTensors {
   at::Tensor input, target;

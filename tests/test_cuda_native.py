@@ -93,6 +93,9 @@ def test_no_host_synchronisation():
     torch.cuda.set_sync_debug_mode("error")
     try:
         fl.cross_entropy(x, t, mask=m).backward()
+        out = fl.cross_entropy(x, t, mask=m, z_loss=1e-4, return_z_loss=True,
+                               return_token_accuracy=True, return_lse=True)
+        (out.loss + out.z_loss + out.token_accuracy + out.lse.sum()).backward()
         fl.cross_entropy(x, t, reduction="none").sum().backward()
         fl.binary_cross_entropy_with_logits(y, z, mask=z > 0.5).backward()
     finally:

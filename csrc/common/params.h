@@ -76,8 +76,11 @@ struct SigmoidCEParams {
   const void* target;  // scalar_t (or acc_t when target_in_acc), same (rows, cols) view
   bool target_in_acc;
   BroadcastOperand weight, pos_weight, mask;
-  const void* grad_loss;  // GradFromGradLoss: scalar_t (rows, cols), row stride
-                          // grad_loss_row_stride; null: every element's factor is *grad_scale
+  const void* grad_loss;  // GradFromGradLoss: scalar_t (or acc_t when grad_loss_in_acc)
+                          // (rows, cols), row stride grad_loss_row_stride; null: every
+                          // element's factor is *grad_scale
+  bool grad_loss_in_acc;  // the per-element loss's gradient in the accumulation dtype, as the
+                          // loss is (the CUDA entries pass it as it is; the CPU one converts)
   void* loss;             // LossElements: acc_t (rows, cols) contiguous
   void* grad;             // scalar_t (rows, cols) contiguous
   void* chunk_loss;       // LossSum*: acc_t[num_chunks]

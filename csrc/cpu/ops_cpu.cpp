@@ -216,14 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
   at::Tensor row_stats = at::empty({rows, 2}, acc_opts);
   // (z-loss part, correct) per row; for none they are the extra outputs themselves.
   at::Tensor row_extras = at::zeros({2, rows}, acc_opts);
-  p.grad = grad;
-  p.grad_row_stride = grad_row_stride;
-  p.row_loss = row_loss.data_ptr();
-  p.row_z_loss = p.z_loss != 0 ? row_extras[0].data_ptr() : nullptr;
-  p.row_correct = want_accuracy && !c.shape.prob_target ? row_extras[1].data_ptr() : nullptr;
-  p.row_stats = row_stats.data_ptr();
+  set_softmax_forward_outputs(p, c, grad, grad_row_stride, row_loss, row_stats, row_extras,
+                              want_accuracy);
   p.grad_scale = c.grad_scale.data_ptr();
-  p.mode = grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
   if (rows > 0) kernels().softmax_ce(p);
   if (per_row) return {at::add(row_loss, row_extras[0]), row_stats, row_extras};
   const double z_part = p.row_z_loss ? deterministic_sum(row_extras[0]) : 0.0;

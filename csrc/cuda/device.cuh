@@ -182,6 +182,47 @@ FL_DEVICE void fill_range(T* g, int64_t lo, int64_t hi, T value, int lane, int t
   for (int64_t s = r.first + lane; s < r.end; s += threads) store_slot(g, s * N - lead, lo, hi, true, v);
 }
 
+// kVec consecutive acc_t values (an operand kept in the accumulation dtype beside 16-bit data,
+// or an accumulation-dtype output), 128-bit accesses when they make whole packs: the caller
+// guarantees 16-byte alignment then (kVec elements of the data's dtype are 16 bytes).
+template <typename acc_t, int kVec>
+FL_DEVICE void load_acc_vec(const acc_t* src, acc_t (&out)[kVec]) {
+  constexpr int kPer = Pack<acc_t>::N;
+  if constexpr (kVec % kPer == 0) {
+#pragma unroll
+    for (int j = 0; j < kVec / kPer; ++j) {
+      const Pack<acc_t> v = load_pack(src + j * kPer);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) out[j * kPer + i] = v.v[i];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = src[i];
+  }
+}
+
+// The first n of kVec acc_t values to dst: whole packs when n is kVec (aligned as above).
+template <typename acc_t, int kVec>
+FL_DEVICE void store_acc_first(acc_t* dst, int n, const acc_t (&v)[kVec]) {
+  constexpr int kPer = Pack<acc_t>::N;
+  if constexpr (kVec % kPer == 0) {
+    if (n == kVec) {
+#pragma unroll
+      for (int j = 0; j < kVec / kPer; ++j) {
+        Pack<acc_t> w;
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) w.v[i] = v[j * kPer + i];
+        store_pack(dst + j * kPer, w);
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {  // unrolled: the values stay in registers
+    if (i < n) dst[i] = v[i];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Warp and block reductions. Every value crosses lanes with __shfl_xor_sync, 32 bits at a
 // time; a butterfly leaves the same result in every lane (IEEE addition and max commute, so
@@ -215,14 +256,16 @@ FL_DEVICE U warp_allreduce(U v, Op op) {
   return v;
 }
 
-// Sums of the deterministic reductions (valid counts, weight sums, the final loss).
-struct Sum2 {
+// Sums of the deterministic reductions (denominators, valid counts, weight sums, the final
+// loss and its parts).
+struct Sum3 {
   double a;
   double b;
+  double c;
 };
 
-struct Sum2Add {
-  FL_DEVICE Sum2 operator()(Sum2 x, Sum2 y) const { return {x.a + y.a, x.b + y.b}; }
+struct Sum3Add {
+  FL_DEVICE Sum3 operator()(Sum3 x, Sum3 y) const { return {x.a + y.a, x.b + y.b, x.c + y.c}; }
 };
 
 template <typename T>
@@ -233,6 +276,11 @@ struct AddOp {
 template <typename T>
 struct MaxOp {
   FL_DEVICE T operator()(T a, T b) const { return fl_max(a, b); }
+};
+
+template <typename T>
+struct MinOp {
+  FL_DEVICE T operator()(T a, T b) const { return a < b ? a : b; }
 };
 
 }  // namespace cuda

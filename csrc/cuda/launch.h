@@ -12,9 +12,10 @@
 //    order (deterministic, no atomics), then writes the loss and the chunk's gradient, reading
 //    the chunk again. Long rows go in groups of rows whose logits fit in half the L2 cache, so
 //    that the second read is served from L2 rather than HBM.
-// Device-side scalars (the weight sum, the mean's 1/denominator) come from a small
-// deterministic reduction kernel that runs first; the reduced loss from one that runs last. No
-// step reads anything back to the host.
+// Device-side scalars (the weight sum, the mean's two 1/denominators, 1/valid count of the
+// accuracy) come from a small deterministic reduction kernel that runs first; the reduced loss
+// and the extra outputs (its z-loss part, the token accuracy) from one that runs last. No step
+// reads anything back to the host.
 #pragma once
 
 #include <algorithm>
@@ -42,6 +43,11 @@ constexpr int kSigmoidThreads = 256;
 constexpr int kSigmoidVecs = 4;  // 16-byte packs per thread per chunk
 constexpr int kScaleThreads = 256;
 constexpr int kScaleVecs = 4;
+// Split path: words of a chunk's partial (max, sum exp(z - max), sum w (z - max), sum w,
+// z_target, the chunk's first index of its max).
+constexpr int kPartialWords = 6;
+// Workspace bytes of the device-side scalars of softmax_ce (4 acc_t).
+constexpr int64_t kScalarBytes = 32;
 
 inline int elem_size(ScalarType t) {
   switch (t) {
@@ -91,16 +97,20 @@ inline constexpr int max_row_vecs(ScalarType t, bool prob) {
 // Scratch bytes of a deterministic sum over n terms (none when one block does it all).
 inline int64_t sum_scratch_bytes(int64_t n) {
   const int64_t blocks = ceil_div(std::max<int64_t>(n, 1), kSumChunk);
-  return blocks > 1 ? blocks * 16 : 0;
+  return blocks > 1 ? blocks * 3 * int64_t(sizeof(double)) : 0;  // a Sum3 per block
 }
 
 // Extra inputs of a softmax cross-entropy launch, beyond SoftmaxCEParams.
 struct SoftmaxCEExtras {
   Reduction reduction;
   double mean_eps;
-  void* loss_out;            // scalar_t[1]: the reduced loss (Loss*/mean|sum), else null
+  void* loss_out;            // acc_t[1]: the reduced loss (Loss*/mean|sum), else null
+  void* extras_out;          // acc_t[2]: with loss_out, the loss's z-loss part and the token
+                             // accuracy (0 unless p.row_correct)
+  const void* denominators;  // acc_t[2] or null: the mean's (weighted denominator, valid
+                             // count), given by the caller instead of computed (no mean_eps)
   int64_t grad_loss_stride;  // GradFromLse: 1 = per-row grad_loss; 0 = one value for all rows
-                             // (a mean/sum loss's grad_output, times the mean's scale)
+                             // (a mean/sum loss's grad_output, times the mean's scales)
   void* workspace;           // SoftmaxCEPlan::workspace_bytes, 16-byte aligned
 };
 
@@ -113,11 +123,11 @@ struct SoftmaxCEPlan {
   int splits = 1;
   int64_t rows_per_group = 0;
   // device-side scalars and sums
-  bool prep = false;        // weight sum / mean scale kernel
+  bool prep = false;        // weight sum / mean scales / valid count kernel
   int64_t prep_terms = 0;
-  bool reduce_loss = false;  // final sum of the row losses
-  // workspace: [scalars: 2 acc_t][sum scratch][split partials]
-  int64_t off_scratch = 16, off_partials = 16, workspace_bytes = 16;
+  bool reduce_loss = false;  // final sums of the row losses (and their z-loss and accuracy)
+  // workspace: [scalars: 4 acc_t][sum scratch][split partials]
+  int64_t off_scratch = kScalarBytes, off_partials = kScalarBytes, workspace_bytes = kScalarBytes;
 };
 
 inline SoftmaxCEPlan plan_softmax_ce(const SoftmaxCEParams& p, const SoftmaxCEExtras& x,
@@ -172,15 +182,17 @@ inline SoftmaxCEPlan plan_softmax_ce(const SoftmaxCEParams& p, const SoftmaxCEEx
   }
   const bool from_stats = p.mode == SoftmaxCEMode::GradFromLse;
   const bool weighted_smoothing = p.class_weight != nullptr && p.label_smoothing != 0.0 && !prob;
-  plan.prep = x.reduction == Reduction::Mean || weighted_smoothing;
-  plan.prep_terms = std::max<int64_t>(p.rows, p.class_weight ? C : 0);
   plan.reduce_loss = !from_stats && x.reduction != Reduction::None;
+  // The accuracy of a reduced loss divides by the valid count, whatever the reduction.
+  const bool accuracy = plan.reduce_loss && p.row_correct != nullptr;
+  plan.prep = x.reduction == Reduction::Mean || weighted_smoothing || accuracy;
+  plan.prep_terms = std::max<int64_t>(p.rows, p.class_weight ? C : 0);
   const int64_t scratch = std::max(plan.prep ? sum_scratch_bytes(plan.prep_terms) : 0,
                                    plan.reduce_loss ? sum_scratch_bytes(p.rows) : 0);
-  plan.off_scratch = 16;
+  plan.off_scratch = kScalarBytes;
   plan.off_partials = round_up(plan.off_scratch + scratch, 16);
   const int64_t partials =
-      plan.split ? plan.rows_per_group * plan.splits * 5 * acc_size(p.dtype) : 0;
+      plan.split ? plan.rows_per_group * plan.splits * kPartialWords * acc_size(p.dtype) : 0;
   plan.workspace_bytes = round_up(plan.off_partials + partials, 16);
   return plan;
 }
@@ -188,7 +200,7 @@ inline SoftmaxCEPlan plan_softmax_ce(const SoftmaxCEParams& p, const SoftmaxCEEx
 // Extra inputs of a sigmoid cross-entropy launch, beyond SigmoidCEParams.
 struct SigmoidCEExtras {
   Reduction reduction;
-  void* loss_out;      // scalar_t[1]: the reduced loss (LossSum*), else null
+  void* loss_out;      // acc_t[1]: the reduced loss (LossSum*), else null
   const void* factor;  // GradFromGradLoss of a reduced loss: acc_t[1] grad_output, else null
   void* workspace;     // SigmoidCEPlan::workspace_bytes
 };

@@ -4,9 +4,9 @@
 //  - tests/simt/ops_simt.cpp: the SIMT harness, which runs the very same launchers on the CPU
 //    with every buffer copied into guard-paged memory.
 // Semantics are those of csrc/cpu/ops_cpu.cpp; the differences are all device-side: no host
-// synchronisation (the weight sum, the mean's denominator and the reduced loss are computed by
-// kernels), and a bad class-index target makes its row NaN instead of raising (the Python layer
-// validates eagerly when asked to).
+// synchronisation (the weight sum, the mean's denominators, the reduced loss and the extra
+// outputs are computed by kernels), and a bad class-index target makes its row NaN instead of
+// raising (the Python layer validates eagerly when asked to).
 //
 // A Platform provides:
 //   Guard(tensor)                RAII: make the tensor's device current
@@ -76,61 +76,93 @@ struct Ops {
     P::check(launch_softmax_ce(p, x, d, P::stream(like)), kSoftmaxOp);
   }
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce(
-      const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-      const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
-      double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad) {
-    typename P::Guard guard(logits);
-    const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction);
-    const auto acc_opts = logits.options().dtype(c.acc);
-    at::Tensor row_loss = P::empty({c.shape.rows}, acc_opts);
-    at::Tensor row_stats = P::empty({c.shape.rows, 2}, acc_opts);
-    at::Tensor grad = compute_grad ? P::empty({c.shape.rows, c.shape.classes}, logits.options())
-                                   : at::empty({0}, logits.options());
-    at::Tensor loss;
-    if (c.reduction != Reduction::None) loss = P::empty({}, logits.options());
-    SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
-    p.grad = compute_grad ? grad.data_ptr() : nullptr;
-    p.grad_row_stride = c.shape.classes;
-    p.row_loss = row_loss.data_ptr();
-    p.row_stats = row_stats.data_ptr();
-    p.mode = compute_grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
-    if (c.shape.rows > 0) {
-      run_softmax(p, {c.reduction, mean_eps, loss.defined() ? loss.data_ptr() : nullptr, 1, nullptr},
-                  c.logits);
-    } else if (loss.defined()) {
-      loss.zero_();
-    }
-    return {c.reduction == Reduction::None ? row_loss.to(logits.scalar_type()) : loss, row_stats,
-            grad};
+  // The caller's mean denominators, in the accumulation dtype on the kernels' side, or none.
+  static at::Tensor stage_denominators(const c10::optional<at::Tensor>& d, const SoftmaxCall& c,
+                                       const at::Tensor& logits) {
+    if (!d.has_value()) return at::Tensor();
+    return P::stage(check_denominators(*d, logits.device(), kSoftmaxOp).to(c.acc).contiguous());
   }
 
-  static std::tuple<at::Tensor, at::Tensor> softmax_ce_inplace(
+  static const void* data_or_null(const at::Tensor& t) {
+    return t.defined() ? t.data_ptr() : nullptr;
+  }
+
+  // The forward kernel (softmax_ce's schema): the loss in the accumulation dtype (per row for
+  // none, else reduced on the device), the row statistics and the extra outputs (none: (2,
+  // rows), each row's z-loss part and correct; else (2,), the loss's z-loss part and the token
+  // accuracy), and the gradient into `grad` (rows with stride grad_row_stride) unless null.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
+      const SoftmaxCall& c, SoftmaxCEParams p, void* grad, int64_t grad_row_stride,
+      double mean_eps, bool want_accuracy, const at::Tensor& denominators,
+      const at::Tensor& like) {
+    const auto acc_opts = like.options().dtype(c.acc);
+    const int64_t rows = c.shape.rows;
+    const bool per_row = c.reduction == Reduction::None;
+    at::Tensor row_loss = P::empty({rows}, acc_opts);
+    at::Tensor row_stats = P::empty({rows, 2}, acc_opts);
+    // (z-loss part, correct) per row; zero where the kernel does not write them.
+    at::Tensor row_extras = P::empty({2, rows}, acc_opts);
+    row_extras.zero_();
+    at::Tensor loss, extras;
+    if (!per_row) {
+      loss = P::empty({}, acc_opts);
+      extras = P::empty({2}, acc_opts);
+    }
+    set_softmax_forward_outputs(p, c, grad, grad_row_stride, row_loss, row_stats, row_extras,
+                                want_accuracy);
+    if (rows > 0) {
+      SoftmaxCEExtras x{};
+      x.reduction = c.reduction;
+      x.mean_eps = mean_eps;
+      x.loss_out = per_row ? nullptr : loss.data_ptr();
+      x.extras_out = per_row ? nullptr : extras.data_ptr();
+      x.denominators = data_or_null(denominators);
+      x.grad_loss_stride = 1;
+      run_softmax(p, x, like);
+    } else if (!per_row) {
+      loss.zero_();
+      extras.zero_();
+    }
+    if (per_row) {
+      return {p.row_z_loss != nullptr ? row_loss.add(row_extras[0]) : row_loss, row_stats,
+              row_extras};
+    }
+    return {loss, row_stats, extras};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce(
+      const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+      const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
+      double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad,
+      bool want_accuracy, const c10::optional<at::Tensor>& denominators) {
+    typename P::Guard guard(logits);
+    const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction);
+    const at::Tensor dens = stage_denominators(denominators, c, logits);
+    at::Tensor grad = compute_grad ? P::empty({c.shape.rows, c.shape.classes}, logits.options())
+                                   : at::empty({0}, logits.options());
+    auto [loss, row_stats, extras] = run_softmax_forward(
+        c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
+        compute_grad ? grad.data_ptr() : nullptr, c.shape.classes, mean_eps, want_accuracy, dens,
+        c.logits);
+    return {loss, row_stats, grad, extras};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_inplace(
       at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
       const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
-      double z_loss, double softcap, int64_t reduction, double mean_eps) {
+      double z_loss, double softcap, int64_t reduction, double mean_eps, bool want_accuracy,
+      const c10::optional<at::Tensor>& denominators) {
     check_softmax_inplace(logits, reduction);
     typename P::Guard guard(logits);
     SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction, false);
+    const at::Tensor dens = stage_denominators(denominators, c, logits);
     at::Tensor staged = P::stage(logits);  // read as logits, written as the gradient
     c.logits = staged;
-    const auto acc_opts = logits.options().dtype(c.acc);
-    at::Tensor row_loss = P::empty({c.shape.rows}, acc_opts);
-    at::Tensor row_stats = P::empty({c.shape.rows, 2}, acc_opts);
-    at::Tensor loss = P::empty({}, logits.options());
-    SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
-    p.grad = staged.data_ptr();
-    p.grad_row_stride = staged.stride(0);
-    p.row_loss = row_loss.data_ptr();
-    p.row_stats = row_stats.data_ptr();
-    p.mode = SoftmaxCEMode::LossAndGrad;
-    if (c.shape.rows > 0) {
-      run_softmax(p, {c.reduction, mean_eps, loss.data_ptr(), 1, nullptr}, staged);
-      P::writeback(logits, staged);
-    } else {
-      loss.zero_();
-    }
-    return {loss, row_stats};
+    auto out = run_softmax_forward(c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
+                                   staged.data_ptr(), staged.stride(0), mean_eps, want_accuracy,
+                                   dens, staged);
+    if (c.shape.rows > 0) P::writeback(logits, staged);
+    return out;
   }
 
   static at::Tensor softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -139,9 +171,11 @@ struct Ops {
                                         const c10::optional<at::Tensor>& mask,
                                         const at::Tensor& row_stats, int64_t ignore_index,
                                         double label_smoothing, double z_loss, double softcap,
-                                        int64_t reduction, double mean_eps) {
+                                        int64_t reduction, double mean_eps,
+                                        const c10::optional<at::Tensor>& denominators) {
     typename P::Guard guard(logits);
     const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction);
+    const at::Tensor dens = stage_denominators(denominators, c, logits);
     TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == c.shape.rows &&
                           row_stats.size(1) == 2,
                       kSoftmaxOp, ": row_stats must have shape (", c.shape.rows, ", 2), got ",
@@ -159,7 +193,7 @@ struct Ops {
       TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSoftmaxOp,
                         ": grad_loss of a reduced loss must have one element, got ",
                         grad_loss.sizes());
-      // one value for every row, times the mean's scale (computed on the device)
+      // one value for every row, times the mean's scales (computed on the device)
       go = P::stage(grad_loss.to(c.acc).reshape({1}).contiguous());
       go_stride = 0;
     }
@@ -171,7 +205,14 @@ struct Ops {
     p.grad_loss = go.data_ptr();
     p.row_stats = stats.data_ptr();
     p.mode = SoftmaxCEMode::GradFromLse;
-    if (c.shape.rows > 0) run_softmax(p, {c.reduction, mean_eps, nullptr, go_stride, nullptr}, c.logits);
+    if (c.shape.rows > 0) {
+      SoftmaxCEExtras x{};
+      x.reduction = c.reduction;
+      x.mean_eps = mean_eps;
+      x.denominators = data_or_null(dens);
+      x.grad_loss_stride = go_stride;
+      run_softmax(p, x, c.logits);
+    }
     return grad;
   }
 
@@ -210,8 +251,8 @@ struct Ops {
     const bool per_element = c.reduction == Reduction::None;
     at::Tensor grad = compute_grad && !per_element ? P::empty(input.sizes(), input.options())
                                                    : at::empty({0}, input.options());
-    at::Tensor loss = per_element ? P::empty(input.sizes(), input.options())
-                                  : P::empty({}, input.options());
+    const auto acc_opts = input.options().dtype(c.acc);
+    at::Tensor loss = per_element ? P::empty(input.sizes(), acc_opts) : P::empty({}, acc_opts);
     SigmoidCEParams p = sigmoid_params(c, label_smoothing);
     p.loss = per_element ? loss.data_ptr() : nullptr;
     p.grad = grad.numel() ? grad.data_ptr() : nullptr;
@@ -242,7 +283,10 @@ struct Ops {
       TORCH_CHECK_VALUE(grad_loss.sizes() == input.sizes(), kSigmoidOp,
                         ": grad_loss must have the input's shape ", input.sizes(), ", got ",
                         grad_loss.sizes());
-      go = P::stage(unit_stride_rows(grad_loss.to(input.scalar_type())));
+      // Read as it is when in the accumulation dtype (the loss's): no conversion pass.
+      const bool in_acc = grad_loss.scalar_type() == c.acc;
+      go = P::stage(unit_stride_rows(in_acc ? grad_loss : grad_loss.to(input.scalar_type())));
+      p.grad_loss_in_acc = in_acc && c.acc != input.scalar_type();
       p.grad_loss = go.data_ptr();
       p.grad_loss_row_stride = go.stride(0);
     } else {

@@ -37,15 +37,15 @@ FL_DEVICE U row_allreduce(U v, int group, Op op, Red red) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic sums. A Term maps an index to a Sum2; a Finish receives (block, total).
+// Deterministic sums. A Term maps an index to a Sum3; a Finish receives (block, total).
 struct StorePartial {
-  Sum2* out;
-  FL_DEVICE void operator()(int64_t block, Sum2 s) const { out[block] = s; }
+  Sum3* out;
+  FL_DEVICE void operator()(int64_t block, Sum3 s) const { out[block] = s; }
 };
 
 struct PartialTerm {
-  const Sum2* in;
-  FL_DEVICE Sum2 operator()(int64_t i) const { return in[i]; }
+  const Sum3* in;
+  FL_DEVICE Sum3 operator()(int64_t i) const { return in[i]; }
 };
 
 template <typename Term, typename Finish>
@@ -54,14 +54,15 @@ __global__ void __launch_bounds__(kSumThreads)
                              const Finish finish) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int count = static_cast<int>((begin + chunk < n ? begin + chunk : n) - begin);
-  Sum2 s{0.0, 0.0};
+  Sum3 s{0.0, 0.0, 0.0};
   for (int j = static_cast<int>(threadIdx.x); j < count; j += kSumThreads) {
-    const Sum2 v = term(begin + j);
+    const Sum3 v = term(begin + j);
     s.a += v.a;
     s.b += v.b;
+    s.c += v.c;
   }
-  FL_SHARED_ARRAY(Sum2, red, kSumThreads / kWarp);
-  s = block_group_allreduce(s, kSumThreads, Sum2Add(), red);
+  FL_SHARED_ARRAY(Sum3, red, kSumThreads / kWarp);
+  s = block_group_allreduce(s, kSumThreads, Sum3Add(), red);
   if (threadIdx.x == 0) finish(static_cast<int64_t>(blockIdx.x), s);
 }
 
@@ -75,7 +76,7 @@ int launch_sum(const Term& term, int64_t n, const Finish& finish, void* scratch,
     FL_LAUNCH(sum_single, dim3(1), dim3(kSumThreads), 0, stream, term, n, kSumChunk, finish);
     return FL_LAUNCH_STATUS();
   }
-  Sum2* partials = static_cast<Sum2*>(scratch);
+  Sum3* partials = static_cast<Sum3*>(scratch);
   const auto sum_stage1 = &deterministic_sum_kernel<Term, StorePartial>;
   FL_LAUNCH(sum_stage1, dim3(static_cast<unsigned>(blocks)), dim3(kSumThreads), 0, stream, term, n,
             kSumChunk, StorePartial{partials});
@@ -86,23 +87,24 @@ int launch_sum(const Term& term, int64_t n, const Finish& finish, void* scratch,
   return FL_LAUNCH_STATUS();
 }
 
-// The reduced loss: total * scale (a device scalar, else scale_value) as scalar_t.
-template <typename T>
+// The reduced loss, in the accumulation dtype: total * scale (a device scalar, else
+// scale_value).
+template <typename acc_t>
 struct LossFinish {
-  T* out;
-  const acc_of<T>* scale;
+  acc_t* out;
+  const acc_t* scale;
   double scale_value;
-  FL_DEVICE void operator()(int64_t, Sum2 s) const {
+  FL_DEVICE void operator()(int64_t, Sum3 s) const {
     const double k = scale != nullptr ? static_cast<double>(*scale) : scale_value;
-    out[0] = from_acc<T>(static_cast<acc_of<T>>(s.a * k));
+    out[0] = static_cast<acc_t>(s.a * k);
   }
 };
 
-// Sums of a per-row acc_t array.
+// Sums of a per-row (or per-chunk) acc_t array.
 template <typename acc_t>
 struct ArrayTerm {
   const acc_t* v;
-  FL_DEVICE Sum2 operator()(int64_t i) const { return {static_cast<double>(v[i]), 0.0}; }
+  FL_DEVICE Sum3 operator()(int64_t i) const { return {static_cast<double>(v[i]), 0.0, 0.0}; }
 };
 
 }  // namespace cuda

@@ -40,6 +40,26 @@ FL_DEVICE void store_first(T* dst, int n, const Pack<T>& v) {
   }
 }
 
+// Operands stored in the data's dtype T or, when `in_acc`, in acc_t (a float32 target or
+// incoming gradient beside 16-bit data, read as it is): element i, or the kVec = 16 / sizeof(T)
+// elements from f as 128-bit loads (f a multiple of kVec, the base 16-byte aligned).
+template <typename T>
+FL_DEVICE acc_of<T> load_either(const void* base, bool in_acc, int64_t i) {
+  return in_acc ? static_cast<const acc_of<T>*>(base)[i] : to_acc(static_cast<const T*>(base)[i]);
+}
+
+template <typename T, int kVec>
+FL_DEVICE void load_either_vec(const void* base, bool in_acc, int64_t f, acc_of<T> (&out)[kVec]) {
+  static_assert(kVec == Pack<T>::N, "one 16-byte pack of T");
+  if (in_acc) {
+    load_acc_vec<acc_of<T>, kVec>(static_cast<const acc_of<T>*>(base) + f, out);
+    return;
+  }
+  const Pack<T> v = load_pack(static_cast<const T*>(base) + f);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) out[i] = to_acc(v.v[i]);
+}
+
 // kVec elements per access: 16 bytes on the flat path (input, target and the elementwise
 // outputs contiguous and 16-byte aligned), 1 otherwise (any row strides).
 template <typename T, SigmoidCEMode kMode, int kVec>
@@ -62,9 +82,9 @@ __global__ void __launch_bounds__(kSigmoidThreads) sigmoid_ce_kernel(const Sigmo
     if (a.factor != nullptr) grad_factor *= *static_cast<const acc_t*>(a.factor);
   }
   const T* x = static_cast<const T*>(p.input);
-  const T* y = static_cast<const T*>(p.target);
-  const T* go = static_cast<const T*>(p.grad_loss);
-  T* loss_out = static_cast<T*>(p.loss);
+  constexpr bool kGradIn = kMode == SigmoidCEMode::GradFromGradLoss;
+  const bool go = kGradIn && p.grad_loss != nullptr;  // else every element's factor is 1
+  acc_t* loss_out = static_cast<acc_t*>(p.loss);
   T* grad_out = static_cast<T*>(p.grad);
 
   // (r, c) of this thread's first element, then advanced without division.
@@ -77,13 +97,17 @@ __global__ void __launch_bounds__(kSigmoidThreads) sigmoid_ce_kernel(const Sigmo
   acc_t sum = acc_t(0);
   for (; f < end; f += int64_t(kSigmoidThreads) * kVec) {
     const int n = end - f < kVec ? static_cast<int>(end - f) : kVec;
-    Pack<T> xv, yv, gv;
-    if (kVec > 1 && n == kVec) {
-      xv = load_pack(x + f);
-      yv = load_pack(y + f);
-      if (kMode == SigmoidCEMode::GradFromGradLoss && go != nullptr) gv = load_pack(go + f);
+    Pack<T> xv;
+    acc_t yv[kVec], gv[kVec];
+    if constexpr (kVec > 1) {
+      if (n == kVec) {
+        xv = load_pack(x + f);
+        load_either_vec<T, kVec>(p.target, p.target_in_acc, f, yv);
+        if (go) load_either_vec<T, kVec>(p.grad_loss, p.grad_loss_in_acc, f, gv);
+      }
     }
-    Pack<T> lv, dv;
+    acc_t lv[kVec];
+    Pack<T> dv;
     int64_t rr = r, cc = c;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
@@ -91,17 +115,16 @@ __global__ void __launch_bounds__(kSigmoidThreads) sigmoid_ce_kernel(const Sigmo
         acc_t xe, ye, ge = acc_t(1);
         if (kVec > 1 && n == kVec) {
           xe = to_acc(xv.v[i]);
-          ye = to_acc(yv.v[i]);
-          if (kMode == SigmoidCEMode::GradFromGradLoss && go != nullptr) ge = to_acc(gv.v[i]);
+          ye = yv[i];
+          if (go) ge = gv[i];
         } else if (kVec > 1) {  // the chunk's ragged end, flat layout
           xe = to_acc(x[f + i]);
-          ye = to_acc(y[f + i]);
-          if (kMode == SigmoidCEMode::GradFromGradLoss && go != nullptr) ge = to_acc(go[f + i]);
+          ye = load_either<T>(p.target, p.target_in_acc, f + i);
+          if (go) ge = load_either<T>(p.grad_loss, p.grad_loss_in_acc, f + i);
         } else {  // any row strides
           xe = to_acc(x[rr * p.input_row_stride + cc]);
-          ye = to_acc(y[rr * p.target_row_stride + cc]);
-          if (kMode == SigmoidCEMode::GradFromGradLoss && go != nullptr)
-            ge = to_acc(go[rr * p.grad_loss_row_stride + cc]);
+          ye = load_either<T>(p.target, p.target_in_acc, rr * p.target_row_stride + cc);
+          if (go) ge = load_either<T>(p.grad_loss, p.grad_loss_in_acc, rr * p.grad_loss_row_stride + cc);
         }
         const acc_t yk = common::sigmoid_ce_smoothed_target(ye, smoothing);
         const acc_t pw = has_pw ? operand_at<acc_t>(p.pos_weight, rr, cc) : acc_t(1);
@@ -109,7 +132,7 @@ __global__ void __launch_bounds__(kSigmoidThreads) sigmoid_ce_kernel(const Sigmo
         const acc_t wm = operand_at<acc_t>(p.weight, rr, cc) * operand_at<acc_t>(p.mask, rr, cc);
         const acc_t loss = v.loss * wm;
         if constexpr (kSum) sum += loss;
-        if constexpr (kMode == SigmoidCEMode::LossElements) lv.v[i] = from_acc<T>(loss);
+        if constexpr (kMode == SigmoidCEMode::LossElements) lv[i] = loss;
         if constexpr (kGrad) dv.v[i] = from_acc<T>(v.dloss * wm * (ge * grad_factor));
       }
       if (track && ++cc == cols) {
@@ -118,7 +141,7 @@ __global__ void __launch_bounds__(kSigmoidThreads) sigmoid_ce_kernel(const Sigmo
       }
     }
     // Outputs are contiguous (rows, cols): flat index f.
-    if constexpr (kMode == SigmoidCEMode::LossElements) store_first<T, kVec>(loss_out + f, n, lv);
+    if constexpr (kMode == SigmoidCEMode::LossElements) store_acc_first<acc_t, kVec>(loss_out + f, n, lv);
     if constexpr (kGrad) store_first<T, kVec>(grad_out + f, n, dv);
     if (track) {
       c += a.step_cols;
@@ -142,19 +165,23 @@ template <typename acc_t>
 struct BroadcastSumTerm {
   BroadcastOperand op;
   int64_t rows, cols;
-  FL_DEVICE Sum2 operator()(int64_t i) const {
+  FL_DEVICE Sum3 operator()(int64_t i) const {
     const acc_t* d = static_cast<const acc_t*>(op.data);
-    if (op.col_stride == 0 || cols <= 1) return {static_cast<double>(d[i * op.row_stride]) * cols, 0.0};
-    if (op.row_stride == 0 || rows <= 1) return {static_cast<double>(d[i * op.col_stride]) * rows, 0.0};
-    const int64_t r = i / cols;
-    return {static_cast<double>(d[r * op.row_stride + (i - r * cols)]), 0.0};
+    double v;
+    if (op.col_stride == 0 || cols <= 1) v = static_cast<double>(d[i * op.row_stride]) * cols;
+    else if (op.row_stride == 0 || rows <= 1) v = static_cast<double>(d[i * op.col_stride]) * rows;
+    else {
+      const int64_t r = i / cols;
+      v = static_cast<double>(d[r * op.row_stride + (i - r * cols)]);
+    }
+    return {v, 0.0, 0.0};
   }
 };
 
 template <typename acc_t>
 struct InverseFinish {
   acc_t* out;
-  FL_DEVICE void operator()(int64_t, Sum2 s) const {
+  FL_DEVICE void operator()(int64_t, Sum3 s) const {
     out[0] = static_cast<acc_t>(s.a != 0.0 ? reciprocal(s.a) : 0.0);
   }
 };
@@ -212,8 +239,8 @@ int launch_sigmoid_ce_t(const SigmoidCEParams& p0, const SigmoidCEExtras& x, voi
   }
   if (err) return err;
   if (plan.reduce_loss) {
-    const LossFinish<T> finish{static_cast<T*>(x.loss_out), static_cast<const acc_t*>(a.scale),
-                               a.scale_value};
+    const LossFinish<acc_t> finish{static_cast<acc_t*>(x.loss_out),
+                                   static_cast<const acc_t*>(a.scale), a.scale_value};
     return launch_sum(ArrayTerm<acc_t>{static_cast<const acc_t*>(a.p.chunk_loss)}, plan.blocks,
                       finish, scratch, stream);
   }

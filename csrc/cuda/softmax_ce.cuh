@@ -22,7 +22,11 @@ using common::SoftmaxStats;
 struct SoftmaxCEArgs {
   SoftmaxCEParams p;
   const void* weight_sum;    // acc_t[1] from the prep kernel, or null: p.weight_sum
-  const void* grad_scale;    // acc_t[1] from the prep kernel, or null: 1
+  const void* grad_scale;    // acc_t[2] from the prep kernel: the gradient's factors of the
+                             // cross-entropy and z-loss parts (params.h), or null: 1 and 1
+  // 1 / classes and 1 / softcap (0 without one), divided on the host: a division in a kernel
+  // calls an out-of-line slow path, whose calling convention cost the split kernels spills.
+  double inv_classes, inv_cap;
   int64_t grad_loss_stride;  // GradFromLse: 1 per row, 0 one value
   int threads_per_row;       // rows path
   int rows_per_block;        // rows path
@@ -32,8 +36,6 @@ struct SoftmaxCEArgs {
   int splits;                // split path: chunks per row
   void* partials;            // split path: acc_t[rows of the launch][splits][kPartialWords]
 };
-
-constexpr int kPartialWords = 5;  // max, sum exp(z - max), sum w (z - max), sum w, z_target
 
 enum RowKind : int { kActive = 0, kSkipped = 1, kBadTarget = 2 };
 
@@ -67,13 +69,13 @@ struct SoftmaxCEConsts {
   FL_DEVICE SoftmaxCEConsts(const SoftmaxCEArgs& a, bool prob) {
     const SoftmaxCEParams& p = a.p;
     opts.label_smoothing = acc_t(p.label_smoothing);
-    opts.inv_classes = acc_t(1) / acc_t(p.classes);
+    opts.inv_classes = static_cast<acc_t>(a.inv_classes);
     opts.weight_sum = a.weight_sum != nullptr ? *static_cast<const acc_t*>(a.weight_sum)
                                               : acc_t(p.weight_sum);
     opts.z_loss = acc_t(p.z_loss);
     softcap = p.softcap != 0.0;
     cap = acc_t(p.softcap);
-    inv_cap = softcap ? acc_t(1) / cap : acc_t(0);
+    inv_cap = static_cast<acc_t>(a.inv_cap);
     need_sums = prob || p.label_smoothing != 0.0;
     weight = static_cast<const acc_t*>(p.class_weight);
   }
@@ -121,6 +123,13 @@ struct RowPartialMerge {
   }
 };
 
+// Whether z counts as the max m of its row for the argmax (a NaN row's max is NaN: its first
+// NaN is the argmax, as torch.argmax picks it).
+template <typename acc_t>
+FL_DEVICE bool is_row_max(acc_t z, acc_t m) {
+  return m != m ? z != z : z == m;
+}
+
 // The slice [lo, hi) of one row held in registers by a group of `threads` threads: thread
 // `lane` holds slots first + k * threads + lane, k < kVecs (consecutive lanes read consecutive
 // 16 bytes). The logits are read from memory once, into xs; probability targets into ys.
@@ -149,14 +158,18 @@ struct RowSlice {
   FL_DEVICE bool full(int k) const { return e0(k) >= lo && e0(k) + N <= hi; }
 
   // y (probability targets) is read at the logits' element positions: 128-bit when its rows
-  // have the logits' 16-byte phase, element by element otherwise.
-  FL_DEVICE void load(const T* x, const T* y) {
-    const bool y_vec = kProb && lead_of(y) == lead_of(x);
+  // have the logits' 16-byte phase, element by element otherwise. A target kept in acc_t
+  // (float32 beside 16-bit logits, `y_in_acc`) is read as it is, 128-bit where aligned.
+  FL_DEVICE void load(const T* x, const void* y, bool y_in_acc) {
+    const bool y_vec = kProb && !y_in_acc && lead_of(static_cast<const T*>(y)) == lead_of(x);
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
       if (!touches(k)) continue;
       load_at(x, k, true, xs[k]);
-      if constexpr (kProb) load_at(y, k, y_vec, ys[k]);
+      if constexpr (kProb) {
+        if (y_in_acc) load_acc_at(static_cast<const acc_t*>(y), k, ys[k]);
+        else load_at(static_cast<const T*>(y), k, y_vec, ys[k]);
+      }
     }
   }
 
@@ -174,6 +187,43 @@ struct RowSlice {
     }
   }
 
+  FL_DEVICE void load_acc_at(const acc_t* src, int k, acc_t (&out)[N]) const {
+    const int e = e0(k);
+    if (full(k) && (reinterpret_cast<uintptr_t>(src + e) & 15u) == 0) {
+      load_acc_vec<acc_t, N>(src + e, out);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if (in(e + i)) out[i] = src[e + i];
+      }
+    }
+  }
+
+  // The element of the lowest bit of max_hits (from sums), the slice's end when none is set.
+  FL_DEVICE int first_of_hits(unsigned max_hits) const {
+    static_assert(kVecs * N <= 32, "one bit per value of the slice");
+    int first = hi;
+#pragma unroll
+    for (int b = kVecs * N - 1; b >= 0; --b) {
+      if ((max_hits >> b) & 1u) first = e0(b / N) + b % N;
+    }
+    return first;
+  }
+
+  // The first element of the slice whose z is the max m (the slice's end when none is).
+  FL_DEVICE int first_max(const SoftmaxCEConsts<acc_t>& c, acc_t m) const {
+    int first = hi;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int e = e0(k) + i;
+        if (in(e) && e < first && is_row_max(c.z_of(xs[k][i]), m)) first = e;
+      }
+    }
+    return first;
+  }
+
   FL_DEVICE acc_t max(const SoftmaxCEConsts<acc_t>& c) const {
     acc_t m = fl_neg_infinity<acc_t>();
 #pragma unroll
@@ -188,8 +238,11 @@ struct RowSlice {
 
   // Sums relative to the max m (m of the whole row, or of this slice in the split path).
   // kStatsOnly: only b (the Q = sum w q of a gradient recomputed from saved statistics).
+  // `max_hits`, when given, receives bit k * N + i set where value i of pack k is the max m
+  // (a bitmask rather than an index: one register, see first_of_hits).
   template <bool kStatsOnly>
-  FL_DEVICE RowSums<acc_t> sums(const SoftmaxCEConsts<acc_t>& c, acc_t m) const {
+  FL_DEVICE RowSums<acc_t> sums(const SoftmaxCEConsts<acc_t>& c, acc_t m,
+                                unsigned* max_hits = nullptr) const {
     RowSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0)};
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
@@ -197,7 +250,9 @@ struct RowSlice {
       for (int i = 0; i < N; ++i) {
         const int e = e0(k) + i;
         if (!in(e)) continue;
-        const acc_t zm = c.z_of(xs[k][i]) - m;
+        const acc_t z = c.z_of(xs[k][i]);
+        if (max_hits != nullptr && is_row_max(z, m)) *max_hits |= 1u << (k * N + i);
+        const acc_t zm = z - m;
         if (!kStatsOnly) s.sum += fl_exp(zm);
         if (c.need_sums) {
           acc_t w = c.w_of(e);
@@ -237,30 +292,72 @@ struct RowSlice {
   }
 };
 
-template <typename acc_t, bool kProb>
-FL_DEVICE SoftmaxCERowGrad<acc_t> row_grad_coefs(const SoftmaxCEConsts<acc_t>& c,
-                                                 const SoftmaxRowStats<acc_t>& st, acc_t sum_w_q,
-                                                 int64_t t, acc_t row_scale) {
-  const acc_t lse = common::softmax_row_lse(st);
-  if constexpr (kProb) return common::softmax_ce_prob_row_grad(c.opts, lse, sum_w_q, row_scale);
-  return common::softmax_ce_index_row_grad(c.opts, lse, c.w_of(t), row_scale);
+// The row's base in the probability targets (scalar_t, or acc_t when p.target_in_acc).
+template <typename T>
+FL_DEVICE const void* target_row(const SoftmaxCEParams& p, int64_t r) {
+  const int64_t bytes = p.target_in_acc ? int64_t(sizeof(acc_of<T>)) : int64_t(sizeof(T));
+  return static_cast<const char*>(p.target_probs) + r * p.target_row_stride * bytes;
 }
 
+// The gradient's constants of a row: d(total)/d(row loss) times the mask (the forward's
+// reduction scales, or the backward's incoming gradient: per row, or one value times the
+// mean's scales), split into the factors of the cross-entropy and the z-loss parts.
+template <typename acc_t, bool kProb, bool kFromStats>
+FL_DEVICE SoftmaxCERowGrad<acc_t> row_grad_coefs(const SoftmaxCEArgs& a,
+                                                 const SoftmaxCEConsts<acc_t>& c,
+                                                 const SoftmaxRowStats<acc_t>& st, acc_t sum_w_q,
+                                                 int64_t r, int64_t t, acc_t m) {
+  const auto* scales = static_cast<const acc_t*>(a.grad_scale);
+  acc_t factor = m;
+  if constexpr (kFromStats) factor *= static_cast<const acc_t*>(a.p.grad_loss)[r * a.grad_loss_stride];
+  const acc_t ce_scale = scales != nullptr ? factor * scales[0] : factor;
+  const acc_t z_scale = scales != nullptr ? factor * scales[1] : factor;
+  const acc_t lse = common::softmax_row_lse(st);
+  if constexpr (kProb)
+    return common::softmax_ce_prob_row_grad(c.opts, lse, sum_w_q, ce_scale, z_scale);
+  return common::softmax_ce_index_row_grad(c.opts, lse, c.w_of(t), ce_scale, z_scale);
+}
+
+// The cross-entropy part of a row's loss (before the mask).
 template <typename acc_t, bool kProb>
 FL_DEVICE acc_t row_loss_of(const SoftmaxCEConsts<acc_t>& c, const SoftmaxRowStats<acc_t>& st,
                             const RowSums<acc_t>& s, int64_t t, acc_t z_t) {
-  if constexpr (kProb) return common::softmax_ce_prob_loss(c.opts, st, s.b, s.a);
+  if constexpr (kProb) return common::softmax_ce_prob_loss(st, s.b, s.a);
   return common::softmax_ce_index_loss(c.opts, st, z_t, c.w_of(t), s.a);
 }
 
-// d(total)/d(row loss) times the mask: the forward's reduction scale, or the backward's
-// incoming gradient (per row, or one value times the mean's scale).
-template <typename acc_t, bool kFromStats>
-FL_DEVICE acc_t row_scale_of(const SoftmaxCEArgs& a, int64_t r, acc_t m) {
-  const acc_t scale = a.grad_scale != nullptr ? *static_cast<const acc_t*>(a.grad_scale) : acc_t(1);
-  if constexpr (kFromStats)
-    return m * (static_cast<const acc_t*>(a.p.grad_loss)[r * a.grad_loss_stride] * scale);
-  return m * scale;
+// A row's per-row outputs besides the statistics: the cross-entropy part, the z-loss part
+// (when asked) and whether its argmax is the target (when asked). Skipped rows: 0; rows with a
+// bad target: NaN losses, not correct.
+template <typename acc_t>
+struct RowOutputs {
+  acc_t loss, z_loss, correct;
+};
+
+template <typename acc_t>
+FL_DEVICE void store_row_outputs(const SoftmaxCEParams& p, int64_t r, const RowOutputs<acc_t>& o,
+                                 acc_t smax, acc_t slog) {
+  static_cast<acc_t*>(p.row_loss)[r] = o.loss;
+  if (p.row_z_loss != nullptr) static_cast<acc_t*>(p.row_z_loss)[r] = o.z_loss;
+  if (p.row_correct != nullptr) static_cast<acc_t*>(p.row_correct)[r] = o.correct;
+  static_cast<acc_t*>(p.row_stats)[2 * r] = smax;
+  static_cast<acc_t*>(p.row_stats)[2 * r + 1] = slog;
+}
+
+// The outputs of a row that is not active (skipped: zeros; bad target: NaN).
+template <typename acc_t>
+FL_DEVICE void store_inactive_row(const SoftmaxCEParams& p, int64_t r, int kind) {
+  const acc_t v = kind == kSkipped ? acc_t(0) : fl_quiet_nan<acc_t>();
+  store_row_outputs(p, r, RowOutputs<acc_t>{v, v, acc_t(0)}, v, v);
+}
+
+template <typename acc_t, bool kProb>
+FL_DEVICE RowOutputs<acc_t> active_row_outputs(const SoftmaxCEConsts<acc_t>& c,
+                                               const SoftmaxRowStats<acc_t>& st,
+                                               const RowSums<acc_t>& s, const RowCase<acc_t>& rc,
+                                               acc_t z_t, bool correct) {
+  return {rc.mask * row_loss_of<acc_t, kProb>(c, st, s, rc.target, z_t),
+          rc.mask * common::softmax_ce_z_loss(c.opts, st), correct ? rc.mask : acc_t(0)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -287,17 +384,17 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
   const SoftmaxCEConsts<acc_t> c(a, kProb);
   const int64_t C = p.classes;
   const T* x = static_cast<const T*>(p.logits) + (live ? r : 0) * p.logits_row_stride;
-  const T* y = kProb ? static_cast<const T*>(p.target_probs) + (live ? r : 0) * p.target_row_stride
-                     : nullptr;
+  const void* y = kProb ? target_row<T>(p, live ? r : 0) : nullptr;
   FL_SHARED_ARRAY(acc_t, red_max, kRowsMaxThreads / kWarp);
   FL_SHARED_ARRAY(RowSums<acc_t>, red_sums, kRowsMaxThreads / kWarp);
+  FL_SHARED_ARRAY(int, red_first, kRowsMaxThreads / kWarp);
 
   // Every thread reaches every shuffle and barrier below, live or not: rows past the end and
   // skipped rows take part with neutral values.
   RowSlice<T, kVecs, kProb> slice(x, 0, static_cast<int>(C), lane, tpr);
   acc_t z_t = acc_t(0);
   if (active) {
-    slice.load(x, y);
+    slice.load(x, y, p.target_in_acc);
     // z_target is read before any gradient store of this row (in place, the logits become the
     // gradient): the reductions below order it before every store of the group.
     if (!kProb && !kFromStats) z_t = c.z_of(x[rc.target]);
@@ -311,18 +408,22 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     s = row_allreduce(active ? slice.template sums<false>(c, m) : s, tpr, RowSumsAdd<acc_t>(),
                       red_sums);
     st = common::softmax_row_stats(SoftmaxStats<acc_t>{m, s.sum});
+    // The argmax is the target when z_t is the max and no element before it is (the same for
+    // every thread of the block: p is the kernel's argument).
+    bool correct = false;
+    if (!kProb && p.row_correct != nullptr) {
+      const bool t_max = active && is_row_max(z_t, m);
+      const int first = row_allreduce(t_max ? slice.first_max(c, m) : static_cast<int>(C), tpr,
+                                      MinOp<int>(), red_first);
+      correct = t_max && first == rc.target;
+    }
     if (live && lane == 0) {
-      acc_t loss = acc_t(0), smax = acc_t(0), slog = acc_t(0);
       if (active) {
-        loss = rc.mask * row_loss_of<acc_t, kProb>(c, st, s, rc.target, z_t);
-        smax = st.max;
-        slog = st.log_sum;
-      } else if (rc.kind == kBadTarget) {
-        loss = smax = slog = fl_quiet_nan<acc_t>();
+        store_row_outputs(p, r, active_row_outputs<acc_t, kProb>(c, st, s, rc, z_t, correct),
+                          st.max, st.log_sum);
+      } else {
+        store_inactive_row<acc_t>(p, r, rc.kind);
       }
-      static_cast<acc_t*>(p.row_loss)[r] = loss;
-      static_cast<acc_t*>(p.row_stats)[2 * r] = smax;
-      static_cast<acc_t*>(p.row_stats)[2 * r + 1] = slog;
     }
     if (p.mode == SoftmaxCEMode::Loss) return;
   } else {
@@ -343,14 +444,15 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     fill_range(g, 0, C, fill, lane, tpr);
     return;
   }
-  const acc_t row_scale = row_scale_of<acc_t, kFromStats>(a, r, rc.mask);
-  const SoftmaxCERowGrad<acc_t> rg = row_grad_coefs<acc_t, kProb>(c, st, s.b, rc.target, row_scale);
+  const SoftmaxCERowGrad<acc_t> rg =
+      row_grad_coefs<acc_t, kProb, kFromStats>(a, c, st, s.b, r, rc.target, rc.mask);
   slice.grad(c, st, rg, rc.target, x, g);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Split path, stage 1: block (row, chunk) holds its chunk in registers and writes the chunk's
-// partial (max, sums relative to it, and z_target when the target falls in the chunk).
+// partial (max, sums relative to it, z_target when the target falls in the chunk, and, when the
+// accuracy is asked, the offset in the chunk of its first max).
 template <typename T, bool kProb, bool kFromStats>
 __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(const SoftmaxCEArgs a) {
   using acc_t = acc_of<T>;
@@ -363,7 +465,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
   if (rc.kind != kActive) {  // the whole block agrees: no barrier is skipped by some only
     if (threadIdx.x == 0) {
       part[0] = fl_neg_infinity<acc_t>();
-      part[1] = part[2] = part[3] = part[4] = acc_t(0);
+      part[1] = part[2] = part[3] = part[4] = part[5] = acc_t(0);
     }
     return;
   }
@@ -371,19 +473,27 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
   const int64_t lo = chunk * a.chunk;
   const int64_t hi = lo + a.chunk < p.classes ? lo + a.chunk : p.classes;
   const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-  const T* y = kProb ? static_cast<const T*>(p.target_probs) + r * p.target_row_stride : nullptr;
+  const void* y = kProb ? target_row<T>(p, r) : nullptr;
   FL_SHARED_ARRAY(acc_t, red_max, kSplitThreads / kWarp);
   FL_SHARED_ARRAY(RowSums<acc_t>, red_sums, kSplitThreads / kWarp);
+  FL_SHARED_ARRAY(int, red_first, kSplitThreads / kWarp);
 
   RowSlice<T, split_vecs(scalar_type_of<T>()), kProb> slice(x, static_cast<int>(lo), static_cast<int>(hi),
                                        static_cast<int>(threadIdx.x), kSplitThreads);
-  slice.load(x, y);
+  slice.load(x, y, p.target_in_acc);
   acc_t m = acc_t(0);
   RowSums<acc_t> s;
+  int first = 0;  // offset of the chunk's first max (chunks hold < 2^24 values: exact in acc_t)
   if constexpr (!kFromStats) {
     m = block_group_allreduce(slice.max(c), kSplitThreads, MaxOp<acc_t>(), red_max);
-    s = block_group_allreduce(slice.template sums<false>(c, m), kSplitThreads, RowSumsAdd<acc_t>(),
-                              red_sums);
+    unsigned max_hits = 0;  // collected always: a compare per value, no branch
+    s = slice.template sums<false>(c, m, &max_hits);
+    first = slice.first_of_hits(max_hits);
+    s = block_group_allreduce(s, kSplitThreads, RowSumsAdd<acc_t>(), red_sums);
+    if (!kProb && p.row_correct != nullptr) {
+      first = block_group_allreduce(first, kSplitThreads, MinOp<int>(), red_first) -
+              static_cast<int>(lo);
+    }
   } else {
     s = block_group_allreduce(slice.template sums<true>(c, acc_t(0)), kSplitThreads,
                               RowSumsAdd<acc_t>(), red_sums);
@@ -394,12 +504,13 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
     part[2] = s.a;
     part[3] = s.b;
     part[4] = (!kProb && rc.target >= lo && rc.target < hi) ? c.z_of(x[rc.target]) : acc_t(0);
+    part[5] = acc_t(first);
   }
 }
 
 // Split path, stage 2: block (row, chunk) merges the row's partials in a fixed order (each warp
-// the same butterfly: every thread gets the same bits), writes the row's loss and statistics
-// (chunk 0), and the chunk's gradient, reading the chunk again.
+// the same butterfly: every thread gets the same bits), writes the row's outputs (chunk 0),
+// and the chunk's gradient, reading the chunk again.
 template <typename T, bool kProb, bool kFromStats>
 __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(const SoftmaxCEArgs a) {
   using acc_t = acc_of<T>;
@@ -415,12 +526,8 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
   const int tid = static_cast<int>(threadIdx.x);
   T* g = want_grad ? static_cast<T*>(p.grad) + r * p.grad_row_stride : nullptr;
   if (rc.kind != kActive) {
+    if (!kFromStats && chunk == 0 && tid == 0) store_inactive_row<acc_t>(p, r, rc.kind);
     const acc_t v = rc.kind == kSkipped ? acc_t(0) : fl_quiet_nan<acc_t>();
-    if (!kFromStats && chunk == 0 && tid == 0) {
-      static_cast<acc_t*>(p.row_loss)[r] = v;
-      static_cast<acc_t*>(p.row_stats)[2 * r] = v;
-      static_cast<acc_t*>(p.row_stats)[2 * r + 1] = v;
-    }
     if (want_grad) fill_range(g, lo, hi, from_acc<T>(v), tid, kSplitThreads);
     return;
   }
@@ -444,10 +551,27 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
   SoftmaxRowStats<acc_t> st;
   if constexpr (!kFromStats) {
     st = common::softmax_row_stats(SoftmaxStats<acc_t>{rp.max, rp.s.sum});
-    if (chunk == 0 && tid == 0) {
-      static_cast<acc_t*>(p.row_loss)[r] = rc.mask * row_loss_of<acc_t, kProb>(c, st, rp.s, rc.target, z_t);
-      static_cast<acc_t*>(p.row_stats)[2 * r] = st.max;
-      static_cast<acc_t*>(p.row_stats)[2 * r + 1] = st.log_sum;
+    if (chunk == 0) {
+      // The row's first max lies in the first chunk whose max is the row's (the row max is
+      // one of the chunk maxima, bit for bit), at that chunk's offset of its own first max.
+      bool correct = false;
+      if (!kProb && p.row_correct != nullptr) {
+        const acc_t* parts = static_cast<const acc_t*>(a.partials) + local * a.splits * kPartialWords;
+        int64_t j0 = a.splits;
+        for (int64_t j = tid % kWarp; j < a.splits; j += kWarp) {
+          if (is_row_max(parts[j * kPartialWords], rp.max)) {
+            j0 = j;
+            break;
+          }
+        }
+        j0 = warp_allreduce(j0, MinOp<int64_t>());
+        correct = is_row_max(z_t, rp.max) && j0 < a.splits &&
+                  j0 * a.chunk + static_cast<int64_t>(parts[j0 * kPartialWords + 5]) == rc.target;
+      }
+      if (tid == 0) {
+        store_row_outputs(p, r, active_row_outputs<acc_t, kProb>(c, st, rp.s, rc, z_t, correct),
+                          st.max, st.log_sum);
+      }
     }
     if (!want_grad) return;
   } else {
@@ -455,51 +579,103 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
     st.log_sum = static_cast<const acc_t*>(p.row_stats)[2 * r + 1];
   }
   const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-  const T* y = kProb ? static_cast<const T*>(p.target_probs) + r * p.target_row_stride : nullptr;
+  const void* y = kProb ? target_row<T>(p, r) : nullptr;
   RowSlice<T, split_vecs(scalar_type_of<T>()), kProb> slice(x, static_cast<int>(lo), static_cast<int>(hi), tid,
                                        kSplitThreads);
-  slice.load(x, y);
-  const acc_t row_scale = row_scale_of<acc_t, kFromStats>(a, r, rc.mask);
-  const SoftmaxCERowGrad<acc_t> rg = row_grad_coefs<acc_t, kProb>(c, st, rp.s.b, rc.target, row_scale);
+  slice.load(x, y, p.target_in_acc);
+  const SoftmaxCERowGrad<acc_t> rg =
+      row_grad_coefs<acc_t, kProb, kFromStats>(a, c, st, rp.s.b, r, rc.target, rc.mask);
   slice.grad(c, st, rg, rc.target, x, g);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Device-side scalars: the sum of the class weights, and the mean's 1 / (sum of valid weights
-// + mean_eps) (0 when that is 0).
+// Device-side scalars (the workspace's first kScalarBytes): the sum of the class weights, the
+// gradient's factors of the two loss parts (mean: 1 / (sum of valid mask * class weight +
+// mean_eps) and 1 / (sum of valid mask + mean_eps); sum: 1 and 1) and 1 / the valid count,
+// which divides the token accuracy under every reduction. Each inverse is 0 when its
+// denominator is 0; the caller's denominators replace the sums (and mean_eps) when given.
+template <typename acc_t>
+struct SoftmaxScalars {
+  acc_t weight_sum;
+  acc_t grad_scale[2];
+  acc_t inv_valid;
+};
+static_assert(sizeof(SoftmaxScalars<double>) <= kScalarBytes, "scalars fit their workspace");
+
 template <typename acc_t>
 struct SoftmaxPrepTerm {
   const int64_t* target;  // null for probability targets
   const acc_t* mask;
   const acc_t* weight;
   int64_t rows, classes, ignore_index;
-  FL_DEVICE Sum2 operator()(int64_t i) const {
-    double den = 0.0;
+  // (mask * class weight, mask) of row i, and class weight i.
+  FL_DEVICE Sum3 operator()(int64_t i) const {
+    double den = 0.0, valid = 0.0;
     if (i < rows) {
-      den = mask != nullptr ? static_cast<double>(mask[i]) : 1.0;
+      valid = mask != nullptr ? static_cast<double>(mask[i]) : 1.0;
+      den = valid;
       if (target != nullptr) {
         const int64_t t = target[i];
-        if (t == ignore_index) den = 0.0;
+        if (t == ignore_index) den = valid = 0.0;
         // a bad target is never an index (its row's loss is NaN anyway)
         else if (weight != nullptr && t >= 0 && t < classes) den *= static_cast<double>(weight[t]);
       }
     }
     const double w = (weight != nullptr && i < classes) ? static_cast<double>(weight[i]) : 0.0;
-    return {den, w};
+    return {den, valid, w};
   }
 };
 
+FL_DEVICE double inverse_or_zero(double d) { return d != 0.0 ? reciprocal(d) : 0.0; }
+
 template <typename acc_t>
 struct SoftmaxPrepFinish {
-  acc_t* out;  // [0] weight sum, [1] gradient scale
+  SoftmaxScalars<acc_t>* out;
   bool weighted;
   double classes;
   bool mean;
   double mean_eps;
-  FL_DEVICE void operator()(int64_t, Sum2 s) const {
-    out[0] = static_cast<acc_t>(weighted ? s.b : classes);
-    const double den = mean ? s.a + mean_eps : 1.0;
-    out[1] = static_cast<acc_t>(den != 0.0 ? reciprocal(den) : 0.0);
+  const acc_t* denominators;  // the caller's (weighted denominator, valid count), or null
+  FL_DEVICE void operator()(int64_t, Sum3 s) const {
+    double den = s.a + mean_eps, valid = s.b + mean_eps;
+    if (denominators != nullptr) {
+      den = static_cast<double>(denominators[0]);
+      valid = static_cast<double>(denominators[1]);
+    }
+    out->weight_sum = static_cast<acc_t>(weighted ? s.c : classes);
+    out->grad_scale[0] = static_cast<acc_t>(mean ? inverse_or_zero(den) : 1.0);
+    out->grad_scale[1] = static_cast<acc_t>(mean ? inverse_or_zero(valid) : 1.0);
+    out->inv_valid = static_cast<acc_t>(inverse_or_zero(valid));
+  }
+};
+
+// The reduced loss and the extra outputs from the sums of the rows' (cross-entropy part,
+// z-loss part, correct): loss = ce * scale_ce + z * scale_z, extras = (z * scale_z, accuracy).
+template <typename acc_t>
+struct SoftmaxRowsTerm {
+  const acc_t* loss;
+  const acc_t* z_loss;   // or null
+  const acc_t* correct;  // or null
+  FL_DEVICE Sum3 operator()(int64_t i) const {
+    return {static_cast<double>(loss[i]), z_loss != nullptr ? static_cast<double>(z_loss[i]) : 0.0,
+            correct != nullptr ? static_cast<double>(correct[i]) : 0.0};
+  }
+};
+
+template <typename acc_t>
+struct SoftmaxLossFinish {
+  acc_t* loss;
+  acc_t* extras;
+  const SoftmaxScalars<acc_t>* scalars;  // null: no prep ran (sum, no accuracy): scales of 1
+  bool mean;
+  FL_DEVICE void operator()(int64_t, Sum3 s) const {
+    const bool scaled = mean && scalars != nullptr;
+    const double z = s.b * (scaled ? static_cast<double>(scalars->grad_scale[1]) : 1.0);
+    const double ce = s.a * (scaled ? static_cast<double>(scalars->grad_scale[0]) : 1.0);
+    loss[0] = static_cast<acc_t>(ce + z);
+    extras[0] = static_cast<acc_t>(z);
+    extras[1] = scalars != nullptr ? static_cast<acc_t>(s.c * static_cast<double>(scalars->inv_valid))
+                                   : acc_t(0);
   }
 };
 
@@ -564,13 +740,16 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
   using acc_t = acc_of<T>;
   const SoftmaxCEPlan plan = plan_softmax_ce(p, x, d);
   char* ws = static_cast<char*>(x.workspace);
-  acc_t* scalars = reinterpret_cast<acc_t*>(ws);
+  auto* scalars = reinterpret_cast<SoftmaxScalars<acc_t>*>(ws);
   void* scratch = ws + plan.off_scratch;
   const bool prob = p.target == nullptr;
   const bool from_stats = p.mode == SoftmaxCEMode::GradFromLse;
+  const bool mean = x.reduction == Reduction::Mean;
 
   SoftmaxCEArgs a{};
   a.p = p;
+  a.inv_classes = 1.0 / static_cast<double>(p.classes);
+  a.inv_cap = p.softcap != 0.0 ? 1.0 / p.softcap : 0.0;
   a.grad_loss_stride = x.grad_loss_stride;
   a.threads_per_row = plan.tpr;
   a.rows_per_block = plan.rows_per_block;
@@ -584,11 +763,11 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
                                       static_cast<const acc_t*>(p.class_weight), p.rows,
                                       p.classes, p.ignore_index};
     const SoftmaxPrepFinish<acc_t> finish{scalars, p.class_weight != nullptr,
-                                          static_cast<double>(p.classes),
-                                          x.reduction == Reduction::Mean, x.mean_eps};
+                                          static_cast<double>(p.classes), mean, x.mean_eps,
+                                          static_cast<const acc_t*>(x.denominators)};
     if (int err = launch_sum(term, plan.prep_terms, finish, scratch, stream)) return err;
-    a.weight_sum = scalars;
-    a.grad_scale = x.reduction == Reduction::Mean ? scalars + 1 : nullptr;
+    a.weight_sum = &scalars->weight_sum;
+    a.grad_scale = mean ? scalars->grad_scale : nullptr;
   }
   int err;
   if (from_stats) {
@@ -598,9 +777,13 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
   }
   if (err) return err;
   if (plan.reduce_loss) {
-    const LossFinish<T> finish{static_cast<T*>(x.loss_out), static_cast<const acc_t*>(a.grad_scale), 1.0};
-    return launch_sum(ArrayTerm<acc_t>{static_cast<const acc_t*>(p.row_loss)}, p.rows, finish,
-                      scratch, stream);
+    const SoftmaxRowsTerm<acc_t> term{static_cast<const acc_t*>(p.row_loss),
+                                      static_cast<const acc_t*>(p.row_z_loss),
+                                      static_cast<const acc_t*>(p.row_correct)};
+    const SoftmaxLossFinish<acc_t> finish{static_cast<acc_t*>(x.loss_out),
+                                          static_cast<acc_t*>(x.extras_out),
+                                          plan.prep ? scalars : nullptr, mean};
+    return launch_sum(term, p.rows, finish, scratch, stream);
   }
   return 0;
 }
