@@ -19,6 +19,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
+from . import _compiled
+
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
@@ -54,6 +56,7 @@ class OpSet:
         _register_fakes(namespace)
         _register_autograd(namespace, lib)
         self.SoftmaxCEInplace = _make_inplace_function(lib)
+        self.SoftmaxCECompiled = _compiled.make_function(lib)
 
 
 def _register_fakes(namespace):
