@@ -21,7 +21,10 @@ Why it works (read the AOT graphs with TORCH_LOGS=aot_graphs,post_grad_graphs):
   - the backward multiplies the saved gradient by grad_output in an inductor pointwise
     kernel. The saved gradient is a backward-graph input that nothing else holds
     (a donated buffer, torch._functorch.config.donated_buffer), so inductor writes the
-    product into it: no second N x C buffer.
+    product into it: no second N x C buffer. The product is one pass even when grad_output
+    is 1 (the value is known only when the graph runs). Calling the mutating scale_grad_ on
+    the saved gradient instead (no pass at 1 in eager) does not save it: the backward graph
+    must not change its input, so it copies the saved gradient first, a pass as well.
 """
 
 import warnings
