@@ -203,6 +203,20 @@ class BuildExt(cpp_extension.BuildExtension):
         super().build_extensions()
 
 
+def torch_requirement():
+    """The torch this build compiled against, exactly (local label such as +cu130 dropped, which
+    `==` then matches). The compiled library calls torch's C++ symbols, which change between
+    releases (a 2.11 build under 2.14 fails to load: undefined symbol ...Library4_def...), so
+    pip must never swap the torch it was built against for another. The range the code supports
+    (stated in the README, the floor tested in CI) is the set of torch versions it builds
+    against: torch 2.11 to 2.14."""
+    version = torch.__version__.split("+")[0]
+    major_minor = tuple(int(v) for v in version.split(".")[:2])
+    if major_minor < (2, 11):
+        raise RuntimeError(f"fusedloss needs torch >= 2.11 to build, found {torch.__version__}")
+    return f"torch=={version}"
+
+
 def make_extension():
     cuda_home = want_cuda()
     sources = [os.path.join("csrc", "fusedloss.cpp"), os.path.join("csrc", "build_info.cpp"),
@@ -248,6 +262,7 @@ class _BuildExtWithCuda(BuildExt):
 
 
 setup(
+    install_requires=[torch_requirement()],
     ext_modules=[_ext],
     cmdclass={"build_ext": _BuildExtWithCuda.with_options(use_ninja=True)},
 )

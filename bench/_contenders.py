@@ -70,6 +70,11 @@ class Case:
 FULL_CASES = [Case("ce", 4096, 32000, d) for d in ("float32", "bfloat16")] + \
              [Case("ce", 1024, 128256, d) for d in ("float32", "bfloat16")] + \
              [Case("bce", 65536, 128, d) for d in ("float32", "bfloat16")]
+# The default run: one LLM-shaped case per loss and 16-bit dtype, a few minutes on 2 cores
+# (the full sweep is --full).
+DEFAULT_CASES = [FULL_CASES[0], FULL_CASES[1], FULL_CASES[4]]
+# The shapes the performance targets were set for (bench/_report.py judges only these).
+TARGET_CASES = frozenset(FULL_CASES)
 QUICK_CASES = [Case("ce", 256, 4000, d) for d in ("float32", "bfloat16")] + \
               [Case("bce", 4096, 128, d) for d in ("float32", "bfloat16")]
 

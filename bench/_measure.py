@@ -34,13 +34,19 @@ def cuda_timer():
     return timer
 
 
-def interleaved(runners, reps, warmup, timer):
+def interleaved(runners, reps, warmup, timer, progress=None):
     """Times every runner once per repetition, in rotation (repetition r starts with runner
     r mod n, so none is always first or always after the same neighbour). Returns
-    {name: [ms per timed repetition]}; the first `warmup` repetitions are not kept."""
+    {name: [ms per timed repetition]}; the first `warmup` repetitions are not kept.
+    `progress`: a label for a progress bar over the repetitions (on stderr), or None."""
     names = list(runners)
     times = {n: [] for n in names}
-    for r in range(warmup + reps):
+    rounds = range(warmup + reps)
+    if progress:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc=progress, unit="rep", leave=False, dynamic_ncols=True)
+    for r in rounds:
         k = r % len(names)
         for name in names[k:] + names[:k]:
             run = runners[name]

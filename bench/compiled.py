@@ -220,7 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=10, help="timed steps (after the memory step)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=os.path.join(HERE, "results", "local"),
+                   help="output folder (default bench/results/local/, ignored by git)")
     p.add_argument("--tag", default="compiled")
     p.add_argument("--probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -2,7 +2,8 @@
 Liger-Kernel and QuACK when importable), interleaved in one run, with the copy floor, the
 effective bandwidth and the peak extra memory. See bench/README.md.
 
-    python bench/run.py                      # full run: LLM-shaped cases, results in bench/results/
+    python bench/run.py                      # default: 3 LLM-shaped cases, 10 reps (a few minutes)
+    python bench/run.py --full               # every LLM-shaped case, 20 reps
     python bench/run.py --quick              # small shapes and few reps: a smoke test
     python bench/run.py --cases ce-4096x32000-float32,bce --reps 30 --out /tmp/bench
 """
@@ -23,8 +24,9 @@ import torch
 import _measure
 import _report
 import compiled
-from _contenders import (CONTENDERS, FLOORS, FULL_CASES, GRAD_TOLERANCE, INPLACE, QUICK_CASES,
-                         Case, build_runners, grad_error, input_sets, make_inputs, reference_grad)
+from _contenders import (CONTENDERS, DEFAULT_CASES, FLOORS, FULL_CASES, GRAD_TOLERANCE, INPLACE,
+                         QUICK_CASES, Case, build_runners, grad_error, input_sets, make_inputs,
+                         reference_grad)
 
 CONTENDERS.update(compiled.run_contenders())
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,13 +40,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes, 5 reps (smoke test)")
+    p.add_argument("--full", action="store_true",
+                   help="every LLM-shaped case (6), 20 reps (default: 3 cases, 10 reps)")
     p.add_argument("--cases", help="comma-separated: case names (any NxC shape, e.g. "
                    "ce-64x1000-float32), globs (*bfloat16) or name prefixes (ce, bce-65536)")
     p.add_argument("--contenders", help="comma-separated subset of: " + ", ".join(CONTENDERS))
-    p.add_argument("--reps", type=int, help="timed repetitions (default 20, quick 5)")
+    p.add_argument("--reps", type=int, help="timed repetitions (default 10, full 20, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed repetitions first (default 3, quick 1)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
-    p.add_argument("--tag", help="output file stem (default: device, plus -quick)")
+    # Not bench/results/ (tracked: the published runs): a run must not dirty the checkout.
+    p.add_argument("--out", default=os.path.join(HERE, "results", "local"),
+                   help="output folder (default bench/results/local/, ignored by git)")
+    p.add_argument("--tag", help="output file stem (default: device, plus -quick or -full)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--compiled", action="store_true",
@@ -54,8 +60,11 @@ def parse_args(argv=None):
                    help="also write the table into bench/README.md")
     p.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"),
                    help=argparse.SUPPRESS)  # internal: the child process of the memory column
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    args.reps = args.reps or (5 if args.quick else 20)
+    if args.quick and args.full:
+        p.error("--quick and --full exclude each other")
+    args.reps = args.reps or (5 if args.quick else 20 if args.full else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     return args
 
@@ -63,7 +72,7 @@ def parse_args(argv=None):
 def select_cases(args):
     presets = QUICK_CASES if args.quick else FULL_CASES
     if not args.cases:
-        return presets
+        return presets if args.quick or args.full else DEFAULT_CASES
     chosen = []
     for token in args.cases.split(","):
         try:
@@ -125,8 +134,19 @@ def check_pass(case, runners, skipped, x, t):
 
 
 def memory_column(case, names, device):
-    """{contender: probe result} from one fresh subprocess per contender."""
+    """{contender: probe result}. CPU: one fresh subprocess per contender (the process's RSS
+    high-water mark keeps every earlier allocation). CUDA: in this process, which costs no
+    torch start-up or recompilation (the caching allocator's peak counts live tensors only)."""
     out = {}
+    if device.type == "cuda":
+        for name in names:
+            runners, _ = build_runners(case, device, [name], [make_inputs(case, device)])
+            if runners:
+                out[name] = _measure.probe_memory(runners[name], device)
+            del runners
+            gc.collect()
+            torch.cuda.empty_cache()
+        return out
     env = dict(os.environ, **_measure.PROBE_ENV)
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", case.name, name,
@@ -163,12 +183,16 @@ def run_case(case, names, device, args, index, total):
         errs = ", ".join(f"{n} (err {checks[n]['grad_error']:.1e})" for n in bad)
         log(f"  WRONG GRADIENT: {errs}")
     timer = _measure.cuda_timer() if device.type == "cuda" else _measure.cpu_timer
-    times = _measure.interleaved(runners, args.reps, args.warmup, timer)
+    bar = None if args.no_progress else f"[{index}/{total}] {case.name}"
+    times = _measure.interleaved(runners, args.reps, args.warmup, timer, progress=bar)
     results = {n: {**_measure.summarize(times[n]), **checks[n]} for n in runners}
     n_sets = len(sets)
     del runners, sets
     gc.collect()
     probed = [n for n in results if n not in FLOORS]
+    if not args.no_memory:
+        log(f"  peak memory of {len(probed)} contenders"
+            + (" (a fresh process each)" if device.type == "cpu" else ""))
     memory = {} if args.no_memory else memory_column(case, probed, device)
     res = {"name": case.name, "loss": case.loss, "rows": case.rows, "cols": case.cols,
            "dtype": case.dtype, "model_bytes": case.model_bytes, "grad_bytes": case.grad_bytes,
@@ -180,7 +204,22 @@ def run_case(case, names, device, args, index, total):
     return res
 
 
+def finish_meta(meta, report):
+    meta["load_after"] = _measure.load_average()
+    # Noise is read from the repetitions themselves, not the load average (other processes may
+    # or may not compete for memory bandwidth): the copy floor is the steadiest workload there
+    # is, so a wide spread of its repetitions means the machine disturbed the run.
+    meta["floor_iqr_pct"] = max((c["results"]["copy_"]["iqr_pct"] for c in report["cases"]
+                                 if "copy_" in c["results"]), default=0.0)
+    meta["noisy"] = bool(meta["floor_iqr_pct"] > _report.NOISY_IQR_PCT)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--linear-ce" in argv:  # the fused linear + cross-entropy cases: bench/linear_ce.py
+        import linear_ce
+
+        return linear_ce.main([a for a in argv if a != "--linear-ce"])
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.memory_probe:
@@ -192,13 +231,11 @@ def main(argv=None):
                 command=shlex.join(["python", "bench/run.py", *argv]), timed=TIMED,
                 reps=args.reps, warmup=args.warmup, load_before=_measure.load_average())
     report = {"meta": meta, "cases": []}
+    tag = args.tag or device.type + ("-quick" if args.quick else "-full" if args.full else "")
     for i, case in enumerate(cases, 1):
         report["cases"].append(run_case(case, names, device, args, i, len(cases)))
-    meta["load_after"] = _measure.load_average()
-    floor_iqr = max((c["results"]["copy_"]["iqr_pct"] for c in report["cases"]), default=0)
-    meta["noisy"] = bool((meta["load_before"] or 0) > 0.25 * (meta["cpu_count"] or 1)
-                         or floor_iqr > 10)
-    tag = args.tag or device.type + ("-quick" if args.quick else "")
+        finish_meta(meta, report)
+        _report.write(report, args.out, tag, json_only=True)  # a run cut short keeps its cases
     paths = _report.write(report, args.out, tag)
     table = _report.markdown(report)
     print(table, end="")

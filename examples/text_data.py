@@ -143,13 +143,24 @@ def final_loss(losses, steps=10):
     return sum(tail) / len(tail)
 
 
-def save_loss_plot(path, curves, title, ylabel="training loss"):
-    """One line per named curve, PNG; matplotlib's Agg backend needs no display."""
+def save_loss_plot(path, curves, title, ylabel="training loss", bars=None):
+    """One line per named curve, PNG; matplotlib's Agg backend needs no display. `bars`
+    (title, {label: value}) adds a bar chart beside the curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if bars is None:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    else:
+        fig, (ax, bar_ax) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100,
+                                         gridspec_kw={"width_ratios": [3, 2]})
+        bar_title, values = bars
+        bar_ax.barh(list(values)[::-1], list(values.values())[::-1], color="tab:gray")
+        for y, value in enumerate(list(values.values())[::-1]):
+            bar_ax.annotate(f" {value:.0f}", (value, y), va="center")
+        bar_ax.set(title=bar_title)
+        bar_ax.margins(x=0.2)
     for (label, values), style in zip(curves.items(), ["-", "--", ":"]):
         ax.plot(range(1, len(values) + 1), values, style, label=label)
     ax.set(title=title, xlabel="step", ylabel=ylabel)
@@ -161,11 +172,12 @@ def save_loss_plot(path, curves, title, ylabel="training loss"):
     plt.close(fig)
 
 
-def report(args, name, curves, title, ylabel, started, **results):
-    """How every example ends: its loss curves as a PNG when --plot was given, then one
-    summary line (the first curve's loss at step 1 and over its last steps, then `results`)."""
+def report(args, name, curves, title, ylabel, started, bars=None, **results):
+    """How every example ends: its loss curves (and `bars`, see save_loss_plot) as a PNG when
+    --plot was given, then one summary line (the first curve's loss at step 1 and over its
+    last steps, then `results`)."""
     if args.plot:
-        save_loss_plot(args.plot, curves, title, ylabel)
+        save_loss_plot(args.plot, curves, title, ylabel, bars)
         print(f"plot: {args.plot}")
     losses = next(iter(curves.values()))
     fields = "".join(f" {key}={value}" for key, value in results.items())

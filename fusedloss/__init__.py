@@ -13,7 +13,8 @@ from .functional import (
     sigmoid_cross_entropy_with_logits,
     sparse_softmax_cross_entropy_with_logits,
 )
-from .nn import BCEWithLogitsLoss, CrossEntropyLoss, SequenceLoss
+from .linear_cross_entropy import linear_cross_entropy
+from .nn import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, SequenceLoss
 
 __version__ = "0.1.0"
 
@@ -24,9 +25,11 @@ __all__ = [
     "sequence_loss",
     "sparse_softmax_cross_entropy_with_logits",
     "sigmoid_cross_entropy_with_logits",
+    "linear_cross_entropy",
     "CrossEntropyLoss",
     "BCEWithLogitsLoss",
     "SequenceLoss",
+    "LinearCrossEntropyLoss",
     "build_info",
     "set_target_validation",
     "empty_cache",

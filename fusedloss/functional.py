@@ -1,7 +1,9 @@
 """The public loss functions: argument checking with the public names, reshaping to the
 kernels' (rows, classes) layout, and the TensorFlow-style wrappers."""
 
+import contextlib
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -19,6 +21,7 @@ __all__ = [
     "sparse_softmax_cross_entropy_with_logits",
     "sigmoid_cross_entropy_with_logits",
 ]
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # TensorFlow's losses have no ignore_index: a label no int64 can reach disables it.
@@ -132,6 +135,17 @@ def _row_vector(t, name, shape, acc, ref):
     return t.reshape(-1).to(acc)
 
 
+def _class_indices(target, positions, input):
+    """A class-index target of the positions' shape, flat and int64."""
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must be class indices (an integer tensor) or class "
+                        f"probabilities (a floating tensor), got {target.dtype}")
+    if tuple(target.shape) != positions:
+        raise ValueError(f"target must have shape {positions} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    return target.reshape(-1).to(torch.int64)
+
+
 def _class_weight(weight, classes, acc, ref):
     if weight is None:
         return None
@@ -196,11 +210,29 @@ def _functorch_active():
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+_accumulation_dtype_loss = threading.local()
+
+
+@contextlib.contextmanager
+def loss_in_accumulation_dtype():
+    """Within it, the losses come back in their accumulation dtype (float32 for 16-bit logits),
+    as under autocast, for a caller that upcasts the loss anyway (transformers' losses are
+    float32): the loss is then not rounded to 16 bits first. The logits are still read in
+    place."""
+    previous = getattr(_accumulation_dtype_loss, "on", False)
+    _accumulation_dtype_loss.on = True
+    try:
+        yield
+    finally:
+        _accumulation_dtype_loss.on = previous
+
+
 def _loss_dtype(input, promoted=None):
     """PyTorch's dtype for a loss of `input`: the input's (promoted with a floating target's),
     except under torch.autocast, whose policy runs the losses in float32 (16-bit logits are
-    still read in place)."""
-    if torch.is_autocast_enabled(input.device.type):
+    still read in place), and within loss_in_accumulation_dtype()."""
+    if (torch.is_autocast_enabled(input.device.type)
+            or getattr(_accumulation_dtype_loss, "on", False)):
         return acc_dtype(input.dtype)
     return input.dtype if promoted is None else promoted
 
@@ -313,13 +345,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         target2d, _ = _rows_of(target)
         ignore_index = _NO_IGNORE_INDEX
     else:
-        if target.dtype == torch.bool or target.is_complex():
-            raise TypeError(f"target must be class indices (an integer tensor) or class "
-                            f"probabilities (a floating tensor), got {target.dtype}")
-        if tuple(target.shape) != positions:
-            raise ValueError(f"target must have shape {positions} for input of shape "
-                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        target2d = target.reshape(-1).to(torch.int64)
+        target2d = _class_indices(target, positions, input)
     w = _class_weight(weight, classes, acc, input)
     m = _row_vector(mask, "mask", positions, acc, input)
     loss, row_stats, extras = _softmax_ce(

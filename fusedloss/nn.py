@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss"]
+__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -41,6 +42,46 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """torch.nn.LinearCrossEntropyLoss (same constructor, ``linear`` submodule, ``weight``
+    buffer and state_dict keys) computed by fusedloss.linear_cross_entropy;
+    forward(input, target, mask=None).
+
+    Beyond torch: ``z_loss``, ``softcap`` and ``chunk_size`` (rows per chunk; None: automatic).
+    ``options`` (torch's chunking options) is accepted and kept for state compatibility, but
+    fusedloss always chunks. ``ignore_index=None`` means -100, as in torch. K-dimensional losses
+    (``out_features != ()``) are not supported."""
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
+                 label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None) -> None:
+        if tuple(out_features) != ():
+            raise ValueError(f"out_features must be () (fusedloss.LinearCrossEntropyLoss has no "
+                             f"K-dimensional loss), got {tuple(out_features)!r}")
+        super().__init__(in_features, num_classes, out_features=(), bias=bias, device=device,
+                         dtype=dtype, reduction=reduction, weight=weight,
+                         ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         options=options)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        ignore_index = -100 if self.ignore_index is None else self.ignore_index
+        return linear_cross_entropy(input, self.linear.weight, target,
+                                    linear_bias=self.linear.bias, weight=self.weight,
+                                    reduction=self.reduction, ignore_index=ignore_index,
+                                    label_smoothing=self.label_smoothing, mask=mask,
+                                    z_loss=self.z_loss, softcap=self.softcap,
+                                    chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"chunk_size={self.chunk_size}")
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):

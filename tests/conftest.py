@@ -9,10 +9,12 @@ A test parameter named `shape` (a tuple) is the problem size; sizes too large fo
 emulator are deselected for the simt backend (reported as deselected, not passed).
 """
 
+import collections
 import contextlib
 import math
 import os
 import tempfile
+import time
 
 # A fresh torch.compile cache per session: a cache entry from an earlier build of the
 # extension would otherwise be trusted even after an op's fake kernel changed.
@@ -92,3 +94,34 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(RUN_SEED ^ (hash(request.node.nodeid) & 0xFFFFFFFF))
+
+
+# --- what the terminal shows ---------------------------------------------------------------
+# Skips are summarised one line per reason (pyproject's addopts leaves out -rs, which prints one
+# line per skipped test: 80 lines of "no CUDA device" on a machine without a GPU); the slow
+# tests, each minutes long, say when they start and how long they took, so a long test does not
+# look like a hang.
+
+
+def pytest_terminal_summary(terminalreporter):
+    by_reason = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        by_reason[reason.removeprefix("Skipped: ")] += 1
+    if by_reason:
+        terminalreporter.section("skipped, by reason", sep="-")
+        for reason, count in by_reason.most_common():
+            terminalreporter.write_line(f"SKIPPED {count:4d} x {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    slow = reporter is not None and item.get_closest_marker("slow") is not None
+    if slow:
+        reporter.write_line(f"\n[slow test] {item.nodeid}: running ...")
+    start = time.monotonic()
+    yield
+    if slow:
+        reporter.write_line(f"\n[slow test] {item.nodeid}: {time.monotonic() - start:.0f} s")

@@ -4,10 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
 
 import bilstm_classifier  # noqa: E402
+import causal_lm_finetune  # noqa: E402
 import lstm_language_model  # noqa: E402
 import next_token  # noqa: E402
 
@@ -45,6 +48,23 @@ def test_next_token_checks_pass_and_loss_falls(tmp_path):
     assert result["checks"] >= 10 and not result["failed_checks"]
     losses = result["losses"]
     assert mean(losses[-5:]) < losses[0] - 1.0, losses
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_causal_lm_finetune_curves_agree_and_fusedloss_saves_memory(tmp_path):
+    pytest.importorskip("transformers")  # the optional extra (requirements-extras.txt)
+    plot = tmp_path / "causal_lm.png"
+    result = causal_lm_finetune.main(["--steps", "3", "--plot", str(plot), *FAST])
+    assert result["curves_agree"], (result["first_diff"], result["final_diff"])
+    for losses in result["losses"].values():
+        assert losses[-1] < losses[0], losses  # starts near log(16000) = 9.7
+    memory = result["memory_mb"]
+    # one training step at 1024 tokens x 16000 classes: the float32 logits alone are 62 MB;
+    # transformers keeps them, their log-softmax and their gradient (~3x); fusedloss on the
+    # logits keeps the logits and one gradient (~2x); linear CE a 1/8 chunk (128 rows)
+    assert memory["fusedloss logits"] < memory["transformers"] - 40, memory
+    assert memory["fusedloss linear CE"] < memory["fusedloss logits"] - 80, memory
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

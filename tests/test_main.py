@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fusedloss as fl
 
@@ -23,6 +24,10 @@ def test_main_prints_build_and_passes_self_check():
     assert f"fusedloss {fl.__version__}" in proc.stdout
     assert "CPU kernels:" in proc.stdout and "CUDA kernels:" in proc.stdout
     assert "self-check passed" in proc.stdout
+    # the CUDA self-check either ran or says why not
+    assert "self-check on cuda:" in proc.stdout
+    if not torch.cuda.is_available():
+        assert "self-check on cuda: skipped (" in proc.stdout
 
 
 @pytest.mark.parametrize("isa", fl.build_info()["cpu_isas"])

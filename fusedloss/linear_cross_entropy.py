@@ -1,0 +1,504 @@
+"""Fused linear + softmax cross-entropy: the loss of ``input @ linear_weight.T (+ bias)`` without
+ever holding the (N, V) logits whole.
+
+The rows are cut into chunks. Per chunk, the forward
+
+1. writes the chunk's logits into one reused (rows, V) buffer (ATen matmul: MKL/oneDNN on the
+   CPU, cuBLAS on CUDA);
+2. runs the fused softmax cross-entropy kernel in place on that buffer (``softmax_ce_inplace``:
+   the loss, the row statistics and d loss / d logits, written over the logits);
+3. turns the chunk's logit gradient G into the chunk's input gradient (G @ W) and adds G.T @ x
+   into one weight-gradient accumulator (``addmm_``; float32 for 16-bit weights) and G's column
+   sums into the bias-gradient accumulator.
+
+So the forward returns the loss and every gradient, already scaled for the reduction, and the
+backward only multiplies them by grad_output (in place, and not at all when it is exactly 1).
+reduction="none" cannot pre-scale (each row's grad_output is unknown in the forward): its
+backward recomputes the chunks' logits and gradients instead.
+
+The mean's two denominators (the weighted one of the cross-entropy part, the count of valid
+positions of the z-loss part) are global over all rows: they are computed once, on the device
+(no host synchronisation), and handed to every chunk's kernel call (the op's `denominators`),
+which then produces exactly the mean-scaled loss, extra outputs and gradient of its rows.
+
+The whole computation is one custom op (``<namespace>::linear_ce``) with a fake kernel and
+registered autograd, so ``torch.compile(fullgraph=True)`` keeps it as one opaque call.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from . import functional as F
+from ._ops import REDUCTIONS, acc_dtype, is_traced
+
+__all__ = ["linear_cross_entropy", "auto_chunk_rows"]
+
+# Chunk size rule (auto_chunk_rows): a chunk holds 1/16 of the rows, so that its logits buffer
+# is at most 1/16 of the whole logits, but at least _MIN_CHUNK_ROWS rows, and at most what fits
+# in _MAX_CHUNK_BYTES (a very long batch's 1/16 would be gigabytes). Why not smaller (PyTorch's
+# chunked path makes its buffer about the input's size, 64 rows at N x H x V = 4096 x 256 x
+# 32000): every chunk streams the whole (V, H) weight three times, and the GEMMs of a thin chunk
+# run far below the big ones' FLOP rate; measured in bench/linear_ce.py on 2 CPU cores, 48-row
+# chunks took 2.6x as long as 256-row ones (49 s against 18.5 s) to save 26 MB of 67 MB.
+# chunk_size= trades the other way.
+_CHUNK_FRACTION = 16
+_MIN_CHUNK_ROWS = 128
+_MAX_CHUNK_BYTES = 256 << 20
+_ROW_ALIGN = 16  # a multiple of 16 rows keeps the GEMMs' row blocks whole
+
+
+def _round_up(n, k):
+    return -(-n // k) * k
+
+
+def auto_chunk_rows(rows: int, in_features: int, classes: int, dtype: torch.dtype) -> int:
+    """Rows per chunk when ``chunk_size`` is None: ceil(rows / 16) rounded up to a multiple of
+    16, at least 128 and at most the rows whose logits fit in 256 MB (in the dtype the chunk is
+    computed in), never more than ``rows``. ``in_features`` does not enter: the GEMMs' FLOPs and
+    the weight's bytes streamed per chunk both scale with it."""
+    del in_features  # see the docstring
+    if rows <= 0:
+        return 1
+    element = torch.empty((), dtype=dtype).element_size()
+    sixteenth = _round_up(-(-rows // _CHUNK_FRACTION), _ROW_ALIGN)
+    by_bytes = max(1, _MAX_CHUNK_BYTES // max(1, classes * element))
+    return max(1, min(rows, by_bytes, max(_MIN_CHUNK_ROWS, sixteenth)))
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the chunks' GEMMs and kernel run in. On the CPU, float16/bfloat16 GEMMs are
+    emulated and measured here 10-100x slower than float32 ones (a 512 x 32000 x 256 bfloat16
+    G @ W: 27 s against 0.22 s), so 16-bit inputs are computed in float32 there (as PyTorch's
+    own chunked path does on the CPU); elsewhere the input dtype is used."""
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def _sequential_sum(v: Tensor) -> Tensor:
+    """sum(v) in float64 added in index order (a running sum, like the CPU op's denominator):
+    the same bits for any thread count. A 0-d tensor on v's device; no host synchronisation."""
+    if v.numel() == 0:
+        return v.new_zeros((), dtype=torch.float64)
+    return torch.cumsum(v.to(torch.float64), 0)[-1]
+
+
+def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
+    """The whole loss's (weighted denominator, count of valid positions), float64 on the device
+    (no host synchronisation): sum_i mask_i * w[t_i] * [t_i != ignore_index] and
+    sum_i mask_i * [t_i != ignore_index] for class indices, the mask's sum (or the row count)
+    twice for probabilities, as softmax_ce computes them for one call."""
+    ones = torch.ones(rows, dtype=torch.float64, device=device)
+    counted = mask.to(torch.float64) if mask is not None else ones
+    if target.is_floating_point():
+        count = _sequential_sum(counted)
+        return torch.stack([count, count])
+    valid = target != ignore_index
+    counted = torch.where(valid, counted, 0)
+    weighted = counted
+    if class_weight is not None:
+        safe = torch.where(valid, target, 0).clamp(0, class_weight.shape[0] - 1)
+        weighted = counted * class_weight.to(torch.float64)[safe]
+    return torch.stack([_sequential_sum(weighted), _sequential_sum(counted)])
+
+
+def live_rows(target, mask, ignore_index):
+    """CPU only (the index list is built on the host): the rows that contribute, or None when
+    all do. Ignored and masked-out rows then cost no GEMM work."""
+    if target.device.type != "cpu":
+        # On CUDA the number of live rows is only known on the device; the GEMM shapes are host
+        # parameters, so skipping rows would need a synchronisation. Those rows run through the
+        # GEMMs with a zero row factor (their loss and gradient are exactly 0).
+        return None
+    live = None
+    if not target.is_floating_point():
+        live = target != ignore_index
+    if mask is not None:
+        live = (mask != 0) if live is None else live & (mask != 0)
+    if live is None or bool(live.all()):
+        return None
+    return live.nonzero().squeeze(1)
+
+
+class _Chunks:
+    """The chunk loop's arguments, shared by the forward and the recomputing backward."""
+
+    def __init__(self, input, weight, bias, target, class_weight, mask, ignore_index,
+                 chunk_rows):
+        self.device = input.device
+        self.dtype = compute_dtype(input.dtype, input.device)
+        self.acc = acc_dtype(input.dtype)
+        self.x = input.to(self.dtype)
+        self.w = weight.to(self.dtype)  # no copy unless 16-bit on the CPU (see compute_dtype)
+        self.b = bias.to(self.dtype) if bias is not None else None
+        self.target = target.to(self.dtype) if target.is_floating_point() else target
+        self.class_weight = class_weight
+        self.ignore_index = ignore_index
+        self.rows = input.shape[0]
+        self.classes = weight.shape[0]
+        self.live = live_rows(target, mask, ignore_index)
+        self.chunk_rows = max(1, chunk_rows)
+        count = self.rows if self.live is None else self.live.numel()
+        self.buffer = torch.empty((min(self.chunk_rows, max(count, 1)), self.classes),
+                                  dtype=self.dtype, device=self.device)
+
+    def __iter__(self):
+        """(row index tensor or slice, number of rows) per chunk, live rows only."""
+        count = self.rows if self.live is None else self.live.numel()
+        for start in range(0, count, self.chunk_rows):
+            end = min(count, start + self.chunk_rows)
+            if self.live is None:
+                yield slice(start, end), end - start
+            else:
+                yield self.live[start:end], end - start
+
+    def logits(self, rows, n):
+        """The chunk's logits, in the reused buffer."""
+        x = self.x[rows]
+        out = self.buffer[:n]
+        if self.b is not None:
+            torch.addmm(self.b, x, self.w.t(), out=out)
+        else:
+            torch.mm(x, self.w.t(), out=out)
+        return x, out
+
+
+def _take(t, rows):
+    return None if t is None else t[rows]
+
+
+def _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index, label_smoothing,
+             z_loss, softcap, reduction, chunk_rows, need_input_grad, need_weight_grad,
+             need_bias_grad, need_accuracy):
+    lib = getattr(torch.ops, ns)
+    c = _Chunks(input, weight, bias, target, class_weight, mask, ignore_index, chunk_rows)
+    rows, hidden = input.shape
+    per_row = reduction == REDUCTIONS["none"]
+    denominators = (mean_denominators(target, class_weight, mask, ignore_index, rows, c.device)
+                    if not per_row else None)
+    any_grad = not per_row and (need_input_grad or need_weight_grad or need_bias_grad)
+
+    loss_rows = torch.zeros((rows,) if per_row else (0,), dtype=c.acc, device=c.device)
+    loss_total = torch.zeros((), dtype=c.acc, device=c.device)
+    stats = torch.zeros((rows, 2), dtype=c.acc, device=c.device)
+    # the extra outputs, as softmax_ce's: per row (z-loss part, correct) for none, else the
+    # chunks' (z-loss part, accuracy) summed (each chunk divides by the whole loss's count)
+    extras = torch.zeros((2, rows) if per_row else (2,), dtype=c.acc, device=c.device)
+    grad_input = (torch.zeros((rows, hidden), dtype=input.dtype, device=c.device)
+                  if any_grad and need_input_grad else input.new_empty((0,)))
+    # float32 accumulation for 16-bit weights; on the CPU the chunks already are float32
+    grad_weight_acc = (torch.zeros(weight.shape, dtype=c.acc, device=c.device)
+                       if any_grad and need_weight_grad else None)
+    grad_bias_acc = (torch.zeros((c.classes,), dtype=c.acc, device=c.device)
+                     if any_grad and need_bias_grad else None)
+
+    for idx, n in c:
+        x, logits = c.logits(idx, n)
+        t = c.target[idx]
+        m = _take(mask, idx)
+        options = (t, c.class_weight, m, ignore_index, label_smoothing, z_loss, softcap)
+        if per_row:
+            loss, row_stats, _, chunk_extras = lib.softmax_ce(logits, *options, 0, 0.0, False,
+                                                              need_accuracy)
+            loss_rows[idx] = loss
+            extras[:, idx] = chunk_extras
+        elif not any_grad:
+            loss, row_stats, _, chunk_extras = lib.softmax_ce(
+                logits, *options, reduction, 0.0, False, need_accuracy, denominators)
+        else:
+            loss, row_stats, chunk_extras = lib.softmax_ce_inplace(
+                logits, *options, reduction, 0.0, need_accuracy, denominators)
+            _accumulate_grads(c, idx, n, x, logits, grad_input, grad_weight_acc, grad_bias_acc)
+        if not per_row:
+            loss_total += loss
+            extras += chunk_extras
+        stats[idx] = row_stats
+
+    loss_out = loss_rows if per_row else loss_total
+    grad_weight = (grad_weight_acc.to(weight.dtype) if grad_weight_acc is not None
+                   else weight.new_empty((0,)))
+    grad_bias = (grad_bias_acc.to(weight.dtype) if grad_bias_acc is not None
+                 else weight.new_empty((0,)))
+    return loss_out, stats, grad_input, grad_weight, grad_bias, extras
+
+
+def _accumulate_grads(c, idx, n, x, chunk_grad, grad_input, grad_weight_acc, grad_bias_acc):
+    """The chunk's share of every gradient, from its logit gradient chunk_grad (already scaled
+    for the reduction by the kernel)."""
+    if grad_input.numel():
+        if isinstance(idx, slice) and c.dtype == grad_input.dtype:
+            torch.mm(chunk_grad, c.w, out=grad_input[idx])
+        else:
+            grad_input[idx] = torch.mm(chunk_grad, c.w).to(grad_input.dtype)
+    if grad_weight_acc is not None:
+        if chunk_grad.dtype == grad_weight_acc.dtype:
+            grad_weight_acc.addmm_(chunk_grad.t(), x)
+        else:  # 16-bit chunks on CUDA: cuBLAS accumulates into the float32 buffer
+            torch.addmm(grad_weight_acc, chunk_grad.t(), x, out_dtype=grad_weight_acc.dtype,
+                        out=grad_weight_acc)
+    if grad_bias_acc is not None:
+        grad_bias_acc += chunk_grad.sum(0, dtype=grad_bias_acc.dtype)
+
+
+def _backward_per_row(ns, grad_loss, input, weight, bias, target, class_weight, mask, stats,
+                      ignore_index, label_smoothing, z_loss, softcap, chunk_rows,
+                      need_input_grad, need_weight_grad, need_bias_grad):
+    """reduction="none": the gradients for a per-row grad_loss, the chunks recomputed."""
+    lib = getattr(torch.ops, ns)
+    c = _Chunks(input, weight, bias, target, class_weight, mask, ignore_index, chunk_rows)
+    rows, hidden = input.shape
+    grad_input = (torch.zeros((rows, hidden), dtype=input.dtype, device=c.device)
+                  if need_input_grad else input.new_empty((0,)))
+    grad_weight_acc = (torch.zeros(weight.shape, dtype=c.acc, device=c.device)
+                       if need_weight_grad else None)
+    grad_bias_acc = (torch.zeros((c.classes,), dtype=c.acc, device=c.device)
+                     if need_bias_grad else None)
+    go = grad_loss.to(c.acc)
+    for idx, n in c:
+        x, logits = c.logits(idx, n)
+        chunk_grad = lib.softmax_ce_backward(go[idx], logits, c.target[idx], c.class_weight,
+                                             _take(mask, idx), stats[idx], ignore_index,
+                                             label_smoothing, z_loss, softcap, 0, 0.0)
+        _accumulate_grads(c, idx, n, x, chunk_grad, grad_input, grad_weight_acc, grad_bias_acc)
+    grad_weight = (grad_weight_acc.to(weight.dtype) if grad_weight_acc is not None
+                   else weight.new_empty((0,)))
+    grad_bias = (grad_bias_acc.to(weight.dtype) if grad_bias_acc is not None
+                 else weight.new_empty((0,)))
+    return grad_input, grad_weight, grad_bias
+
+
+_DOUBLE_BACKWARD = (
+    "fusedloss: double backward (create_graph=True) through linear_cross_entropy is not "
+    "supported: its gradients come from a fused kernel and are not themselves differentiable.")
+
+_REGISTERED = {}
+
+
+def ops_for(namespace: str):
+    """(forward op, per-row backward op) of one op namespace (fusedloss; fusedloss_simt in the
+    tests), registered on first use."""
+    if namespace not in _REGISTERED:
+        _REGISTERED[namespace] = _register(namespace)
+    return _REGISTERED[namespace]
+
+
+def _register(ns):
+    @torch.library.custom_op(f"{ns}::linear_ce", mutates_args=())
+    def linear_ce(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                  class_weight: Optional[Tensor], mask: Optional[Tensor], ignore_index: int,
+                  label_smoothing: float, z_loss: float, softcap: float, reduction: int,
+                  chunk_rows: int, need_input_grad: bool, need_weight_grad: bool,
+                  need_bias_grad: bool, need_accuracy: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Returns (loss, row_stats (rows, 2), grad_input, grad_weight, grad_bias, extras):
+        the loss and extras in the accumulation dtype, the gradients pre-scaled for mean/sum
+        (empty when not asked for, and always for reduction none), row_stats the kernel's
+        (max, log-sum-exp - max) per row (0 for rows skipped), extras softmax_ce's (the z-loss
+        part and the token accuracy, computed when need_accuracy)."""
+        return _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index,
+                        label_smoothing, z_loss, softcap, reduction, chunk_rows,
+                        need_input_grad, need_weight_grad, need_bias_grad, need_accuracy)
+
+    @linear_ce.register_fake
+    def _(input, weight, bias, target, class_weight, mask, ignore_index, label_smoothing,
+          z_loss, softcap, reduction, chunk_rows, need_input_grad, need_weight_grad,
+          need_bias_grad, need_accuracy):
+        rows = input.shape[0]
+        acc = acc_dtype(input.dtype)
+        per_row = reduction == REDUCTIONS["none"]
+        any_grad = not per_row and (need_input_grad or need_weight_grad or need_bias_grad)
+        loss = input.new_empty((rows,) if per_row else (), dtype=acc)
+        stats = input.new_empty((rows, 2), dtype=acc)
+        gi = input.new_empty(input.shape if any_grad and need_input_grad else (0,))
+        gw = weight.new_empty(weight.shape if any_grad and need_weight_grad else (0,))
+        gb = weight.new_empty((weight.shape[0],) if any_grad and need_bias_grad else (0,))
+        extras = input.new_empty((2, rows) if per_row else (2,), dtype=acc)
+        return loss, stats, gi, gw, gb, extras
+
+    @torch.library.custom_op(f"{ns}::linear_ce_backward", mutates_args=())
+    def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor,
+                           bias: Optional[Tensor], target: Tensor,
+                           class_weight: Optional[Tensor], mask: Optional[Tensor],
+                           row_stats: Tensor, ignore_index: int, label_smoothing: float,
+                           z_loss: float, softcap: float, chunk_rows: int,
+                           need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+        """reduction none: (grad_input, grad_weight, grad_bias) for a per-row grad_loss."""
+        return _backward_per_row(ns, grad_loss, input, weight, bias, target, class_weight,
+                                 mask, row_stats, ignore_index, label_smoothing, z_loss,
+                                 softcap, chunk_rows, need_input_grad, need_weight_grad,
+                                 need_bias_grad)
+
+    @linear_ce_backward.register_fake
+    def _(grad_loss, input, weight, bias, target, class_weight, mask, row_stats, ignore_index,
+          label_smoothing, z_loss, softcap, chunk_rows, need_input_grad, need_weight_grad,
+          need_bias_grad):
+        gi = input.new_empty(input.shape if need_input_grad else (0,))
+        gw = weight.new_empty(weight.shape if need_weight_grad else (0,))
+        gb = weight.new_empty((weight.shape[0],) if need_bias_grad else (0,))
+        return gi, gw, gb
+
+    def setup_context(ctx, inputs, output):
+        (input, weight, bias, target, class_weight, mask, ignore_index, label_smoothing, z_loss,
+         softcap, reduction, chunk_rows, need_input_grad, need_weight_grad, need_bias_grad,
+         _need_accuracy) = inputs
+        _loss, stats, gi, gw, gb, _correct = output
+        ctx.set_materialize_grads(False)
+        ctx.reduction = reduction
+        ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+        ctx.chunk_rows = chunk_rows
+        ctx.needs = (need_input_grad, need_weight_grad, need_bias_grad)
+        ctx.has_bias = bias is not None
+        # The inputs (input: N x H, the weight, O(N) targets) are kept for reduction none's
+        # recompute and for a second backward of mean/sum; never anything N x V.
+        ctx.save_for_backward(input, weight, bias, target, class_weight, mask, stats)
+        if reduction != REDUCTIONS["none"]:
+            # detached: the outputs hold this node, so holding them as they are would make a
+            # reference cycle only the garbage collector frees
+            ctx.saved_grads = [g.detach() for g in (gi, gw, gb)]
+
+    def backward(ctx, grad_loss, *_grads_of_other_outputs):
+        nones = (None,) * 13
+        if grad_loss is None:
+            return (None, None, None) + nones
+        traced = is_traced(grad_loss)
+        if torch.is_grad_enabled() and not traced:
+            raise RuntimeError(_DOUBLE_BACKWARD)
+        input, weight, bias, target, class_weight, mask, stats = ctx.saved_tensors
+        need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
+        if ctx.reduction == REDUCTIONS["none"]:
+            gi, gw, gb = linear_ce_backward(grad_loss, input, weight, bias, target, class_weight,
+                                            mask, stats, *ctx.options, ctx.chunk_rows,
+                                            need_input_grad, need_weight_grad, need_bias_grad)
+        else:
+            grads = getattr(ctx, "saved_grads", None)
+            if traced:
+                gi, gw, gb = (g * grad_loss for g in grads)
+            else:
+                if grads is None:  # a second backward (retain_graph=True): the same forward
+                    _, _, *grads, _ = linear_ce(input, weight, bias, target, class_weight, mask,
+                                                *ctx.options, ctx.reduction, ctx.chunk_rows,
+                                                need_input_grad, need_weight_grad,
+                                                need_bias_grad, False)
+                # handed over without a copy, scaled in place (no pass when grad_loss is 1)
+                ctx.saved_grads = None
+                scale_grad_ = getattr(torch.ops, ns).scale_grad_
+                for g in grads:
+                    scale_grad_(g, grad_loss)
+                gi, gw, gb = grads
+        return (gi if need_input_grad else None, gw if need_weight_grad else None,
+                gb if need_bias_grad and ctx.has_bias else None) + nones
+
+    torch.library.register_autograd(f"{ns}::linear_ce", backward, setup_context=setup_context)
+    return linear_ce, linear_ce_backward
+
+
+def _check_matrix_operand(t, name, input, shape):
+    F._check_tensor(t, name)
+    F._check_device(t, name, input, "input")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_no_grad(t, name):
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"linear_cross_entropy does not differentiate with respect to {name}, "
+                           f"which requires grad: pass {name}.detach(), or use "
+                           f"fusedloss.cross_entropy on the logits")
+
+
+def _chunk_size_value(chunk_size, rows, hidden, classes, dtype, device):
+    if chunk_size is None:
+        return auto_chunk_rows(rows, hidden, classes, compute_dtype(dtype, device))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), "
+                         f"got {chunk_size!r}")
+    return chunk_size
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         reduction: str = "mean", ignore_index: int = -100,
+                         label_smoothing: float = 0.0, mask: Optional[Tensor] = None,
+                         z_loss: float = 0.0, softcap: Optional[float] = None,
+                         chunk_size: Optional[int] = None, return_z_loss: bool = False,
+                         return_token_accuracy: bool = False):
+    """``fusedloss.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
+    without the (N, V) logits ever existing whole (see the module docstring).
+
+    input ``(..., H)``; linear_weight ``(V, H)``; linear_bias ``(V,)``; target class indices
+    of shape ``input.shape[:-1]`` or class probabilities ``(..., V)``. ``weight``,
+    ``reduction``, ``ignore_index``, ``label_smoothing``, ``mask``, ``z_loss`` and ``softcap``
+    are fusedloss.cross_entropy's. ``chunk_size``: rows per chunk (default
+    :func:`auto_chunk_rows`). With ``return_z_loss`` or ``return_token_accuracy`` the result is
+    a ``CrossEntropyOutput(loss, z_loss, token_accuracy, lse=None)``, as cross_entropy's: the
+    z-loss part of the loss and the (mask-weighted) share of valid positions where argmax of
+    the logits == target, both per position for reduction="none"; from the same pass.
+
+    The gradients go to input, linear_weight and linear_bias; the target, mask and class weight
+    must not require grad. The forward computes the gradients, so a frozen weight or an input
+    without grad skips its GEMM.
+    """
+    red, label_smoothing = F._check_loss_args(input, target, reduction, label_smoothing)
+    z_loss = F._z_loss_value(z_loss)
+    cap = F._softcap_value(softcap)
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension (in_features), got a 0-d tensor")
+    F._check_tensor(linear_weight, "linear_weight")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be 2-D (classes, in_features), got shape "
+                         f"{tuple(linear_weight.shape)}")
+    classes, hidden = linear_weight.shape
+    _check_matrix_operand(linear_weight, "linear_weight", input, (classes, input.shape[-1]))
+    if classes == 0:
+        raise ValueError(f"linear_weight must have at least one class (row), got shape "
+                         f"{tuple(linear_weight.shape)}")
+    if linear_bias is not None:
+        _check_matrix_operand(linear_bias, "linear_bias", input, (classes,))
+    positions = tuple(input.shape[:-1])
+    acc = acc_dtype(input.dtype)
+    x = input.reshape(-1, hidden)
+    if target.is_floating_point():  # class probabilities
+        if tuple(target.shape) != positions + (classes,):
+            raise ValueError(f"probability target must have shape {positions + (classes,)} "
+                             f"(the logits' shape), got {tuple(target.shape)}")
+        if return_token_accuracy:
+            raise ValueError("return_token_accuracy needs class-index targets, got class "
+                             "probabilities")
+        t = target.reshape(-1, classes)
+        ignore_index = F._NO_IGNORE_INDEX
+    else:
+        t = F._class_indices(target, positions, input)
+        if F._validate_targets and not torch.compiler.is_compiling():
+            F._check_targets_eagerly(t, classes, ignore_index)
+    for tensor, name in ((target, "target"), (mask, "mask"), (weight, "weight")):
+        _check_no_grad(tensor, name)
+    w = F._class_weight(weight, classes, acc, input)
+    m = F._row_vector(mask, "mask", positions, acc, input)
+    chunk = _chunk_size_value(chunk_size, x.shape[0], hidden, classes, input.dtype, input.device)
+
+    grad_on = torch.is_grad_enabled()
+    need_input_grad = grad_on and input.requires_grad
+    need_weight_grad = grad_on and linear_weight.requires_grad
+    need_bias_grad = grad_on and linear_bias is not None and linear_bias.requires_grad
+    op, _ = ops_for(_ops.current().namespace)
+    loss, _stats, _gi, _gw, _gb, extras = op(
+        x, linear_weight, linear_bias, t, w, m, int(ignore_index), label_smoothing, z_loss, cap,
+        red, chunk, need_input_grad, need_weight_grad, need_bias_grad, return_token_accuracy)
+    per_position = red == REDUCTIONS["none"]
+    loss = loss.to(F._loss_dtype(input))
+    if per_position:
+        loss = loss.reshape(positions)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    extras = extras.detach()
+    if per_position:
+        extras = extras.reshape((2,) + positions)
+    return F.CrossEntropyOutput(loss, extras[0] if return_z_loss else None,
+                                extras[1] if return_token_accuracy else None, None)

@@ -1,0 +1,436 @@
+"""fusedloss.linear_cross_entropy: equal to fusedloss.cross_entropy(F.linear(...)) and to the
+float64 reference for every option and reduction, on every backend (the CE part of the simt
+backend is the emulated CUDA kernel); chunking, skipped gradients, determinism, compile, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedloss as fl
+import reference as ref
+from helpers import assert_close, grad_output_like
+from test_cross_entropy import OPTIONS
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+# (rows, in_features, classes) -> chunk_size, each with what it covers. (The conftest leaves
+# shapes above the SIMT emulator's size out of the simt backend.)
+CHUNKS = {
+    (1, 4, 7): None,  # one row: one chunk of one row
+    (37, 16, 50): 8,  # rows not a multiple of the chunk: a short last chunk
+    (38, 16, 50): 1,  # one row per chunk
+    (0, 8, 10): None,  # empty batch
+    (300, 32, 1000): None,  # automatic chunk size (3 chunks of 128, the last short)
+}
+SHAPES = list(CHUNKS)
+SHAPE_IDS = [f"{n}x{h}x{v}-chunk{CHUNKS[(n, h, v)]}" for n, h, v in SHAPES]
+
+
+def make_case(rows, hidden, classes, dtype, device, option, probs=False, bias=True):
+    """x (rows, hidden), W (classes, hidden), bias, target and keyword arguments; values rounded
+    to dtype, logits of a few units."""
+    x = torch.randn(rows, hidden, dtype=torch.float64).to(dtype).to(device)
+    w = (torch.randn(classes, hidden, dtype=torch.float64) * 3 / hidden ** 0.5).to(dtype).to(device)
+    b = torch.randn(classes, dtype=torch.float64).to(dtype).to(device) if bias else None
+    kw = {}
+    if probs:
+        target = torch.softmax(torch.randn(rows, classes, dtype=torch.float64), 1).to(dtype)
+    else:
+        target = torch.randint(0, classes, (rows,))
+        if "ignore" in option:
+            kw["ignore_index"] = option["ignore"]
+            target[torch.rand(rows) < 0.3] = option["ignore"]
+    if option.get("weight"):
+        kw["weight"] = torch.rand(classes, dtype=torch.float64) + 0.1
+    if option.get("mask") == "float":
+        m = torch.rand(rows, dtype=torch.float64)
+        m[torch.rand(rows) < 0.3] = 0
+        kw["mask"] = m
+    elif option.get("mask") == "bool":
+        kw["mask"] = torch.rand(rows) < 0.7
+    for k in ("label_smoothing", "z_loss", "softcap"):
+        if k in option:
+            kw[k] = option[k]
+    return x, w, b, target.to(device), kw
+
+
+def on(kw, device, dtype):
+    """kw for fusedloss on device (a class weight in the accumulation dtype, as the reference
+    sees it)."""
+    out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
+    if "weight" in out and dtype != torch.float64:
+        out["weight"] = out["weight"].float()
+    return out
+
+
+def leaves(*ts, dtype=None):
+    return [None if t is None else t.detach().clone().to(dtype or t.dtype).requires_grad_()
+            for t in ts]
+
+
+def gradients(out, params, g):
+    return torch.autograd.grad(out, [p for p in params if p is not None], g)
+
+
+def check_parity(x, w, b, target, kw, reduction, dtype, device, chunk_size=None):
+    """linear_cross_entropy against the float64 reference and against fusedloss.cross_entropy
+    on the materialised logits: loss, and gradients of x, W and bias under one random
+    grad_output."""
+    fkw = on(kw, device, dtype)
+    xa, wa, ba = leaves(x, w, b)
+    out = fl.linear_cross_entropy(xa, wa, target, linear_bias=ba, reduction=reduction,
+                                  chunk_size=chunk_size, **fkw)
+    xr, wr, br = leaves(x, w, b, dtype=torch.float64)
+    rkw = dict(kw)
+    if "weight" in rkw and dtype != torch.float64:
+        rkw["weight"] = rkw["weight"].float().double()
+    rkw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rkw.items()}
+    expected = ref.cross_entropy(F.linear(xr.cpu(), wr.cpu(), None if br is None else br.cpu()),
+                                 target.cpu(), reduction=reduction, **rkw)
+    xf, wf, bf = leaves(x, w, b)
+    unfused = fl.cross_entropy(F.linear(xf, wf, bf), target, reduction=reduction, **fkw)
+
+    # 16-bit: the materialised path rounds the logits and their gradient to 16 bits, while the
+    # chunks run in float32 on the CPU (see compute_dtype); the float64 reference judges both,
+    # and the two are compared with each other in float32 and float64 only.
+    same_math = dtype in (torch.float32, torch.float64) or x.device.type != "cpu"
+    assert out.dtype == dtype and out.shape == expected.shape and out.device == x.device
+    assert_close(out, expected, dtype)
+    assert_close(out, unfused.detach().double(), dtype)
+    g = grad_output_like(out)
+    got = gradients(out, (xa, wa, ba), g)
+    want = gradients(expected, (xr, wr, br), g.cpu().double())
+    want_unfused = gradients(unfused, (xf, wf, bf), g)
+    for a, e, u, p in zip(got, want, want_unfused, (xa, wa, ba)):
+        assert a.shape == p.shape and a.dtype == dtype
+        assert_close(a, e, dtype)
+        if same_math:
+            assert_close(a, u.double(), dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_class_index_targets(backend, dtype, shape, option, reduction):
+    x, w, b, t, kw = make_case(*shape, dtype, backend.device, OPTIONS[option])
+    check_parity(x, w, b, t, kw, reduction, dtype, backend.device, CHUNKS[shape])
+
+
+PROB_OPTIONS = {k: v for k, v in OPTIONS.items() if "ignore" not in v}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(PROB_OPTIONS), ids=list(PROB_OPTIONS))
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=SHAPE_IDS[:3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_probability_targets(backend, dtype, shape, option, reduction):
+    x, w, b, t, kw = make_case(*shape, dtype, backend.device, PROB_OPTIONS[option], probs=True)
+    check_parity(x, w, b, t, kw, reduction, dtype, backend.device, CHUNKS[shape])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float16_and_no_bias(backend, reduction):
+    x, w, _, t, kw = make_case(37, 16, 50, torch.float16, backend.device, OPTIONS["everything"],
+                               bias=False)
+    check_parity(x, w, None, t, kw, reduction, torch.float16, backend.device, 8)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16), (5, 8)], ids=["batch-time", "1-d-input"])
+def test_leading_dims(backend, shape):
+    """input (..., H): the same as the flattened rows; target of the leading shape."""
+    *lead, hidden = shape
+    classes = 11
+    x = torch.randn(shape, dtype=torch.float64, device=backend.device)
+    w = torch.randn(classes, hidden, dtype=torch.float64, device=backend.device)
+    t = torch.randint(0, classes, tuple(lead), device=backend.device)
+    for reduction in ("mean", "none"):
+        out = fl.linear_cross_entropy(x, w, t, reduction=reduction)
+        flat = fl.cross_entropy(F.linear(x.reshape(-1, hidden), w), t.reshape(-1),
+                                reduction=reduction)
+        assert out.shape == (tuple(lead) if reduction == "none" else ())
+        torch.testing.assert_close(out, flat.reshape(out.shape), rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_sizes_agree(backend):
+    """Every chunk size gives the same loss and gradients (to rounding: only the order in which
+    the chunks' weight gradients are added changes)."""
+    x, w, b, t, kw = make_case(50, 8, 30, torch.float64, backend.device, OPTIONS["everything"])
+    results = []
+    for chunk in (1, 7, 50, 64, None):
+        xa, wa, ba = leaves(x, w, b)
+        out = fl.linear_cross_entropy(xa, wa, t, linear_bias=ba, chunk_size=chunk,
+                                      **on(kw, backend.device, torch.float64))
+        results.append([out.detach()] + list(gradients(out, (xa, wa, ba), None)))
+    for r in results[1:]:
+        for a, e in zip(r, results[0]):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
+
+
+def _profiled_ops(fn):
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return [(e.name, e.input_shapes) for e in prof.events()]
+
+
+def test_frozen_weight_and_input_without_grad():
+    """A weight that does not require grad costs no weight-gradient GEMM (addmm_), an input
+    that does not costs no input-gradient GEMM; the other gradients are unchanged."""
+    x, w, b, t, kw = make_case(40, 8, 30, torch.float32, "cpu", OPTIONS["plain"])
+    xa, wa, ba = leaves(x, w, b)
+    full = gradients(fl.linear_cross_entropy(xa, wa, t, linear_bias=ba, chunk_size=16),
+                     (xa, wa, ba), None)
+    full_no_bias = gradients(fl.linear_cross_entropy(xa, wa, t, chunk_size=16), (xa, wa), None)
+
+    xa, ba = leaves(x, b)
+    frozen = w.detach()
+    ops = _profiled_ops(lambda: fl.linear_cross_entropy(xa, frozen, t, linear_bias=ba,
+                                                        chunk_size=16).backward())
+    assert not any(name == "aten::addmm_" for name, _ in ops)
+    torch.testing.assert_close(xa.grad, full[0], rtol=0, atol=0)
+    torch.testing.assert_close(ba.grad, full[2], rtol=0, atol=0)
+
+    wa, = leaves(w)
+    ops = _profiled_ops(lambda: fl.linear_cross_entropy(x, wa, t, chunk_size=16).backward())
+    # the only mm calls are the logits GEMMs: (16, 8) x (8, 30), never G (16, 30) x W (30, 8)
+    mm_shapes = [s for name, s in ops if name == "aten::mm"]
+    assert mm_shapes and all(s[0][1] == 8 for s in mm_shapes), mm_shapes
+    torch.testing.assert_close(wa.grad, full_no_bias[1], rtol=0, atol=0)
+
+
+def test_ignored_rows_cost_no_gemm_work():
+    """CPU: ignored and masked-out rows are left out of the chunks: the logits GEMMs see only
+    the live rows."""
+    rows, hidden, classes = 64, 8, 30
+    x, w, _, t, _ = make_case(rows, hidden, classes, torch.float32, "cpu", {}, bias=False)
+    t[::2] = -100
+    mask = torch.ones(rows)
+    mask[1::4] = 0
+    live = int(((t != -100) & (mask != 0)).sum())
+    xa, wa = leaves(x, w)
+    ops = _profiled_ops(lambda: fl.linear_cross_entropy(xa, wa, t, mask=mask,
+                                                        chunk_size=10).backward())
+    logits_rows = sum(s[0][0] for name, s in ops if name == "aten::mm" and s[1] == [hidden, classes])
+    assert logits_rows == live
+    xr, wr = leaves(x, w)
+    expected = fl.cross_entropy(F.linear(xr, wr), t, mask=mask)
+    expected.backward()
+    torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wa.grad, wr.grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(xa.grad[::2] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_everything_ignored(backend, reduction):
+    """A mean over no valid position is 0 with zero gradients (as fusedloss.cross_entropy)."""
+    x, w, b, t, _ = make_case(9, 4, 6, torch.float32, backend.device, {})
+    t[:] = -100
+    xa, wa, ba = leaves(x, w, b)
+    out = fl.linear_cross_entropy(xa, wa, t, linear_bias=ba, reduction=reduction)
+    assert torch.all(out == 0)
+    for g in gradients(out, (xa, wa, ba), torch.ones_like(out)):
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", ["plain", "everything"])
+def test_gradcheck(backend, option, reduction):
+    x, w, b, t, kw = make_case(6, 3, 5, torch.float64, backend.device, OPTIONS[option])
+    kw = on(kw, backend.device, torch.float64)
+
+    def f(x, w, b):
+        return fl.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction,
+                                       chunk_size=4, **kw)
+
+    assert torch.autograd.gradcheck(f, leaves(x, w, b))
+
+
+def test_second_backward_is_identical_and_double_backward_refused():
+    x, w, b, t, kw = make_case(20, 4, 9, torch.float64, "cpu", OPTIONS["everything"])
+    xa, wa, ba = leaves(x, w, b)
+    out = fl.linear_cross_entropy(xa, wa, t, linear_bias=ba, chunk_size=6, **kw)
+    g = torch.tensor(0.7, dtype=torch.float64)
+    first = [v.clone() for v in torch.autograd.grad(out, (xa, wa, ba), g, retain_graph=True)]
+    second = torch.autograd.grad(out, (xa, wa, ba), g)
+    for a, e in zip(second, first):
+        assert torch.equal(a, e)
+    out = fl.linear_cross_entropy(xa, wa, t, **kw)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, (xa,), create_graph=True)
+
+
+def _run_for_determinism(x, w, b, t, kw):
+    xa, wa, ba = leaves(x, w, b)
+    out = fl.linear_cross_entropy(xa, wa, t, linear_bias=ba, chunk_size=100, **kw)
+    return [out.detach()] + list(gradients(out, (xa, wa, ba), None))
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    """Bitwise identical run to run and with 1 or 2 threads: the CE kernel sums in fixed
+    blocks and the mean's denominator is a running sum by construction; that MKL's GEMMs give
+    the same bits at 1 and 2 threads is measured here, not assumed."""
+    x, w, b, t, kw = make_case(333, 64, 3000, torch.float32, "cpu", OPTIONS["everything"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = _run_for_determinism(x, w, b, t, kw)
+        a2 = _run_for_determinism(x, w, b, t, kw)
+        torch.set_num_threads(1)
+        one = _run_for_determinism(x, w, b, t, kw)
+    finally:
+        torch.set_num_threads(threads)
+    for u, v, s in zip(a, a2, one):
+        assert torch.equal(u, v)
+        assert torch.equal(u, s)
+
+
+def test_torch_compile_fullgraph():
+    x, w, b, t, kw = make_case(37, 16, 50, torch.float32, "cpu", OPTIONS["everything"])
+
+    def f(x, w, b):
+        return fl.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=8, **kw)
+
+    compiled = torch.compile(f, fullgraph=True)
+    xa, wa, ba = leaves(x, w, b)
+    eager = f(xa, wa, ba)
+    ge = gradients(eager, (xa, wa, ba), torch.tensor(1.5))
+    xc, wc, bc = leaves(x, w, b)
+    comp = compiled(xc, wc, bc)
+    gc = gradients(comp, (xc, wc, bc), torch.tensor(1.5))
+    torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+
+
+def test_opcheck():
+    """The custom op's fake kernel, schema and autograd registration (torch.library.opcheck)."""
+    from fusedloss.linear_cross_entropy import ops_for
+
+    op, _ = ops_for("fusedloss")
+    x, w, b, t, kw = make_case(10, 4, 7, torch.float64, "cpu", OPTIONS["plain"])
+    for reduction in (0, 1, 2):
+        args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), t, None, None,
+                -100, 0.1, 1e-3, 5.0, reduction, 4, True, True, True, True)
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
+                                                    "test_aot_dispatch_static"))
+
+
+def test_return_z_loss_and_token_accuracy(backend):
+    """The z-loss part and the accuracy against the materialised logits (float64)."""
+    x, w, b, t, kw = make_case(45, 8, 20, torch.float64, backend.device, OPTIONS["everything"])
+    kw = on(kw, backend.device, torch.float64)
+    # a few rows whose target is the argmax, so the accuracy is neither 0 nor 1
+    logits = F.linear(x, w, b)
+    t[:10] = logits[:10].argmax(1)
+    for reduction in ("mean", "sum", "none"):
+        out = fl.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=16,
+                                      return_z_loss=True, return_token_accuracy=True, **kw)
+        assert isinstance(out, fl.CrossEntropyOutput) and out.lse is None
+        plain = fl.cross_entropy(logits, t, reduction=reduction, **kw)
+        torch.testing.assert_close(out.loss, plain, rtol=1e-12, atol=1e-12)
+        no_z = fl.cross_entropy(logits, t, reduction=reduction, **{**kw, "z_loss": 0.0})
+        torch.testing.assert_close(out.z_loss, plain - no_z, rtol=1e-9, atol=1e-12)
+        # the mask-weighted share of valid positions whose argmax is the target (per position
+        # for none), as cross_entropy's
+        m = torch.where(t != kw["ignore_index"], kw["mask"], 0)
+        hits = torch.where(logits.argmax(1) == t, m, 0)
+        expected = hits if reduction == "none" else hits.sum() / m.sum()
+        torch.testing.assert_close(out.token_accuracy, expected, rtol=1e-12, atol=1e-15)
+    only_z = fl.linear_cross_entropy(x, w, t, return_z_loss=True)
+    assert only_z.token_accuracy is None and only_z.z_loss is not None
+
+
+def test_module_matches_torch_module():
+    """torch's constructor and state_dict keys; a state_dict loads both ways."""
+    for bias in (False, True):
+        ours = fl.LinearCrossEntropyLoss(16, 10, bias=bias, dtype=torch.float64,
+                                         label_smoothing=0.1)
+        theirs = torch.nn.LinearCrossEntropyLoss(16, 10, bias=bias, dtype=torch.float64,
+                                                 label_smoothing=0.1)
+        assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        ours.load_state_dict(theirs.state_dict())
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(13, 16, dtype=torch.float64)
+        t = torch.randint(0, 10, (13,))
+        t[3] = -100  # ignore_index=None means -100, as in torch
+        torch.testing.assert_close(ours(x, t), theirs(x, t), rtol=1e-12, atol=1e-12)
+    weighted = fl.LinearCrossEntropyLoss(4, 3, weight=torch.rand(3), reduction="sum")
+    assert list(weighted.state_dict()) == list(
+        torch.nn.LinearCrossEntropyLoss(4, 3, weight=torch.rand(3)).state_dict())
+    with pytest.raises(ValueError, match="out_features"):
+        fl.LinearCrossEntropyLoss(4, 3, out_features=(2,))
+
+
+def test_module_options():
+    m = fl.LinearCrossEntropyLoss(8, 5, z_loss=1e-3, softcap=3.0, chunk_size=4)
+    x, t = torch.randn(9, 8), torch.randint(0, 5, (9,))
+    mask = torch.rand(9) > 0.3
+    expected = fl.cross_entropy(F.linear(x, m.linear.weight), t, mask=mask, z_loss=1e-3,
+                                softcap=3.0)
+    torch.testing.assert_close(m(x, t, mask), expected, rtol=1e-5, atol=1e-6)
+    assert "z_loss=0.001" in repr(m)
+
+
+def _args():
+    return torch.randn(4, 3), torch.randn(5, 3), torch.randint(0, 5, (4,))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.update(linear_weight=torch.randn(5, 3, 1)), ValueError, "linear_weight must be 2-D"),
+    (lambda a: a.update(linear_weight=torch.randn(5, 4)), ValueError, r"linear_weight must have shape \(5, 3\)"),
+    (lambda a: a.update(linear_weight=torch.randn(5, 3, dtype=torch.float64)), TypeError, "linear_weight must have the input's dtype"),
+    (lambda a: a.update(linear_weight=torch.randn(0, 3)), ValueError, "at least one class"),
+    (lambda a: a.update(linear_bias=torch.randn(4)), ValueError, r"linear_bias must have shape \(5,\)"),
+    (lambda a: a.update(linear_bias=[0.0] * 5), TypeError, "linear_bias must be a Tensor"),
+    (lambda a: a.update(target=torch.randint(0, 5, (3,))), ValueError, "target must have shape"),
+    (lambda a: a.update(target=torch.rand(4, 4)), ValueError, "probability target must have shape"),
+    (lambda a: a.update(target=torch.ones(4, dtype=torch.bool)), TypeError, "target must be class indices"),
+    (lambda a: a.update(input=torch.randn(4, 3).int()), TypeError, "input must be float16"),
+    (lambda a: a.update(input=torch.tensor(1.0)), ValueError, "input must have at least 1 dimension"),
+    (lambda a: a.update(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),
+    (lambda a: a.update(chunk_size=2.5), ValueError, "chunk_size .* got 2.5"),
+    (lambda a: a.update(chunk_size=True), ValueError, "chunk_size .* got True"),
+    (lambda a: a.update(reduction="avg"), ValueError, "reduction must be"),
+    (lambda a: a.update(label_smoothing=1.5), ValueError, "label_smoothing must be between"),
+    (lambda a: a.update(z_loss=-1.0), ValueError, "z_loss must be"),
+    (lambda a: a.update(softcap=0.0), ValueError, "softcap must be"),
+    (lambda a: a.update(mask=torch.ones(5)), ValueError, r"mask must have the target's shape"),
+    (lambda a: a.update(weight=torch.ones(4)), ValueError, r"weight must have shape \(5,\)"),
+    (lambda a: a.update(target=torch.tensor([0, 1, 7, 2])), IndexError, "target 7"),
+    (lambda a: a.update(target=torch.softmax(torch.randn(4, 5), 1), return_token_accuracy=True),
+     ValueError, "return_token_accuracy needs class-index targets"),
+    (lambda a: a.update(mask=torch.ones(4, requires_grad=True)), RuntimeError,
+     "does not differentiate with respect to mask"),
+])
+def test_bad_input_names_the_argument(change, error, match):
+    x, w, t = _args()
+    args = {"input": x, "linear_weight": w, "target": t}
+    change(args)
+    x, w, t = args.pop("input"), args.pop("linear_weight"), args.pop("target")
+    with pytest.raises(error, match=match):
+        fl.linear_cross_entropy(x, w, t, **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_native_no_host_sync(dtype):
+    """On a GPU: equal to the materialised path, and no host synchronisation in the op path
+    (forward and backward) once the inputs are on the device."""
+    x, w, b, t, kw = make_case(700, 64, 5000, dtype, "cuda", OPTIONS["everything"])
+    kw = on(kw, "cuda", dtype)
+    xa, wa, ba = leaves(x, w, b)
+    g = torch.tensor(1.0, device="cuda", dtype=dtype)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fl.linear_cross_entropy(xa, wa, t, linear_bias=ba, chunk_size=128, **kw)
+        got = gradients(out, (xa, wa, ba), g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    xf, wf, bf = leaves(x, w, b)
+    unfused = fl.cross_entropy(F.linear(xf, wf, bf), t, **kw)
+    want = gradients(unfused, (xf, wf, bf), None)
+    assert_close(out, unfused.detach().double(), dtype)
+    for a, e in zip(got, want):
+        assert_close(a, e.double(), dtype)
