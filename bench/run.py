@@ -23,10 +23,12 @@ import torch
 
 import _measure
 import _report
+import compiled
 from _contenders import (CONTENDERS, DEFAULT_CASES, FLOORS, FULL_CASES, GRAD_TOLERANCE, INPLACE,
                          QUICK_CASES, Case, build_runners, grad_error, input_sets, make_inputs,
                          reference_grad)
 
+CONTENDERS.update(compiled.run_contenders())
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMED = ("per repetition and contender: loss = f(logits, target); grad = torch.autograd.grad("
          "loss, logits), end to end (forward, backward, allocating the gradient); logits are a "
@@ -51,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--tag", help="output file stem (default: device, plus -quick or -full)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--compiled", action="store_true",
+                   help="also run bench/compiled.py's cases (layer + loss and small LM steps, "
+                   "compiled and eager) with --quick, --out and --reps passed on")
     p.add_argument("--update-readme", action="store_true",
                    help="also write the table into bench/README.md")
     p.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"),
@@ -237,6 +242,9 @@ def main(argv=None):
     if args.update_readme:
         _report.update_readme(os.path.join(HERE, "README.md"), table)
     log("wrote " + ", ".join(paths.values()))
+    if args.compiled:
+        compiled.main(["--out", args.out, "--reps", str(min(args.reps, 10))]
+                      + (["--quick"] if args.quick else []))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ recomputes the gradient with the forward kernel itself, so torch.autograd.gradch
 reentrancy check holds with its default settings. What the fused kernels do not compute
 (second derivatives, the gradients of targets, masks and weights) comes from the
 differentiable compositions in _composite.py.
+
+Under torch.compile, mean/sum losses whose only differentiable input is the logits take the
+autograd.Function of _compiled.py instead (the gradient over dead logits); the traced branch
+below serves the rest (gradients of targets, masks or weights wanted too).
 """
 
 import contextlib
@@ -18,6 +22,8 @@ import contextlib
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
+
+from . import _compiled
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -54,6 +60,7 @@ class OpSet:
         _register_fakes(namespace)
         _register_autograd(namespace, lib)
         self.SoftmaxCEInplace = _make_inplace_function(lib)
+        self.SoftmaxCECompiled = _compiled.make_function(lib)
 
 
 def _register_fakes(namespace):

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _composite, _ops
+from . import _compiled, _composite, _ops
 from ._ops import REDUCTIONS, acc_dtype
 
 __all__ = [
@@ -201,7 +201,12 @@ def _inplace_is_safe(input, logits2d):
 
 def _functorch_active():
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running. The ops have no
-    batching rules, so the differentiable compositions (_composite.py) run instead."""
+    batching rules, so the differentiable compositions (_composite.py) run instead.
+    torch.compile is not one: while dynamo traces, the interpreter stack it shows is its own,
+    and reading it here sent every compiled call to the compositions (PyTorch's ops, not the
+    kernels)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
@@ -249,6 +254,13 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _compiled_path_applies(logits2d, target, weight, mask, reduction):
+    """Under torch.compile, mean/sum with only the logits needing a gradient take the path
+    that writes the gradient over dead logits (_compiled.py)."""
+    return (reduction != 0 and torch.is_grad_enabled() and logits2d.requires_grad
+            and not _needs_grad(target, weight, mask))
+
+
 def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
                 reduction, mean_eps=0.0, inplace_backward=False, input=None,
                 want_accuracy=False):
@@ -261,6 +273,11 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
         return _composite.softmax_ce(logits2d, *args, want_accuracy)
     if _validate_targets and not target.is_floating_point() and not torch.compiler.is_compiling():
         _check_targets_eagerly(target, logits2d.shape[1], ignore_index)
+    if torch.compiler.is_compiling() and _compiled_path_applies(logits2d, target, weight, mask,
+                                                                reduction):
+        if inplace_backward and input.is_leaf:
+            _compiled.warn_once("leaf", _compiled.INPUT_LOGITS)
+        return _ops.current().SoftmaxCECompiled.apply(logits2d, *args, want_accuracy, None)
     if (inplace_backward and reduction != 0 and not _needs_grad(target, weight, mask)
             and _inplace_is_safe(input, logits2d)):
         return _ops.current().SoftmaxCEInplace.apply(logits2d, *args, want_accuracy)

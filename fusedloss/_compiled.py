@@ -1,0 +1,81 @@
+"""softmax cross-entropy (mean/sum) under torch.compile: the gradient written into the logits
+wherever the compiled graph shows they are dead after the loss, as inductor's own
+cross-entropy does.
+
+Why it works (read the AOT graphs with TORCH_LOGS=aot_graphs,post_grad_graphs):
+  - the forward calls the mutating op softmax_ce_inplace on `logits.clone()`. AOTAutograd
+    functionalizes the pair into `clone` + `auto_functionalized(softmax_ce_inplace, logits=
+    clone)`, a functional program: the caller's logits are not changed, whatever the option.
+  - inductor's post-grad passes then drop the clone (remove_noop_ops: a clone with the same
+    metadata is a no-op in a functional graph) and re-inplace the auto_functionalized call
+    onto the logits themselves when no later node reads them (reinplace.py: can_inplace). So
+    a graph whose logits die at the loss (`h @ W.t()` then the loss) writes the gradient
+    over them: one logits-sized buffer. Where the logits are still read (returned, used
+    after the loss, saved by the op that produced them), the re-inplacing pass keeps a copy
+    instead: more memory, never a wrong value. This is why the eager rules of
+    inplace_backward (version counter, "saved by its producer") need no check here: the
+    compiler enforces them.
+  - logits that enter the compiled region as an input (a parameter, or a tensor computed
+    before the compiled function) are never overwritten: the graph would have to write into
+    its caller's tensor, and the re-inplacing pass refuses (no copy back to the input).
+  - the backward multiplies the saved gradient by grad_output in an inductor pointwise
+    kernel. The saved gradient is a backward-graph input that nothing else holds
+    (a donated buffer, torch._functorch.config.donated_buffer), so inductor writes the
+    product into it: no second N x C buffer. The product is one pass even when grad_output
+    is 1 (the value is known only when the graph runs). Calling the mutating scale_grad_ on
+    the saved gradient instead (no pass at 1 in eager) does not save it: the backward graph
+    must not change its input, so it copies the saved gradient first, a pass as well.
+"""
+
+import warnings
+
+import torch
+
+_warned = set()
+
+
+@torch.compiler.assume_constant_result
+def warn_once(key, message):
+    """One warning per reason and process (a training loop would repeat it every step).
+    Called while dynamo traces: assume_constant_result runs it for real at trace time (dynamo
+    would otherwise drop the warning from the graph)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=2)
+    return True
+
+
+INPUT_LOGITS = (
+    "fusedloss: cross_entropy(inplace_backward=True) under torch.compile with logits that are "
+    "a leaf tensor (a parameter or a tensor that does not come from a differentiable op): "
+    "they are never overwritten, so the gradient takes a buffer of its own (as in eager).")
+
+
+def make_function(lib):
+    class SoftmaxCECompiled(torch.autograd.Function):
+        """cross_entropy (mean/sum) in a compiled graph, gradient of the logits only.
+        Returns (loss, row_stats, extras) like softmax_ce, less the gradient."""
+
+        @staticmethod
+        def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
+                    softcap, reduction, mean_eps, want_accuracy, denominators):
+            # Functionally a new buffer; in place over the logits when they are dead
+            # (module docstring).
+            grad = logits.clone(memory_format=torch.contiguous_format)
+            loss, row_stats, extras = lib.softmax_ce_inplace(
+                grad, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
+                reduction, mean_eps, want_accuracy, denominators)
+            ctx.save_for_backward(grad)
+            ctx.mark_non_differentiable(row_stats, extras)
+            ctx.set_materialize_grads(False)
+            return loss, row_stats, extras
+
+        @staticmethod
+        def backward(ctx, grad_loss, *_grads_of_other_outputs):
+            none_for_the_rest = (None,) * 11
+            if grad_loss is None:
+                return (None,) + none_for_the_rest
+            (grad,) = ctx.saved_tensors
+            return (grad * grad_loss,) + none_for_the_rest
+
+    return SoftmaxCECompiled
