@@ -156,7 +156,13 @@ class BuildExt(cpp_extension.BuildExtension):
         isa_deps = [isa_src] + header_deps(["cpu", "common"])
         for isa, flags in CPU_ISAS:
             obj = os.path.join(obj_dir, f"isa_kernels_{isa}.o")
-            cmd = ["c++", CXX_STD, "-O3", "-fPIC", "-fvisibility=hidden", "-fopenmp", abi, "-c",
+            # -ffp-contract=off: the compiler may not fuse a multiply and an add into an FMA
+            # on its own. Where it did, a row's full vector steps and its short head/tail step
+            # (inlined apart) rounded differently, so a row's gradient depended on its
+            # alignment (in place vs out of place differed in the last bit). The kernels'
+            # explicit fmadd calls are FMAs still.
+            cmd = ["c++", CXX_STD, "-O3", "-fPIC", "-fvisibility=hidden", "-fopenmp",
+                   "-ffp-contract=off", abi, "-c",
                    isa_src, "-o", obj, f"-DCPU_CAPABILITY={isa}"] + flags + torch_includes
             jobs.append((obj, isa_deps, cmd))
         cuda = getattr(self, "cuda_home", None)
