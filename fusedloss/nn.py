@@ -44,7 +44,31 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                 f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")
 
 
-class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+class _LinearCrossEntropyState(torch.nn.Module):
+    """torch.nn.LinearCrossEntropyLoss's constructor and state (a ``linear`` submodule and a
+    ``weight`` buffer, hence the same state_dict keys), for torch before 2.13, which lacks the
+    module; from 2.13 on fusedloss's module subclasses torch's own."""
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
+                 label_smoothing: float = 0.0, options=None) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
+                                      dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}")
+
+
+class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss",
+                                     _LinearCrossEntropyState)):
     """torch.nn.LinearCrossEntropyLoss (same constructor, ``linear`` submodule, ``weight``
     buffer and state_dict keys) computed by fusedloss.linear_cross_entropy;
     forward(input, target, mask=None).
