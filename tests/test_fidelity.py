@@ -40,6 +40,11 @@ CE_EXTRA = {
 }
 
 
+def _on_cpu(kw):
+    """Keyword arguments for the float64 reference, on the CPU."""
+    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
 def _ce_kwargs(option, classes, device):
     kw = {k: v for k, v in CE_EXTRA[option].items() if k != "weight"}
     if CE_EXTRA[option].get("weight"):
@@ -60,7 +65,7 @@ def test_probability_target_gets_its_gradient(backend, reduction, option, dtype)
     out = fl.cross_entropy(x, y, reduction=reduction, **kw)
     xr = x.detach().cpu().double().requires_grad_()
     yr = y.detach().cpu().double().requires_grad_()
-    kw_ref = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw_ref = _on_cpu(kw)
     expected = ref.cross_entropy(xr, yr, reduction=reduction, **kw_ref)
     _check_grads(out, expected, (x, y), (xr, yr), dtype)
 
@@ -84,7 +89,7 @@ def test_float_mask_gets_its_gradient(backend, reduction, option, probs):
     kw = _ce_kwargs(option, classes, backend.device)
     out = fl.cross_entropy(x, t, reduction=reduction, mask=m, **kw)
     xr, mr = (v.detach().cpu().requires_grad_() for v in (x, m))
-    kw_ref = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw_ref = _on_cpu(kw)
     expected = ref.cross_entropy(xr, t.cpu(), reduction=reduction, mask=mr, read_masked=True,
                                  **kw_ref)
     _check_grads(out, expected, (x, m), (xr, mr), torch.float64)
