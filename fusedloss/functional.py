@@ -2,6 +2,7 @@
 kernels' (rows, classes) layout, and the TensorFlow-style wrappers."""
 
 import contextlib
+import functools
 import os
 import threading
 from typing import NamedTuple, Optional
@@ -301,21 +302,30 @@ def _with_extra_outputs(loss, row_stats, extras, positions, per_position, return
                               lse if return_lse else None)
 
 
-def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                  ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, *, mask: Optional[Tensor] = None,
-                  z_loss: float = 0.0, softcap: Optional[float] = None,
-                  inplace_backward: bool = False, return_z_loss: bool = False,
-                  return_token_accuracy: bool = False, return_lse: bool = False):
-    """Drop-in for torch.nn.functional.cross_entropy, fused in one pass over the logits.
+class _CrossEntropyArgs(NamedTuple):
+    """cross_entropy's arguments checked and laid out for the op: logits (rows, classes),
+    target (rows,) class indices or (rows, classes) probabilities, weight and mask in the
+    accumulation dtype."""
 
-    Beyond torch: ``mask`` (the target's shape; 0 = padding, multiplies each position's loss),
-    ``z_loss`` (adds z_loss * logsumexp^2 per position; ``mean`` divides it by the number of
-    valid positions), ``softcap`` (logits become softcap * tanh(logits / softcap)) and
-    ``inplace_backward`` (the gradient is written into the logits' storage, so no N x C buffer
-    is allocated; the logits must not be used after the call). A ``mean`` over no valid
-    position is 0 (torch: NaN). Any ``return_*`` flag makes it return a CrossEntropyOutput.
-    """
+    input: Tensor
+    logits2d: Tensor
+    positions: tuple
+    target: Tensor
+    weight: Optional[Tensor]
+    mask: Optional[Tensor]
+    ignore_index: int
+    reduction: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float
+    promoted: Optional[torch.dtype]
+
+
+def _cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing, mask,
+                        z_loss, softcap, return_token_accuracy, weight_classes=None):
+    """Checks cross_entropy's arguments (errors name the argument and value). weight_classes:
+    the length the class weight must have (default: the input's classes; the vocab-parallel
+    path checks the whole vocabulary's length across ranks instead and passes 0)."""
     red, label_smoothing = _check_loss_args(input, target, reduction, label_smoothing)
     z_loss = _z_loss_value(z_loss)
     cap = _softcap_value(softcap)
@@ -346,16 +356,72 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         ignore_index = _NO_IGNORE_INDEX
     else:
         target2d = _class_indices(target, positions, input)
-    w = _class_weight(weight, classes, acc, input)
+    if weight_classes == 0 and weight is not None:  # any length here; checked across ranks
+        _check_tensor(weight, "weight")
+        if weight.dim() != 1:
+            raise ValueError(f"weight must be 1-D (one weight per class of the whole "
+                             f"vocabulary), got shape {tuple(weight.shape)}")
+        weight_classes = weight.shape[0]
+    w = _class_weight(weight, classes if weight_classes is None else weight_classes, acc, input)
     m = _row_vector(mask, "mask", positions, acc, input)
+    return _CrossEntropyArgs(input, logits2d, positions, target2d, w, m, int(ignore_index), red,
+                             label_smoothing, z_loss, cap, promoted)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, mask: Optional[Tensor] = None,
+                  z_loss: float = 0.0, softcap: Optional[float] = None,
+                  inplace_backward: bool = False, return_z_loss: bool = False,
+                  return_token_accuracy: bool = False, return_lse: bool = False,
+                  process_group=None):
+    """Drop-in for torch.nn.functional.cross_entropy, fused in one pass over the logits.
+
+    Beyond torch: ``mask`` (the target's shape; 0 = padding, multiplies each position's loss),
+    ``z_loss`` (adds z_loss * logsumexp^2 per position; ``mean`` divides it by the number of
+    valid positions), ``softcap`` (logits become softcap * tanh(logits / softcap)) and
+    ``inplace_backward`` (the gradient is written into the logits' storage, so no N x C buffer
+    is allocated; the logits must not be used after the call). A ``mean`` over no valid
+    position is 0 (torch: NaN). Any ``return_*`` flag makes it return a CrossEntropyOutput.
+
+    ``process_group`` (vocab parallel, fusedloss.distributed): the input holds this rank's
+    contiguous slice of the classes (ranks in group order; uneven slices allowed), the target
+    global class ids (or this slice of the class probabilities), ``weight`` the whole
+    vocabulary's class weights; the result is the same on every rank and equals the loss of
+    the gathered logits. A DTensor input sharded on the class dim (as
+    ``torch.distributed.tensor.parallel.loss_parallel`` takes it) needs no process_group and
+    returns a DTensor, as that context does.
+    """
+    from . import distributed
+    if distributed.is_class_sharded_dtensor(input):
+        return distributed.dtensor_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, mask=mask,
+            z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy, return_lse=return_lse)
+    if process_group is not None:
+        return distributed.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, mask=mask,
+            z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy, return_lse=return_lse,
+            process_group=process_group)
+    a = _cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing,
+                            mask, z_loss, softcap, return_token_accuracy)
     loss, row_stats, extras = _softmax_ce(
-        logits2d, target2d, w, m, int(ignore_index), label_smoothing, z_loss, cap, red,
-        inplace_backward=inplace_backward, input=input, want_accuracy=return_token_accuracy)
-    loss = loss.to(_loss_dtype(input, promoted))
-    if red == 0:
-        loss = loss.reshape(positions)
-    return _with_extra_outputs(loss, row_stats, extras, positions, red == 0, return_z_loss,
-                               return_token_accuracy, return_lse)
+        a.logits2d, a.target, a.weight, a.mask, a.ignore_index, a.label_smoothing, a.z_loss,
+        a.softcap, a.reduction, inplace_backward=inplace_backward, input=a.input,
+        want_accuracy=return_token_accuracy)
+    return _cross_entropy_result(a, loss, row_stats, extras, return_z_loss,
+                                 return_token_accuracy, return_lse)
+
+
+def _cross_entropy_result(a, loss, row_stats, extras, return_z_loss, return_token_accuracy,
+                          return_lse):
+    """The op's outputs as cross_entropy returns them (dtype, shape, extra outputs)."""
+    loss = loss.to(_loss_dtype(a.input, a.promoted))
+    if a.reduction == 0:
+        loss = loss.reshape(a.positions)
+    return _with_extra_outputs(loss, row_stats, extras, a.positions, a.reduction == 0,
+                               return_z_loss, return_token_accuracy, return_lse)
 
 
 def _broadcast_to_rows(t, name, input, rows, cols, acc):
@@ -450,19 +516,19 @@ def sigmoid_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) -> Tens
     return binary_cross_entropy_with_logits(logits, labels, reduction="none")
 
 
-def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
-                  average_across_timesteps: bool = True, average_across_batch: bool = True, *,
-                  label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  softcap: Optional[float] = None, return_z_loss: bool = False,
-                  return_token_accuracy: bool = False, return_lse: bool = False):
-    """tf.contrib.seq2seq.sequence_loss (TF r1.4): weighted cross-entropy of logits
-    (batch, time, classes) against targets (batch, time), weights (batch, time).
+class _SequenceLossArgs(NamedTuple):
+    rows: Tensor
+    targets: Tensor
+    weights: Tensor
+    label_smoothing: float
+    z_loss: float
+    softcap: float
+    batch: int
+    time: int
 
-    Averaged across both: sum(ce * w) / (sum(w) + 1e-12), a scalar; across timesteps only:
-    shape (batch,), each row divided by its own weight sum (+1e-12); across the batch only:
-    shape (time,); neither: ce * w, shape (batch, time). Any ``return_*`` flag makes it return
-    a CrossEntropyOutput whose z-loss part and (weighted) token accuracy are averaged the same
-    way, and whose lse has shape (batch, time)."""
+
+def _sequence_loss_args(logits, targets, weights, label_smoothing, z_loss, softcap):
+    """sequence_loss's checks; the operands laid out for the op."""
     for t, n in ((logits, "logits"), (targets, "targets"), (weights, "weights")):
         _check_tensor(t, n)
     _check_logits_dtype(logits, "logits")
@@ -494,20 +560,53 @@ def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
     if classes == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     acc = acc_dtype(logits.dtype)
-    rows = logits.reshape(batch * time, classes)
-    flat_targets = targets.reshape(-1).to(torch.int64)
-    flat_weights = weights.reshape(-1).to(acc)
-    args = (flat_targets, None, flat_weights, _NO_IGNORE_INDEX, label_smoothing, z_loss, cap)
+    return _SequenceLossArgs(logits.reshape(batch * time, classes),
+                             targets.reshape(-1).to(torch.int64), weights.reshape(-1).to(acc),
+                             label_smoothing, z_loss, cap, batch, time)
+
+
+def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
+                  average_across_timesteps: bool = True, average_across_batch: bool = True, *,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: Optional[float] = None, return_z_loss: bool = False,
+                  return_token_accuracy: bool = False, return_lse: bool = False,
+                  process_group=None):
+    """tf.contrib.seq2seq.sequence_loss (TF r1.4): weighted cross-entropy of logits
+    (batch, time, classes) against targets (batch, time), weights (batch, time).
+
+    Averaged across both: sum(ce * w) / (sum(w) + 1e-12), a scalar; across timesteps only:
+    shape (batch,), each row divided by its own weight sum (+1e-12); across the batch only:
+    shape (time,); neither: ce * w, shape (batch, time). Any ``return_*`` flag makes it return
+    a CrossEntropyOutput whose z-loss part and (weighted) token accuracy are averaged the same
+    way, and whose lse has shape (batch, time). ``process_group``: the logits hold this rank's
+    slice of the classes, as in cross_entropy (fusedloss.distributed)."""
+    if process_group is not None:
+        from . import distributed
+
+        def prepare():
+            a = _sequence_loss_args(logits, targets, weights, label_smoothing, z_loss, softcap)
+            distributed.refuse_unsupported(a.targets, None, a.weights, "sequence_loss")
+            return a, distributed.Local(a.rows, a.targets, None, _NO_IGNORE_INDEX,
+                                        return_token_accuracy)
+
+        a, layout = distributed.agree(process_group, prepare, "sequence_loss")
+        softmax_ce = functools.partial(distributed.softmax_ce, layout=layout,
+                                       group=process_group)
+    else:
+        a = _sequence_loss_args(logits, targets, weights, label_smoothing, z_loss, softcap)
+        softmax_ce = _softmax_ce
+    batch, time = a.batch, a.time
+    args = (a.targets, None, a.weights, _NO_IGNORE_INDEX, a.label_smoothing, a.z_loss, a.softcap)
     extra_outputs = dict(return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
                          return_lse=return_lse)
     if average_across_timesteps and average_across_batch:
-        loss, row_stats, extras = _softmax_ce(rows, *args, REDUCTIONS["mean"],
-                                              mean_eps=_TF_EPSILON, input=logits,
-                                              want_accuracy=return_token_accuracy)
+        loss, row_stats, extras = softmax_ce(a.rows, *args, REDUCTIONS["mean"],
+                                             mean_eps=_TF_EPSILON, input=logits,
+                                             want_accuracy=return_token_accuracy)
         return _with_extra_outputs(loss.to(_loss_dtype(logits)), row_stats, extras,
                                    (batch, time), False, **extra_outputs)
-    weighted, row_stats, extras = _softmax_ce(rows, *args, REDUCTIONS["none"], input=logits,
-                                              want_accuracy=return_token_accuracy)
+    weighted, row_stats, extras = softmax_ce(a.rows, *args, REDUCTIONS["none"], input=logits,
+                                             want_accuracy=return_token_accuracy)
     weighted = weighted.to(_loss_dtype(logits)).reshape(batch, time)
 
     def average(per_position):

@@ -26,7 +26,7 @@ registered autograd, so ``torch.compile(fullgraph=True)`` keeps it as one opaque
 """
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -128,7 +128,7 @@ class _Chunks:
     """The chunk loop's arguments, shared by the forward and the recomputing backward."""
 
     def __init__(self, input, weight, bias, target, class_weight, mask, ignore_index,
-                 chunk_rows):
+                 chunk_rows, skip_dead_rows=True):
         self.device = input.device
         self.dtype = compute_dtype(input.dtype, input.device)
         self.acc = acc_dtype(input.dtype)
@@ -140,7 +140,9 @@ class _Chunks:
         self.ignore_index = ignore_index
         self.rows = input.shape[0]
         self.classes = weight.shape[0]
-        self.live = live_rows(target, mask, ignore_index)
+        # the vocab-parallel path keeps every row: its ranks must run the same chunks (the
+        # same collectives), and a mask is not checked to be the same on every rank
+        self.live = live_rows(target, mask, ignore_index) if skip_dead_rows else None
         self.chunk_rows = max(1, chunk_rows)
         count = self.rows if self.live is None else self.live.numel()
         self.buffer = torch.empty((min(self.chunk_rows, max(count, 1)), self.classes),
@@ -428,7 +430,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          label_smoothing: float = 0.0, mask: Optional[Tensor] = None,
                          z_loss: float = 0.0, softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, return_z_loss: bool = False,
-                         return_token_accuracy: bool = False):
+                         return_token_accuracy: bool = False, process_group=None):
     """``fusedloss.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
     without the (N, V) logits ever existing whole (see the module docstring).
 
@@ -444,7 +446,58 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     The gradients go to input, linear_weight and linear_bias; the target, mask and class weight
     must not require grad. The forward computes the gradients, so a frozen weight or an input
     without grad skips its GEMM.
+
+    ``process_group`` (vocab parallel, fusedloss.distributed_linear): linear_weight (and
+    linear_bias) hold this rank's contiguous slice of the vocabulary's rows, input and target
+    are the same on every rank, ``weight`` is the whole vocabulary's; the loss is the same on
+    every rank and the input's gradient is summed over the ranks.
     """
+    if process_group is not None:
+        from . import distributed_linear
+        return distributed_linear.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            mask=mask, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+            return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+            process_group=process_group)
+    a = _linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
+                        ignore_index, label_smoothing, mask, z_loss, softcap, chunk_size,
+                        return_token_accuracy)
+    grad_on = torch.is_grad_enabled()
+    need_input_grad = grad_on and input.requires_grad
+    need_weight_grad = grad_on and linear_weight.requires_grad
+    need_bias_grad = grad_on and linear_bias is not None and linear_bias.requires_grad
+    op, _ = ops_for(_ops.current().namespace)
+    loss, _stats, _gi, _gw, _gb, extras = op(
+        a.x, linear_weight, linear_bias, a.target, a.weight, a.mask, a.ignore_index,
+        a.label_smoothing, a.z_loss, a.softcap, a.reduction, a.chunk_rows, need_input_grad,
+        need_weight_grad, need_bias_grad, return_token_accuracy)
+    return linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)
+
+
+class LinearCEArgs(NamedTuple):
+    """linear_cross_entropy's arguments checked and laid out: x (rows, hidden), target (rows,)
+    or (rows, classes), class weight and mask in the accumulation dtype."""
+
+    x: Tensor
+    target: Tensor
+    weight: Optional[Tensor]
+    mask: Optional[Tensor]
+    ignore_index: int
+    reduction: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float
+    chunk_rows: Optional[int]
+    positions: tuple
+
+
+def _linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                    label_smoothing, mask, z_loss, softcap, chunk_size, return_token_accuracy,
+                    vocab_parallel=False):
+    """The checks (errors name the argument and value). vocab_parallel: the class weight may
+    have any length here (the whole vocabulary's, checked across ranks), and chunk_rows stays
+    None when chunk_size is None (the ranks agree on it from every slice's size)."""
     red, label_smoothing = F._check_loss_args(input, target, reduction, label_smoothing)
     z_loss = F._z_loss_value(z_loss)
     cap = F._softcap_value(softcap)
@@ -475,22 +528,30 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         ignore_index = F._NO_IGNORE_INDEX
     else:
         t = F._class_indices(target, positions, input)
-        if F._validate_targets and not torch.compiler.is_compiling():
+        if F._validate_targets and not torch.compiler.is_compiling() and not vocab_parallel:
             F._check_targets_eagerly(t, classes, ignore_index)
     for tensor, name in ((target, "target"), (mask, "mask"), (weight, "weight")):
         _check_no_grad(tensor, name)
-    w = F._class_weight(weight, classes, acc, input)
+    if vocab_parallel and weight is not None:
+        F._check_tensor(weight, "weight")
+        if weight.dim() != 1:
+            raise ValueError(f"weight must be 1-D (one weight per class of the whole "
+                             f"vocabulary), got shape {tuple(weight.shape)}")
+    w = F._class_weight(weight, weight.shape[0] if vocab_parallel and weight is not None
+                        else classes, acc, input)
     m = F._row_vector(mask, "mask", positions, acc, input)
-    chunk = _chunk_size_value(chunk_size, x.shape[0], hidden, classes, input.dtype, input.device)
+    if vocab_parallel and chunk_size is None:
+        chunk = None
+    else:
+        chunk = _chunk_size_value(chunk_size, x.shape[0], hidden, classes, input.dtype,
+                                  input.device)
+    return LinearCEArgs(x, t, w, m, int(ignore_index), red, label_smoothing, z_loss, cap, chunk,
+                        positions)
 
-    grad_on = torch.is_grad_enabled()
-    need_input_grad = grad_on and input.requires_grad
-    need_weight_grad = grad_on and linear_weight.requires_grad
-    need_bias_grad = grad_on and linear_bias is not None and linear_bias.requires_grad
-    op, _ = ops_for(_ops.current().namespace)
-    loss, _stats, _gi, _gw, _gb, extras = op(
-        x, linear_weight, linear_bias, t, w, m, int(ignore_index), label_smoothing, z_loss, cap,
-        red, chunk, need_input_grad, need_weight_grad, need_bias_grad, return_token_accuracy)
+
+def linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy):
+    """The op's outputs as linear_cross_entropy returns them."""
+    red, positions = a.reduction, a.positions
     per_position = red == REDUCTIONS["none"]
     loss = loss.to(F._loss_dtype(input))
     if per_position:

@@ -14,15 +14,19 @@ __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss", "LinearCross
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss with fusedloss's kernel; forward(input, target, mask=None).
-    With any return_* flag set, forward returns a CrossEntropyOutput."""
+    With any return_* flag set, forward returns a CrossEntropyOutput. With ``process_group``
+    the input is this rank's slice of the classes (see fusedloss.cross_entropy)."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: Optional[float] = None, inplace_backward: bool = False,
                  return_z_loss: bool = False, return_token_accuracy: bool = False,
-                 return_lse: bool = False) -> None:
+                 return_lse: bool = False, process_group=None) -> None:
         super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
+        # vocab parallel: the input is this rank's slice of the classes, the weight buffer the
+        # whole vocabulary's (fusedloss.distributed)
+        self.process_group = process_group
         self.z_loss = z_loss
         self.softcap = softcap
         self.inplace_backward = inplace_backward
@@ -36,7 +40,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                softcap=self.softcap, inplace_backward=self.inplace_backward,
                                return_z_loss=self.return_z_loss,
                                return_token_accuracy=self.return_token_accuracy,
-                               return_lse=self.return_lse)
+                               return_lse=self.return_lse, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
@@ -130,8 +134,9 @@ class SequenceLoss(torch.nn.Module):
 
     def __init__(self, average_across_timesteps: bool = True, average_across_batch: bool = True,
                  *, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: Optional[float] = None) -> None:
+                 softcap: Optional[float] = None, process_group=None) -> None:
         super().__init__()
+        self.process_group = process_group
         self.average_across_timesteps = average_across_timesteps
         self.average_across_batch = average_across_batch
         self.label_smoothing = label_smoothing
@@ -141,7 +146,8 @@ class SequenceLoss(torch.nn.Module):
     def forward(self, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
         return F.sequence_loss(logits, targets, weights, self.average_across_timesteps,
                                self.average_across_batch, label_smoothing=self.label_smoothing,
-                               z_loss=self.z_loss, softcap=self.softcap)
+                               z_loss=self.z_loss, softcap=self.softcap,
+                               process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"average_across_timesteps={self.average_across_timesteps}, "

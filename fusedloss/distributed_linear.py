@@ -1,0 +1,198 @@
+"""Vocab-parallel fused linear cross-entropy: the LM head's weight is split by rows (each rank
+holds (V / P, H), a contiguous slice of the vocabulary), the input (N, H) and the targets are
+the same on every rank (ColwiseParallel's layout), and no rank ever holds the (N, V) logits,
+not even its own (N, V / P) slice whole.
+
+Per row chunk (linear_cross_entropy.py's chunks and reused logits buffer), on every rank:
+local logits x_c @ W_r^T; the slice statistics (read 1, fusedloss.distributed.shard_payload);
+one all_gather of the payload and the float64 combine (fusedloss.distributed.combine); the
+chunk's logit gradient G from the global statistics (read 2, softmax_ce_backward, pre-scaled for
+the reduction); then G @ W_r into this rank's part of the input gradient and G^T x_c (and G's
+column sums) into the weight (bias) gradient, which is this rank's alone. The input gradient
+parts are all-reduced (summed over the ranks) once per call, after the last chunk.
+
+reduction="none" cannot pre-scale by the unknown per-row grad_output: the forward keeps each
+row's input gradient for grad_output 1 (all-reduced once, as above; scaling a row by its
+grad_output commutes with the sum over ranks), and the backward recomputes the chunks' logits
+and G for the weight and bias gradients, which are local. So no backward communicates.
+
+One header exchange per call (fusedloss.distributed.agree) makes every rank raise when one
+rank's input is bad; the chunks are the same on every rank (no row is skipped, see _Chunks).
+"""
+
+import torch
+import torch.distributed as dist
+
+from . import _ops
+from . import distributed as D
+from . import linear_cross_entropy as L
+from ._ops import REDUCTIONS
+
+__all__ = ["linear_cross_entropy"]
+
+_DOUBLE_BACKWARD = (
+    "fusedloss: double backward (create_graph=True) through linear_cross_entropy with "
+    "process_group is not supported: its gradients come from a fused kernel and are not "
+    "themselves differentiable.")
+
+
+def _chunk_grad(lib, grad_loss, logits, target, class_weight, mask, stats, mass, denominators,
+                options, layout):
+    return D._slice_grad(lib, grad_loss, logits, target, class_weight, mask, stats, mass,
+                         denominators, options, layout)
+
+
+def _options_of(a, mean_eps=0.0):
+    return D._Options(a.ignore_index, a.label_smoothing, a.z_loss, a.softcap, a.reduction,
+                      mean_eps)
+
+
+class VocabParallelLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, layout, group, needs, want_accuracy):
+        lib = _ops.current().lib
+        need_input_grad, need_weight_grad, need_bias_grad = needs
+        options = _options_of(a)
+        per_row = a.reduction == REDUCTIONS["none"]
+        c = L._Chunks(x, weight, bias, a.target, a.weight, a.mask, a.ignore_index, a.chunk_rows,
+                      skip_dead_rows=False)
+        rows, hidden = x.shape
+        prob = a.target.is_floating_point()
+        denominators = (None if per_row else
+                        D.mean_denominators(a.target, a.weight, a.mask, a.ignore_index, rows,
+                                            0.0, c.device))
+        any_grad = need_input_grad or need_weight_grad or need_bias_grad
+        f64 = dict(dtype=torch.float64, device=c.device)
+        ce, z = torch.zeros(rows, **f64), torch.zeros(rows, **f64)
+        correct = torch.zeros(rows, **f64) if want_accuracy else None
+        stats = torch.zeros((rows, 2), dtype=c.acc, device=c.device)
+        mass = torch.zeros(rows, dtype=c.acc, device=c.device) if prob else None
+        grad_input = (torch.zeros((rows, hidden), dtype=c.dtype, device=c.device)
+                      if need_input_grad else None)
+        grad_weight = (torch.zeros(weight.shape, dtype=c.acc, device=c.device)
+                       if need_weight_grad and not per_row else None)
+        grad_bias = (torch.zeros(weight.shape[:1], dtype=c.acc, device=c.device)
+                     if need_bias_grad and not per_row else None)
+        one = torch.ones((), dtype=c.acc, device=c.device)
+
+        for idx, n in c:
+            xc, logits = c.logits(idx, n)
+            t, m = c.target[idx], L._take(a.mask, idx)
+            payload, _ = D.shard_payload(lib, logits, t, a.weight, m, a.ignore_index,
+                                         a.label_smoothing, a.softcap, layout, want_accuracy)
+            part = D.combine(D._all_gather(payload, group), layout, t, a.weight, m,
+                             a.ignore_index, a.label_smoothing, a.z_loss, want_accuracy)
+            ce[idx], z[idx], stats[idx] = part.ce, part.z, part.stats.to(c.acc)
+            if correct is not None:
+                correct[idx] = part.correct
+            chunk_mass = part.target_mass.to(c.acc) if prob else None
+            if prob:
+                mass[idx] = chunk_mass
+            if not any_grad:
+                continue
+            scale = torch.ones(n, dtype=c.acc, device=c.device) if per_row else one
+            g = _chunk_grad(lib, scale, logits, t, a.weight, m, part.stats.to(c.acc),
+                            chunk_mass, denominators, options, layout)
+            if grad_input is not None:
+                grad_input[idx] = torch.mm(g, c.w)
+            if grad_weight is not None:
+                grad_weight.addmm_(g.t().to(c.acc), xc.to(c.acc))
+            if grad_bias is not None:
+                grad_bias += g.sum(0, dtype=c.acc)
+        if grad_input is not None:
+            dist.all_reduce(grad_input, group=group)  # the one collective of the gradients
+
+        combined = D.Combined(ce, z, correct, stats, None)
+        loss, extras = D.reduce_rows(combined, a.reduction, denominators, c.acc)
+        ctx.a, ctx.layout, ctx.needs, ctx.chunk_rows = a, layout, needs, c.chunk_rows
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias, stats, mass)
+        ctx.grads = [grad_input.to(x.dtype) if grad_input is not None else None,
+                     grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                     grad_bias.to(weight.dtype) if grad_bias is not None else None]
+        ctx.mark_non_differentiable(extras)
+        ctx.set_materialize_grads(False)
+        return loss, extras
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_extras):
+        nones = (None,) * 5
+        if grad_loss is None:
+            return (None, None, None) + nones
+        if torch.is_grad_enabled():
+            raise RuntimeError(_DOUBLE_BACKWARD)
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy(process_group=...) can be differentiated "
+                               "once per forward (a second backward would need the forward's "
+                               "collectives again)")
+        lib = _ops.current().lib
+        gi, gw, gb = ctx.grads
+        ctx.grads = None
+        need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
+        if ctx.a.reduction != REDUCTIONS["none"]:
+            for g in (gi, gw, gb):
+                if g is not None:
+                    lib.scale_grad_(g, grad_loss)
+        else:
+            go = grad_loss.reshape(-1)
+            if gi is not None:
+                gi = gi * go.to(gi.dtype)[:, None]
+            if need_weight_grad or (need_bias_grad and ctx.has_bias):
+                gw, gb = _recomputed_param_grads(lib, ctx, go)
+        return (gi if need_input_grad else None, gw if need_weight_grad else None,
+                gb if need_bias_grad and ctx.has_bias else None) + nones
+
+
+def _recomputed_param_grads(lib, ctx, grad_loss):
+    """reduction none: the weight (bias) gradient of this rank's slice for a per-row
+    grad_loss, the chunks' logits and logit gradients recomputed (local, no collective)."""
+    x, weight, bias, stats, mass = ctx.saved_tensors
+    a = ctx.a
+    c = L._Chunks(x, weight, bias, a.target, a.weight, a.mask, a.ignore_index, ctx.chunk_rows,
+                  skip_dead_rows=False)
+    need_weight_grad, need_bias_grad = ctx.needs[1], ctx.needs[2] and bias is not None
+    gw = torch.zeros(weight.shape, dtype=c.acc, device=c.device) if need_weight_grad else None
+    gb = torch.zeros(weight.shape[:1], dtype=c.acc, device=c.device) if need_bias_grad else None
+    go = grad_loss.to(c.acc)
+    for idx, n in c:
+        xc, logits = c.logits(idx, n)
+        g = _chunk_grad(lib, go[idx], logits, c.target[idx], a.weight, L._take(a.mask, idx),
+                        stats[idx], L._take(mass, idx), None, _options_of(a), ctx.layout)
+        if gw is not None:
+            gw.addmm_(g.t().to(c.acc), xc.to(c.acc))
+        if gb is not None:
+            gb += g.sum(0, dtype=c.acc)
+    return (gw.to(weight.dtype) if gw is not None else None,
+            gb.to(weight.dtype) if gb is not None else None)
+
+
+@torch.compiler.disable  # collectives and a host read of the header: run eagerly
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0, mask=None,
+                         z_loss=0.0, softcap=None, chunk_size=None, return_z_loss=False,
+                         return_token_accuracy=False, process_group):
+    """fusedloss.linear_cross_entropy(..., process_group=...) (see its docstring)."""
+
+    def prepare():
+        a = L._linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
+                              ignore_index, label_smoothing, mask, z_loss, softcap, chunk_size,
+                              return_token_accuracy, vocab_parallel=True)
+        D.refuse_unsupported(None, None, None, "linear_cross_entropy")
+        rows = a.x.shape[0]
+        slice_logits = torch.empty((rows, linear_weight.shape[0]), dtype=input.dtype,
+                                   device="meta")  # the header reads its shape and dtype only
+        return a, D.Local(slice_logits, a.target, a.weight, a.ignore_index,
+                          return_token_accuracy, a.chunk_rows or 0)
+
+    a, layout = D.agree(process_group, prepare, "linear_cross_entropy")
+    if a.chunk_rows is None:  # from the largest slice, so that every rank runs the same chunks
+        a = a._replace(chunk_rows=L.auto_chunk_rows(
+            a.x.shape[0], a.x.shape[1], max(layout.sizes),
+            L.compute_dtype(input.dtype, input.device)))
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
+             grad_on and linear_bias is not None and linear_bias.requires_grad)
+    loss, extras = VocabParallelLinearCE.apply(a.x, linear_weight, linear_bias, a, layout,
+                                               process_group, needs, return_token_accuracy)
+    return L.linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)
+
