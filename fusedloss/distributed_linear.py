@@ -20,12 +20,15 @@ One header exchange per call (fusedloss.distributed.agree) makes every rank rais
 rank's input is bad; the chunks are the same on every rank (no row is skipped, see _Chunks).
 """
 
+import importlib
+
 import torch
 import torch.distributed as dist
 
 from . import _ops
 from . import distributed as D
-from . import linear_cross_entropy as L
+# the module by name: the package attribute linear_cross_entropy is the function
+L = importlib.import_module(".linear_cross_entropy", __package__)
 from ._ops import REDUCTIONS
 
 __all__ = ["linear_cross_entropy"]
