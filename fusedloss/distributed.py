@@ -102,8 +102,9 @@ def payload_width(prob_target, want_accuracy):
     return 3 + int(bool(want_accuracy)) + int(bool(prob_target))
 
 
-def _header(local):
-    header = torch.zeros(_HEADER, dtype=torch.int64)
+def _header(local, device):
+    """This rank's header, on the collectives' device (built there: no host read)."""
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
     if local is None:
         header[_ERROR] = 1
         return header
@@ -121,10 +122,11 @@ def _header(local):
         summary = torch.stack([torch.where(counted, t, _NO_TARGET).min(),
                                torch.where(counted, t, -_NO_TARGET).max(),
                                torch.where(counted, t, 0).sum()])
-        header[_TMIN:] = summary.cpu()
+        header[_TMIN:] = summary.to(device)
     return header
 
 
+@torch.compiler.disable  # a collective and a host read: run eagerly
 def agree(group, prepare, who):
     """Runs prepare() (this rank's argument checks; returns (prepared, Local)), exchanges the
     header and returns (prepared, this rank's Layout). When any rank's checks failed, or the
@@ -140,7 +142,7 @@ def agree(group, prepare, who):
         error = None
     except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
         prepared, local, error = None, None, err
-    header = _header(local).to(_collective_device(group))
+    header = _header(local, _collective_device(group))
     headers = _all_gather(header, group).cpu().tolist()  # the call's one host read
     failed = [r for r, h in enumerate(headers) if h[_ERROR]]
     if failed:
@@ -469,8 +471,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
 # DTensor input: logits sharded on the class dim, as loss_parallel() users hold them.
 
-def is_class_sharded_dtensor(x):
-    """Whether x is a DTensor (the one kind of input that routes here without process_group)."""
+def is_dtensor(x):
+    """Whether x is a DTensor (routed to dtensor_cross_entropy, with no process_group)."""
     if isinstance(x, Tensor) and type(x) in (Tensor, torch.nn.Parameter):
         return False
     try:
@@ -481,10 +483,13 @@ def is_class_sharded_dtensor(x):
 
 
 def _class_mesh_dim(placements, class_dim, ndim):
-    """The one mesh dim that shards the class dim (loss_parallel's "TP" dim)."""
+    """The one mesh dim that shards the class dim (loss_parallel's "TP" dim); None for a
+    DTensor replicated everywhere (each rank then holds the whole logits)."""
     found = [i for i, p in enumerate(placements)
              if p.is_shard() and p.dim % ndim == class_dim]
     bad = [p for p in placements if p.is_partial()]
+    if not found and all(p.is_replicate() for p in placements):
+        return None
     if len(found) != 1 or bad:
         raise ValueError(f"cross_entropy: a DTensor input must be sharded on the class dim "
                          f"({class_dim}) on exactly one mesh dim (Shard or Replicate on the "
@@ -538,6 +543,7 @@ def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     class_dim = 1 if input.dim() >= 2 else 0
     mesh_dim = _class_mesh_dim(placements, class_dim, input.dim())
     position_placements = _without_class_dim(placements, class_dim, mesh_dim)
+    group = mesh.get_group(mesh_dim) if mesh_dim is not None else None
     if reduction == "mean" and mesh.ndim > 1:
         raise NotImplementedError(f"cross_entropy: reduction='mean' of a DTensor needs a "
                                   f"one-dimensional mesh (as loss_parallel), got a mesh with "
@@ -553,7 +559,7 @@ def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
                           reduction, label_smoothing, mask=local_mask, z_loss=z_loss,
                           softcap=softcap, return_z_loss=return_z_loss,
                           return_token_accuracy=return_token_accuracy, return_lse=return_lse,
-                          process_group=mesh.get_group(mesh_dim))
+                          process_group=group)
     if reduction == "none":
         loss_placements = position_placements
     else:

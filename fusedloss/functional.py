@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _compiled, _composite, _ops
+from . import _compiled, _composite, _ops, distributed
 from ._ops import REDUCTIONS, acc_dtype
 
 __all__ = [
@@ -392,8 +392,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     ``torch.distributed.tensor.parallel.loss_parallel`` takes it) needs no process_group and
     returns a DTensor, as that context does.
     """
-    from . import distributed
-    if distributed.is_class_sharded_dtensor(input):
+    if distributed.is_dtensor(input):
         return distributed.dtensor_cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, mask=mask,
             z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
@@ -581,8 +580,6 @@ def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
     way, and whose lse has shape (batch, time). ``process_group``: the logits hold this rank's
     slice of the classes, as in cross_entropy (fusedloss.distributed)."""
     if process_group is not None:
-        from . import distributed
-
         def prepare():
             a = _sequence_loss_args(logits, targets, weights, label_smoothing, z_loss, softcap)
             distributed.refuse_unsupported(a.targets, None, a.weights, "sequence_loss")

@@ -163,3 +163,13 @@ def test_all_ignored_rows_give_zero(lib):
         loss, extras, stats, grad, _ = _simulated(lib, logits, target, None, None, (4, 5),
                                                   reduction=reduction, z_loss=1e-2)
         assert not loss.any() and not grad.any() and not stats.any()
+
+
+def test_empty_batch(lib):
+    logits = torch.randn(0, 7)
+    target = torch.zeros(0, dtype=torch.int64)
+    for reduction in ("none", "mean", "sum"):
+        loss, extras, stats, grad, _ = _simulated(lib, logits, target, None, None, (3, 4),
+                                                  reduction=reduction, want_accuracy=True)
+        assert grad.shape == (0, 7) and stats.shape == (0, 2)
+        assert loss.shape == ((0,) if reduction == "none" else ()) and not loss.any()
