@@ -4,11 +4,13 @@ gets the loss of the whole row, as fusedloss.cross_entropy on the gathered logit
 
 Per call, on every rank:
 
-1. A header all_gather (8 int64 per rank): rows, local classes, payload width, accumulation
-   dtype, target kind, the smallest and largest non-ignored target, a target checksum. Every
-   rank then runs the same checks on the same gathered header, so a mismatched shape or a bad
-   target on ONE rank makes EVERY rank raise the same clear error instead of leaving the others
-   waiting in the next collective. The slice offsets come from the same header (no separate
+1. A header all_gather (11 int64 per rank, once per call): whether this rank's own argument
+   checks failed, rows, local classes, payload width, accumulation dtype, target kind, the
+   class weight's length, the chunk size (linear CE), the smallest and largest non-ignored
+   target and a target checksum. Every rank then runs the same checks on the same gathered
+   header, so a mismatched shape, a bad argument or a bad target on ONE rank makes EVERY rank
+   raise a clear error instead of leaving the others waiting in the next collective (targets
+   are therefore always checked here, on CUDA too). The slice offsets come from the same header (no separate
    exchange of sizes, and no cache keyed by shape: a cache would let a rank whose shape changed
    take a different sequence of collectives from the others, which is exactly the hang the
    header prevents). On CUDA, reading the header back is the one host synchronisation of a call.
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
+from ._composite import _divide_or_zero
 from ._ops import REDUCTIONS, acc_dtype
 
 __all__ = ["cross_entropy", "agree", "shard_payload", "combine", "reduce_rows", "softmax_ce"]
@@ -260,8 +263,16 @@ class Combined(NamedTuple):
 
 def combine(gathered, layout, target, weight, mask, ignore_index, label_smoothing, z_loss,
             want_accuracy):
-    """The gathered payloads (world, rows, width) -> Combined, in float64 (see the module
-    docstring for the formulas)."""
+    """The gathered payloads (world, rows, width) -> Combined, in float64. Per row, with the
+    ranks' (m_r, ls_r, loss_r [, correct_r] [, Q_r]), smoothing e, C classes, mask m, W_r the
+    slice's sum of class weights:
+        M = max_r m_r,  ls = log sum_r exp(m_r - M + ls_r),  lse = M + ls,
+        lse - lse_r = (M - m_r) + (ls - ls_r)   (no cancellation of two large numbers);
+        class index t:  ce = sum_r loss_r + m [(1-e) w_t (lse - lse_owner(t))
+                                                + (e/C) sum_r W_r (lse - lse_r)]
+        probabilities:  ce = sum_r loss_r + m sum_r Q_r (lse - lse_r)
+    (each slice's loss_r is its part taken about its own lse_r; the bracket moves it to the
+    global lse); z part = z_loss m lse^2; correct = the owner's, when no lower rank reached M."""
     g = gathered.to(torch.float64)
     m_r, ls_r, loss_r = g[:, :, 0], g[:, :, 1], g[:, :, 2]
     device = g.device
@@ -308,22 +319,16 @@ def combine(gathered, layout, target, weight, mask, ignore_index, label_smoothin
     return Combined(ce, z, correct, stats, target_mass)
 
 
-def _sequential_sum(v):
-    if v.numel() == 0:
-        return v.new_zeros(())
-    return torch.cumsum(v, 0)[-1]
-
-
-def _divide_or_zero(total, denominator):
-    nonzero = denominator != 0
-    return torch.where(nonzero, total / torch.where(nonzero, denominator, 1), 0)
-
-
 def mean_denominators(target, weight, mask, ignore_index, rows, mean_eps, device):
     """(weighted denominator, count of valid positions), float64 on the device, as the
     single-device op computes them (+ mean_eps each)."""
     from .linear_cross_entropy import mean_denominators as denominators_of
     return denominators_of(target, weight, mask, ignore_index, rows, device) + mean_eps
+
+
+def _sequential_sum(v):
+    from .linear_cross_entropy import _sequential_sum as in_index_order
+    return in_index_order(v)
 
 
 def reduce_rows(combined, reduction, denominators, acc):
@@ -367,7 +372,8 @@ class VocabParallelCE(torch.autograd.Function):
     statistics)."""
 
     @staticmethod
-    def forward(ctx, logits2d, target, weight, mask, options, layout, group, want_accuracy):
+    def forward(ctx, logits2d, target, weight, mask, options, layout, group, want_accuracy,
+                compute_grad):
         lib = _ops.current().lib
         o = options
         acc = acc_dtype(logits2d.dtype)
@@ -388,7 +394,7 @@ class VocabParallelCE(torch.autograd.Function):
         ctx.options, ctx.layout = options, layout
         ctx.save_for_backward(logits2d, target, weight, mask, stats, target_mass, denominators)
         ctx.saved_grad = None
-        if not per_row and ctx.needs_input_grad[0]:
+        if not per_row and compute_grad:
             one = torch.ones((), dtype=acc, device=logits2d.device)
             ctx.saved_grad = _slice_grad(lib, one, logits2d, target, weight, mask, stats,
                                          target_mass, denominators, options, layout)
@@ -398,7 +404,7 @@ class VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_extras):
-        nones = (None,) * 7
+        nones = (None,) * 8
         if grad_loss is None:
             return (None,) + nones
         if torch.is_grad_enabled():
@@ -442,8 +448,9 @@ def softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_
     del inplace_backward, input
     options = _Options(int(ignore_index), float(label_smoothing), float(z_loss), float(softcap),
                        int(reduction), float(mean_eps))
+    compute_grad = torch.is_grad_enabled() and logits2d.requires_grad
     return VocabParallelCE.apply(logits2d, target, weight, mask, options, layout, group,
-                                 bool(want_accuracy))
+                                 bool(want_accuracy), compute_grad)
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
