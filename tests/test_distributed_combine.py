@@ -8,23 +8,27 @@ import pytest
 import torch
 
 import fusedloss as fl
+from fusedloss import _ops
 from fusedloss import distributed as D
 from fusedloss._ops import REDUCTIONS, acc_dtype
 from helpers import assert_close
 from shard_ops_reference import reference_opset
 
-HAVE_SHARD_KERNEL = hasattr(torch.ops.fusedloss, "softmax_ce_shard_stats")
+from conftest import HAVE_SIMT
 
 
-def _kernel_lib():
-    if not HAVE_SHARD_KERNEL:
-        pytest.skip("this build has no softmax_ce_shard_stats op")
-    return torch.ops.fusedloss
-
-
-@pytest.fixture(params=["reference", "kernel"])
+@pytest.fixture(params=["reference", "cpu"] + (["simt"] if HAVE_SIMT else []))
 def lib(request):
-    return reference_opset().lib if request.param == "reference" else _kernel_lib()
+    """The ops the ranks would call: the plain-PyTorch reference of their definitions, the CPU
+    kernels, or the CUDA kernels run by the SIMT harness."""
+    if request.param == "reference":
+        yield reference_opset().lib
+    elif request.param == "cpu":
+        yield torch.ops.fusedloss
+    else:
+        from simt import load_simt_opset
+        with _ops.use(load_simt_opset()) as opset:
+            yield opset.lib
 
 
 def _slices(sizes):
