@@ -388,11 +388,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     contiguous slice of the classes (ranks in group order; uneven slices allowed), the target
     global class ids (or this slice of the class probabilities), ``weight`` the whole
     vocabulary's class weights; the result is the same on every rank and equals the loss of
-    the gathered logits. A DTensor input sharded on the class dim (as
-    ``torch.distributed.tensor.parallel.loss_parallel`` takes it) needs no process_group and
-    returns a DTensor, as that context does.
+    the gathered logits. Only the logits get a gradient there (target, mask and weight must not
+    require grad), and inplace_backward is not used. A DTensor input sharded on the class dim
+    (as ``torch.distributed.tensor.parallel.loss_parallel`` takes it) needs no process_group
+    (its mesh gives the group) and returns a DTensor, as that context does.
     """
     if distributed.is_dtensor(input):
+        if process_group is not None:
+            raise ValueError("process_group must be None for a DTensor input (the group is the "
+                             "one of the mesh dim that shards the classes)")
         return distributed.dtensor_cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, mask=mask,
             z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
