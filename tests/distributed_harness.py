@@ -1,9 +1,12 @@
 """A pool of torch.distributed worker processes that pytest drives, for the vocab-parallel tests.
 
-Starting a process that imports torch and joins a process group costs seconds, so a test module
-starts one pool per (world size, backend) and runs every case on it: `pool.run(case, **kw)`
-sends the case (a module-level function, pickled by name) to every rank, each rank calls
-`case(ctx, **kw)` and sends back its return value or its traceback.
+Starting a process that imports torch and joins a process group costs seconds (tens of seconds
+for four on a busy 2-core machine), so a test module starts one pool per backend and runs every
+case on it: `pool.run(case, group_size=..., **kw)` sends the case (a module-level function,
+pickled by name) to the ranks of a process group of that size, each calls `case(ctx, **kw)` and
+sends back its return value or its traceback. The groups are made once, at start: the whole
+world, and subgroups of given global ranks (e.g. ranks 1 and 3 of 4: a group whose ranks are
+not the global ones, as a tensor-parallel group inside a larger job is).
 
 No test can hang: each run has a deadline; a rank that has not answered by then (stuck in a
 collective its peers never join, or dead) makes the run fail with what every rank said, and the
@@ -33,15 +36,15 @@ STARTUP_TIMEOUT_S = 120
 
 @dataclasses.dataclass
 class RankContext:
-    """What a case receives on each rank."""
-    rank: int
-    world_size: int
+    """What a case receives on each rank of the group it runs on."""
+    rank: int  # in the group
+    world_size: int  # the group's size
     backend: str
     device: torch.device
-    group: object  # the default process group (torch.distributed.ProcessGroup)
+    group: object  # torch.distributed.ProcessGroup
 
 
-def _worker(rank, world_size, backend, store_port, tasks, results):
+def _worker(rank, world_size, backend, subgroups, store_port, tasks, results):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # 2 cores shared by up to 4 ranks: one thread each keeps them from oversubscribing
     torch.set_num_threads(1)
@@ -56,7 +59,12 @@ def _worker(rank, world_size, backend, store_port, tasks, results):
             torch.cuda.set_device(device)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        ctx = RankContext(rank, world_size, backend, device, dist.group.WORLD)
+        contexts = {world_size: RankContext(rank, world_size, backend, device, dist.group.WORLD)}
+        for ranks in subgroups:  # new_group is collective: every rank makes every subgroup
+            group = dist.new_group(list(ranks))
+            if rank in ranks:
+                contexts[len(ranks)] = RankContext(dist.get_group_rank(group, rank), len(ranks),
+                                                   backend, device, group)
         results.put((rank, "ready", None))
     except BaseException:  # noqa: BLE001 - reported to pytest, which fails the test
         results.put((rank, "error", traceback.format_exc()))
@@ -65,15 +73,18 @@ def _worker(rank, world_size, backend, store_port, tasks, results):
         task = tasks.get()
         if task is None:
             break
-        run_id, case, kwargs = task
+        run_id, group_size, case, kwargs = task
         try:
-            value = case(ctx, **kwargs)
+            value = case(contexts[group_size], **kwargs)
             # tensors pickle by value: nothing shared with a process that may be killed
             results.put((rank, "ok", (run_id, pickle.dumps(value))))
         except BaseException:  # noqa: BLE001
             results.put((rank, "error", (run_id, traceback.format_exc())))
-    # no destroy_process_group(): it can wait for peers that were already told to stop, and the
-    # process ends here anyway
+    # Leave at once, once the answers are flushed: destroy_process_group() and the process
+    # group's destructor at exit can wait for peers that were already told to stop.
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 class RankFailure(AssertionError):
@@ -89,9 +100,13 @@ class CaseRaised(Exception):
 
 
 class WorkerPool:
-    def __init__(self, world_size, backend="gloo"):
+    """world_size processes; subgroups: tuples of global ranks, one per other group size."""
+
+    def __init__(self, world_size, backend="gloo", subgroups=()):
         self.world_size = world_size
         self.backend = backend
+        self.subgroups = {len(r): tuple(r) for r in subgroups}
+        self.groups = {world_size: tuple(range(world_size)), **self.subgroups}
         self._procs = None
         self._run_id = 0
 
@@ -106,7 +121,8 @@ class WorkerPool:
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, daemon=True,
-                                   args=(r, self.world_size, self.backend, self._store.port,
+                                   args=(r, self.world_size, self.backend,
+                                         tuple(self.subgroups.values()), self._store.port,
                                          self._tasks[r], self._results))
                        for r in range(self.world_size)]
         for p in self._procs:
@@ -164,23 +180,26 @@ class WorkerPool:
                         return None
 
     # --- running a case --------------------------------------------------------------------
-    def run(self, case, timeout=60, expect_error=False, **kwargs):
-        """case(ctx, **kwargs) on every rank; returns the list of the ranks' return values.
+    def run(self, case, group_size=None, timeout=60, expect_error=False, **kwargs):
+        """case(ctx, **kwargs) on every rank of the group of group_size ranks (default: all);
+        returns the list of their return values, in group rank order.
 
         If any rank raises, or one has not answered within `timeout` seconds, RankFailure is
         raised with every rank's traceback or "no answer"; with expect_error=True a raise on
         every rank is the expected outcome and the list of CaseRaised is returned instead (a
         rank that returned normally, or did not answer, still fails the run)."""
         __tracebackhide__ = True  # pytest shows the ranks' tracebacks, not this function
+        group_size = group_size or self.world_size
+        ranks = self.groups[group_size]
         if self._procs is None:
             self._start()
         self._run_id += 1
         run_id = self._run_id
-        for q in self._tasks:
-            q.put((run_id, case, kwargs))
+        for r in ranks:
+            self._tasks[r].put((run_id, group_size, case, kwargs))
         answers = {}
         deadline = time.monotonic() + timeout
-        while len(answers) < self.world_size:
+        while len(answers) < len(ranks):
             item = self._next_result(deadline)
             if item is None:
                 break
@@ -188,25 +207,26 @@ class WorkerPool:
             if status not in ("ok", "error") or payload[0] != run_id:
                 continue  # a late answer from an earlier, failed run
             answers[rank] = (status, payload[1])
-        complete = len(answers) == self.world_size
+        complete = len(answers) == len(ranks)
         if not complete:
             self.close()  # a rank is stuck or dead: the next run starts a fresh pool
         ok = complete and all(s == ("error" if expect_error else "ok") for s, _ in answers.values())
         if not ok:
             lines = []
-            for r in range(self.world_size):
+            for i, r in enumerate(ranks):
+                name = f"rank {i} (global {r})"
                 if r not in answers:
-                    lines.append(f"--- rank {r}: no answer within {timeout} s (workers killed)")
+                    lines.append(f"--- {name}: no answer within {timeout} s (workers killed)")
                 else:
                     status, payload = answers[r]
                     text = payload if status == "error" else f"returned {pickle.loads(payload)!r}"
-                    lines.append(f"--- rank {r}: {text}")
+                    lines.append(f"--- {name}: {text}")
             what = "did not raise on every rank" if expect_error else "failed"
-            raise RankFailure(f"{case.__name__}({kwargs}) {what} "
-                              f"({self.backend}, {self.world_size} ranks):\n" + "\n".join(lines))
+            raise RankFailure(f"{case.__name__}({kwargs}) {what} ({self.backend}, group of "
+                              f"global ranks {ranks}):\n" + "\n".join(lines))
         if expect_error:
-            return [CaseRaised(answers[r][1]) for r in range(self.world_size)]
-        return [pickle.loads(answers[r][1]) for r in range(self.world_size)]
+            return [CaseRaised(answers[r][1]) for r in ranks]
+        return [pickle.loads(answers[r][1]) for r in ranks]
 
 
 # --- helpers for the cases (they run inside the workers) ------------------------------------

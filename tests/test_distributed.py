@@ -11,8 +11,10 @@ The cases below run inside the workers; every rank builds the same full problem 
 seed and keeps its slice, so each rank can check itself against the single-process results.
 """
 
+import functools
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -300,11 +302,11 @@ def case_dtensor_loss_parallel(ctx, seed, rows, classes, reduction, option, targ
     """A DTensor sharded on the class dim: fusedloss returns what PyTorch's loss_parallel()
     returns (a DTensor of the same placements), with the same value and the same gradient
     (sharded as the input)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import loss_parallel
 
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    mesh = DeviceMesh.from_group(ctx.group, ctx.device.type)
     x_full, target, kw = make_problem(seed, rows, classes, torch.float32, OPTIONS[option])
     if target_kind == "dtensor":  # as loss_parallel's own examples hold labels
         target = distribute_tensor(target, mesh, [Replicate()])
@@ -361,10 +363,10 @@ def case_train_char_lm(ctx, seed, steps, head):
     lr = 1.0
 
     if head == "colwise":
-        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-        mesh = init_device_mesh("cpu", (ctx.world_size,))
+        mesh = DeviceMesh.from_group(ctx.group, "cpu")
         parallelize_module(parallel, mesh, {"dense": ColwiseParallel(use_local_output=False)})
 
         def parallel_loss(x, y):
@@ -444,18 +446,25 @@ def case_bad_input(ctx, seed, rows, classes, fault, faulty_rank):
 
 # --- the tests ------------------------------------------------------------------------------
 
+# gloo: one pool of 4 processes for the module; the 2-rank cases run on the subgroup of global
+# ranks 1 and 3 (group ranks 0 and 1), so the implementation must use the group's own ranks
+GLOO_SUBGROUP = (1, 3)
+
+
 @pytest.fixture(scope="module")
 def pools():
-    """pools(world_size, backend): one started pool per (world size, backend) for the module."""
+    """pools(world_size, backend).run(case, **kw): the case on a process group of that size."""
     made = {}
 
     def get(world_size, backend="gloo"):
         if backend == "nccl" and torch.cuda.device_count() < world_size:
             pytest.skip(f"NCCL needs {world_size} CUDA devices, this machine has "
                         f"{torch.cuda.device_count()}")
-        if (world_size, backend) not in made:
-            made[(world_size, backend)] = WorkerPool(world_size, backend)
-        return made[(world_size, backend)]
+        if backend not in made:
+            made[backend] = (WorkerPool(4, "gloo", subgroups=[GLOO_SUBGROUP])
+                             if backend == "gloo" else WorkerPool(world_size, backend))
+        return types.SimpleNamespace(run=functools.partial(made[backend].run,
+                                                           group_size=world_size))
 
     yield get
     for pool in made.values():
