@@ -22,6 +22,15 @@
 // softmax_ce_backward: the gradient recomputed from the logits and the row statistics; grad_loss is
 // per row for reduction=0, a scalar otherwise (reduction=0 always, and a second backward of
 // mean/sum, take this path).
+// Vocab-parallel rows (a class slice per device, combined by fusedloss/distributed.py):
+// softmax_ce_shard_stats reads a slice once and returns its part of each row, accumulation
+// dtype: the loss's cross-entropy part (masked; the target term only where the slice holds the
+// target, smoothing over global_classes), the slice's statistics (rows, 2), and (2, rows)
+// extras: the slice's Q = sum_c w_c q_c (probability targets, unmasked; 0 for class indices)
+// and m [the slice's first argmax == target] (when want_accuracy). `weight` is the whole
+// (global_classes,) vector, targets global ids, probability targets the slice's columns.
+// softmax_ce_backward with global_classes > 0 is the slice's gradient from the whole rows'
+// statistics (and, for probability targets, the whole rows' Q in row_target_mass).
 // sigmoid_ce / sigmoid_ce_backward: the same pair for sigmoid cross-entropy over a
 // (rows, cols) view; weight, pos_weight and mask are (rows, cols) broadcast views. The loss
 // (per element for reduction=0) is in the accumulation dtype, as softmax_ce's.
@@ -49,7 +58,12 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
   m.def(
       "softmax_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor? mask, Tensor row_stats, int ignore_index, float label_smoothing, float z_loss, "
-      "float softcap, int reduction, float mean_eps, Tensor? denominators=None) -> Tensor");
+      "float softcap, int reduction, float mean_eps, Tensor? denominators=None, "
+      "int class_offset=0, int global_classes=0, Tensor? row_target_mass=None) -> Tensor");
+  m.def(
+      "softmax_ce_shard_stats(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, "
+      "int ignore_index, float label_smoothing, float softcap, int class_offset, "
+      "int global_classes, bool want_accuracy) -> (Tensor, Tensor, Tensor)");
   m.def(
       "sigmoid_ce(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor? mask, "
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");

@@ -141,6 +141,24 @@ inline void check_sigmoid_ce(const at::Tensor& input, const at::Tensor& target, 
               " but the input is on ", input.device());
 }
 
+// Which classes the logits hold: all of them, or a contiguous slice of a vocab-parallel row
+// (params.h). `global_classes` 0 in an op's arguments means "not sharded".
+struct ClassSlice {
+  int64_t offset = 0;
+  int64_t global_classes = 0;  // 0: the logits' own classes
+  bool sharded() const { return global_classes != 0; }
+};
+
+inline ClassSlice check_class_slice(int64_t class_offset, int64_t global_classes,
+                                    int64_t classes, const char* op) {
+  if (global_classes == 0 && class_offset == 0) return {};
+  TORCH_CHECK_VALUE(global_classes > 0 && class_offset >= 0 &&
+                        class_offset <= global_classes - classes,
+                    op, ": the logits' ", classes, " classes at class_offset=", class_offset,
+                    " must lie inside global_classes=", global_classes);
+  return {class_offset, global_classes};
+}
+
 // The tensors of a softmax cross-entropy call as every backend's kernels take them: checked,
 // rows unit-stride, probability targets in the logits' dtype, class indices contiguous, weight
 // and mask contiguous vectors of the accumulation type. (The CPU entry adds its target check
@@ -148,17 +166,21 @@ inline void check_sigmoid_ce(const at::Tensor& input, const at::Tensor& target, 
 struct SoftmaxTensors {
   SoftmaxCEShape shape;
   at::Tensor logits, target;
-  c10::optional<at::Tensor> weight, mask;
+  c10::optional<at::Tensor> weight, mask;  // weight: every class's, also when sharded
   at::ScalarType acc;
   Reduction reduction;
+  ClassSlice slice;
+  int64_t global_classes() const { return slice.sharded() ? slice.global_classes : shape.classes; }
 };
 
 inline SoftmaxTensors softmax_tensors(const at::Tensor& logits, const at::Tensor& target,
                                       const c10::optional<at::Tensor>& weight,
                                       const c10::optional<at::Tensor>& mask, int64_t reduction,
-                                      const char* op) {
+                                      const char* op, int64_t class_offset = 0,
+                                      int64_t global_classes = 0) {
   SoftmaxTensors c;
   c.shape = check_softmax_ce(logits, target, op);
+  c.slice = check_class_slice(class_offset, global_classes, c.shape.classes, op);
   c.reduction = reduction_of(reduction, op);
   c.acc = acc_dtype_of(logits.scalar_type());
   c.logits = unit_stride_rows(logits);
@@ -168,10 +190,29 @@ inline SoftmaxTensors softmax_tensors(const at::Tensor& logits, const at::Tensor
                  ? unit_stride_rows(target.scalar_type() == c.acc ? target
                                                                  : target.to(logits.scalar_type()))
                  : target.contiguous();
-  c.weight = acc_vector(weight, c.shape.classes, c.acc, logits.device(), op, "weight",
+  c.weight = acc_vector(weight, c.global_classes(), c.acc, logits.device(), op, "weight",
                         "one weight per class");
   c.mask = acc_vector(mask, c.shape.rows, c.acc, logits.device(), op, "mask", "one value per row");
   return c;
+}
+
+// The whole rows' Q = sum_c w_c q_c that a class slice's gradient of probability targets needs
+// (params.h): required exactly then, (rows,) in the accumulation dtype; undefined otherwise.
+inline at::Tensor check_row_target_mass(const SoftmaxTensors& c,
+                                        const c10::optional<at::Tensor>& row_target_mass,
+                                        const char* op) {
+  const bool needed = c.slice.sharded() && c.shape.prob_target;
+  const bool given = row_target_mass.has_value() && row_target_mass->defined();
+  TORCH_CHECK_VALUE(needed == given, op, ": row_target_mass is ",
+                    needed ? "required for probability targets of a class slice"
+                           : "only for probability targets of a class slice");
+  if (!needed) return at::Tensor();
+  TORCH_CHECK_VALUE(row_target_mass->dim() == 1 && row_target_mass->size(0) == c.shape.rows, op,
+                    ": row_target_mass must have shape (", c.shape.rows, ",), got ",
+                    row_target_mass->sizes());
+  TORCH_CHECK(row_target_mass->device() == c.logits.device(), op, ": row_target_mass is on ",
+              row_target_mass->device(), " but the logits are on ", c.logits.device());
+  return row_target_mass->to(c.acc).contiguous();
 }
 
 // The kernel parameters every softmax call shares (outputs and mode are the caller's).
@@ -193,6 +234,8 @@ inline SoftmaxCEParams softmax_params_of(const SoftmaxTensors& c, int64_t ignore
   p.mask = c.mask.has_value() ? c.mask->data_ptr() : nullptr;
   p.rows = c.shape.rows;
   p.classes = c.shape.classes;
+  p.class_offset = c.slice.offset;
+  p.global_classes = c.global_classes();
   p.weight_sum = weight_sum;
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing;

@@ -54,8 +54,8 @@ class OpSet:
         self.namespace = namespace
         lib = getattr(torch.ops, namespace)
         self.lib = lib
-        for name in ("softmax_ce", "softmax_ce_inplace", "softmax_ce_backward", "sigmoid_ce",
-                     "sigmoid_ce_backward", "scale_grad_"):
+        for name in ("softmax_ce", "softmax_ce_inplace", "softmax_ce_backward",
+                     "softmax_ce_shard_stats", "sigmoid_ce", "sigmoid_ce_backward", "scale_grad_"):
             setattr(self, name, getattr(lib, name))
         _register_fakes(namespace)
         _register_autograd(namespace, lib)
@@ -92,8 +92,18 @@ def _register_fakes(namespace):
     @torch.library.register_fake(f"{namespace}::softmax_ce_backward")
     def _softmax_ce_backward_fake(grad_loss, logits, target, weight, mask, row_stats, ignore_index,
                                   label_smoothing, z_loss, softcap, reduction, mean_eps,
-                                  denominators=None):
+                                  denominators=None, class_offset=0, global_classes=0,
+                                  row_target_mass=None):
         return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake(f"{namespace}::softmax_ce_shard_stats")
+    def _softmax_ce_shard_stats_fake(logits, target, weight, mask, ignore_index, label_smoothing,
+                                     softcap, class_offset, global_classes, want_accuracy):
+        torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+        rows = logits.shape[0]
+        acc = acc_dtype(logits.dtype)
+        return (logits.new_empty((rows,), dtype=acc), logits.new_empty((rows, 2), dtype=acc),
+                logits.new_empty((2, rows), dtype=acc))
 
     @torch.library.register_fake(f"{namespace}::sigmoid_ce")
     def _sigmoid_ce_fake(input, target, weight, pos_weight, mask, label_smoothing, reduction,

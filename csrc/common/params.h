@@ -42,8 +42,18 @@ struct SoftmaxCEParams {
   const void* grad_scale;       // acc_t[2]: the factors of the cross-entropy and z-loss parts
                                 // of the gradient: mean 1/denominator and 1/(valid count),
                                 // sum 1 and 1; null means 1 and 1
+  void* row_target_mass;        // probability targets of a class slice, acc_t[rows] or null:
+                                // Loss writes each row's Q = sum_c w_c q_c over the slice
+                                // (unmasked), GradFromLse reads the whole row's Q from it
   int64_t rows;
-  int64_t classes;
+  int64_t classes;              // the classes of the logits given (a slice, when sharded)
+  // A class slice (vocab-parallel logits): the logits hold classes [class_offset, class_offset
+  // + classes) of rows of global_classes classes. Targets are global class ids, class_weight is
+  // the whole (global_classes) vector, smoothing spreads over global_classes. A row's target
+  // outside the slice contributes no target term (its w_t still scales the gradient), and the
+  // loss, statistics and Q are the slice's (the caller combines them). Unsharded: 0, classes.
+  int64_t class_offset;
+  int64_t global_classes;
   int64_t logits_row_stride;
   int64_t grad_row_stride;
   int64_t target_row_stride;
@@ -51,7 +61,8 @@ struct SoftmaxCEParams {
   double label_smoothing;
   double z_loss;
   double softcap;               // 0: no softcap
-  double weight_sum;            // sum of class weights (classes when there are none)
+  double weight_sum;            // sum of class weights (classes when there are none); of the
+                                // slice's in a sharded Loss call, of all in GradFromLse
   ScalarType dtype;
   SoftmaxCEMode mode;
 };

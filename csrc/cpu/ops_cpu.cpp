@@ -161,13 +161,14 @@ SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& targe
                             const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& mask, int64_t ignore_index,
                             int64_t reduction, double mean_eps,
-                            const c10::optional<at::Tensor>& denominators) {
+                            const c10::optional<at::Tensor>& denominators,
+                            int64_t class_offset = 0, int64_t global_classes = 0) {
   SoftmaxCall c;
-  static_cast<SoftmaxTensors&>(c) =
-      softmax_tensors(logits_in, target_in, weight, mask, reduction, kSoftmaxOp);
-  if (!c.shape.prob_target) check_targets(c.target, c.shape.classes, ignore_index);
+  static_cast<SoftmaxTensors&>(c) = softmax_tensors(logits_in, target_in, weight, mask, reduction,
+                                                    kSoftmaxOp, class_offset, global_classes);
+  if (!c.shape.prob_target) check_targets(c.target, c.global_classes(), ignore_index);
 
-  c.weight_sum = c.weight.has_value() ? deterministic_sum(*c.weight) : double(c.shape.classes);
+  c.weight_sum = c.weight.has_value() ? deterministic_sum(*c.weight) : double(c.global_classes());
   if (denominators.has_value()) {
     const at::Tensor d = check_denominators(*denominators, at::kCPU, kSoftmaxOp).to(at::kDouble);
     c.denominator = d.data_ptr<double>()[0];
@@ -261,15 +262,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
                              logits.data_ptr(), logits.stride(0), want_accuracy);
 }
 
+// softmax_ce_shard_stats: a class slice's part of each row (params.h): the loss without the
+// z-loss, the statistics, and (2, rows) extras: the slice's Q (probability targets) and correct.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_shard_stats_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
+    double softcap, int64_t class_offset, int64_t global_classes, bool want_accuracy) {
+  TORCH_CHECK_VALUE(global_classes > 0, "fusedloss.softmax_ce_shard_stats: global_classes must be "
+                    "positive, got ", global_classes);
+  SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, /*reduction=*/0, 0.0,
+                                  c10::nullopt, class_offset, global_classes);
+  const int64_t rows = c.shape.rows, classes = c.shape.classes;
+  c.weight_sum = c.weight.has_value() ? deterministic_sum(c.weight->narrow(0, class_offset, classes))
+                                      : double(classes);
+  const auto acc_opts = at::TensorOptions().dtype(c.acc);
+  at::Tensor row_loss = at::empty({rows}, acc_opts);
+  at::Tensor row_stats = at::empty({rows, 2}, acc_opts);
+  at::Tensor row_extras = at::zeros({2, rows}, acc_opts);
+  SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, 0.0, softcap);
+  set_softmax_forward_outputs(p, c, nullptr, 0, row_loss, row_stats, row_extras, want_accuracy);
+  p.row_target_mass = c.shape.prob_target ? row_extras[0].data_ptr() : nullptr;
+  if (rows > 0) kernels().softmax_ce(p);
+  return {row_loss, row_stats, row_extras};
+}
+
 at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                    const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                                    const c10::optional<at::Tensor>& mask,
                                    const at::Tensor& row_stats, int64_t ignore_index,
                                    double label_smoothing, double z_loss, double softcap,
                                    int64_t reduction, double mean_eps,
-                                   const c10::optional<at::Tensor>& denominators) {
+                                   const c10::optional<at::Tensor>& denominators,
+                                   int64_t class_offset, int64_t global_classes,
+                                   const c10::optional<at::Tensor>& row_target_mass) {
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
-                                  denominators);
+                                  denominators, class_offset, global_classes);
+  const at::Tensor target_mass = check_row_target_mass(c, row_target_mass, kSoftmaxOp);
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == c.shape.rows &&
                         row_stats.size(1) == 2,
                     kSoftmaxOp, ": row_stats must have shape (", c.shape.rows, ", 2), got ",
@@ -292,6 +320,7 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   p.grad_loss = go.data_ptr();
   p.row_stats = stats_acc.data_ptr();
   p.grad_scale = c.grad_scale.data_ptr();  // (1, 1) for none: grad_loss is per row
+  p.row_target_mass = target_mass.defined() ? target_mass.data_ptr() : nullptr;
   p.mode = SoftmaxCEMode::GradFromLse;
   if (c.shape.rows > 0) kernels().softmax_ce(p);
   return grad;
@@ -399,6 +428,7 @@ TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("softmax_ce", &softmax_ce_cpu);
   m.impl("softmax_ce_inplace", &softmax_ce_inplace_cpu);
   m.impl("softmax_ce_backward", &softmax_ce_backward_cpu);
+  m.impl("softmax_ce_shard_stats", &softmax_ce_shard_stats_cpu);
   m.impl("sigmoid_ce", &sigmoid_ce_cpu);
   m.impl("sigmoid_ce_backward", &sigmoid_ce_backward_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);

@@ -41,7 +41,7 @@ struct SoftmaxCERowKernel {
 
   explicit SoftmaxCERowKernel(const SoftmaxCEParams& params) : p(params) {
     opts.label_smoothing = acc_t(p.label_smoothing);
-    opts.inv_classes = acc_t(1) / acc_t(p.classes);
+    opts.inv_classes = acc_t(1) / acc_t(p.global_classes);
     opts.weight_sum = acc_t(p.weight_sum);
     opts.z_loss = acc_t(p.z_loss);
     cap = acc_t(p.softcap);
@@ -49,7 +49,9 @@ struct SoftmaxCERowKernel {
     const auto* scales = static_cast<const acc_t*>(p.grad_scale);
     ce_scale = scales ? scales[0] : acc_t(1);
     z_scale = scales ? scales[1] : acc_t(1);
-    weight = static_cast<const acc_t*>(p.class_weight);
+    // The slice's first class weight: weight[j] is class j of the logits, and weight[t - offset]
+    // a target's weight wherever in the whole vector it is.
+    weight = p.class_weight ? static_cast<const acc_t*>(p.class_weight) + p.class_offset : nullptr;
     // Rounded up to whole steps: full-step stores past the row's end stay inside the buffer.
     const int64_t padded = (p.classes + kStep - 1) / kStep * kStep;
     if (kSoftcap) z_row.resize(padded);
@@ -122,6 +124,7 @@ struct SoftmaxCERowKernel {
     auto* row_z_loss = static_cast<acc_t*>(p.row_z_loss);
     auto* row_correct = static_cast<acc_t*>(p.row_correct);
     auto* row_stats = static_cast<acc_t*>(p.row_stats);
+    auto* row_target_mass = static_cast<acc_t*>(p.row_target_mass);
     const auto* grad_loss = static_cast<const acc_t*>(p.grad_loss);
     const bool want_grad = p.mode != SoftmaxCEMode::Loss;
     const bool from_stats = p.mode == SoftmaxCEMode::GradFromLse;
@@ -133,14 +136,18 @@ struct SoftmaxCERowKernel {
       const void* y =
           kProb ? IO::row_of(p.target_probs, p.target_in_acc, r, p.target_row_stride) : nullptr;
       const acc_t m_r = mask ? mask[r] : acc_t(1);
-      const int64_t t = kProb ? 0 : p.target[r];
+      const int64_t t_global = kProb ? 0 : p.target[r];
+      // The target's index in this row of logits (outside [0, C) when another slice holds it).
+      const int64_t t = t_global - p.class_offset;
+      const bool t_here = !kProb && t >= 0 && t < C;
 
       // Padding and ignored positions are never read: loss 0, gradient 0.
-      if (m_r == acc_t(0) || (!kProb && t == p.ignore_index)) {
+      if (m_r == acc_t(0) || (!kProb && t_global == p.ignore_index)) {
         if (!from_stats) {
           row_loss[r] = acc_t(0);
           if (row_z_loss) row_z_loss[r] = acc_t(0);
           if (row_correct) row_correct[r] = acc_t(0);
+          if (row_target_mass) row_target_mass[r] = acc_t(0);
           row_stats[2 * r] = row_stats[2 * r + 1] = acc_t(0);
         }
         if (want_grad) std::fill(g, g + C, scalar_t(0));
@@ -148,7 +155,7 @@ struct SoftmaxCERowKernel {
       }
       // Never index with a bad target (the op entry rejects them on the CPU; this is the
       // last line of defence): the row's loss and gradient become NaN.
-      if (!kProb && (t < 0 || t >= C)) {
+      if (!kProb && (t_global < 0 || t_global >= p.global_classes)) {
         if (!from_stats) {
           row_loss[r] = fl_quiet_nan<acc_t>();
           if (row_z_loss) row_z_loss[r] = fl_quiet_nan<acc_t>();
@@ -161,6 +168,7 @@ struct SoftmaxCERowKernel {
 
       SoftmaxRowStats<acc_t> stats;
       acc_t sum_exp = acc_t(1), sum_w_q = acc_t(0);
+      const acc_t w_t = !kProb && kWeight ? weight[t] : acc_t(1);
       if (!from_stats) {
         // Pass A: the row max (and the softcapped z, kept for passes B and C).
         Vec vmax[K];
@@ -226,11 +234,14 @@ struct SoftmaxCERowKernel {
         acc_t loss;
         if constexpr (kProb) {
           loss = softmax_ce_prob_loss(stats, sum_w_q, sum_a);
-        } else {
-          const acc_t w_t = kWeight ? weight[t] : acc_t(1);
+          if (row_target_mass) row_target_mass[r] = sum_w_q;
+        } else if (t_here) {
           const acc_t z_t = kSoftcap ? z_row[t] : acc_t(x[t]);
           loss = softmax_ce_index_loss(opts, stats, z_t, w_t, sum_a);
           if (row_correct) row_correct[r] = first_max_at(x, t, row_max) ? m_r : acc_t(0);
+        } else {  // another slice holds the target: only the smoothing term is this slice's
+          loss = softmax_ce_index_loss(opts, stats, row_max, acc_t(0), sum_a);
+          if (row_correct) row_correct[r] = acc_t(0);
         }
         row_loss[r] = m_r * loss;
         if (row_z_loss) row_z_loss[r] = m_r * softmax_ce_z_loss(opts, stats);
@@ -239,7 +250,9 @@ struct SoftmaxCERowKernel {
         if (!want_grad) continue;
       } else {
         stats = {row_stats[2 * r], row_stats[2 * r + 1]};
-        if constexpr (kProb) {  // Q = sum w q: pass B did not run in this call
+        if (kProb && row_target_mass) {  // the whole row's Q, of every slice
+          sum_w_q = row_target_mass[r];
+        } else if constexpr (kProb) {  // Q = sum w q: pass B did not run in this call
           BlockedSum<Vec, K> vb;
           for (int64_t j = 0; j < C; j += kStep) {
             const int64_t n = std::min<int64_t>(kStep, C - j);
@@ -260,15 +273,14 @@ struct SoftmaxCERowKernel {
       const acc_t row_ce = row_factor * ce_scale, row_z = row_factor * z_scale;
       const SoftmaxCERowGrad<acc_t> rg =
           kProb ? softmax_ce_prob_row_grad(opts, lse, sum_w_q, row_ce, row_z)
-                : softmax_ce_index_row_grad(opts, lse, kWeight ? weight[t] : acc_t(1), row_ce,
-                                            row_z);
+                : softmax_ce_index_row_grad(opts, lse, w_t, row_ce, row_z);
       // The one element with the [j == t] term, in scalar arithmetic; computed before the
       // row loop because with inplace_backward that loop overwrites the logits.
       acc_t g_t = acc_t(0);
-      if constexpr (!kProb) {
+      if (t_here) {
         const acc_t z_t = kSoftcap && !from_stats ? z_row[t] : scalar_z(x, t);
         const acc_t p_t = from_stats ? softmax_prob(z_t, stats, Exp{}) : exp_row[t] / sum_exp;
-        g_t = softmax_ce_grad_element(rg, p_t, kWeight ? weight[t] : acc_t(1)) - rg.coef_target;
+        g_t = softmax_ce_grad_element(rg, p_t, w_t) - rg.coef_target;
         if (kSoftcap) g_t *= softcap_derivative(z_t, inv_cap);
       }
       // exp_row holds exp(z - max), so p = exp_row / sum_exp: fold 1/sum_exp into coef_p.
@@ -314,7 +326,7 @@ struct SoftmaxCERowKernel {
         else IO::store(g + j, out);
       }
       if (stream) stream_fence();  // the streamed row is complete before g[t] is written
-      if constexpr (!kProb) g[t] = scalar_t(g_t);
+      if (t_here) g[t] = scalar_t(g_t);
     }
   }
 };

@@ -114,6 +114,18 @@ struct SoftmaxCEExtras {
   void* workspace;           // SoftmaxCEPlan::workspace_bytes, 16-byte aligned
 };
 
+// The class weights whose sum is the loss's W: every class's, except in a class slice's loss
+// (a sharded Loss call, params.h), whose smoothing term is the slice's own.
+struct WeightSumRange {
+  int64_t offset, count;
+};
+
+inline WeightSumRange weight_sum_range(const SoftmaxCEParams& p) {
+  const bool slice_loss = p.classes != p.global_classes && p.mode == SoftmaxCEMode::Loss;
+  return slice_loss ? WeightSumRange{p.class_offset, p.classes}
+                    : WeightSumRange{0, p.global_classes};
+}
+
 struct SoftmaxCEPlan {
   bool split = false;
   // rows path
@@ -186,7 +198,7 @@ inline SoftmaxCEPlan plan_softmax_ce(const SoftmaxCEParams& p, const SoftmaxCEEx
   // The accuracy of a reduced loss divides by the valid count, whatever the reduction.
   const bool accuracy = plan.reduce_loss && p.row_correct != nullptr;
   plan.prep = x.reduction == Reduction::Mean || weighted_smoothing || accuracy;
-  plan.prep_terms = std::max<int64_t>(p.rows, p.class_weight ? C : 0);
+  plan.prep_terms = std::max<int64_t>(p.rows, p.class_weight ? weight_sum_range(p).count : 0);
   const int64_t scratch = std::max(plan.prep ? sum_scratch_bytes(plan.prep_terms) : 0,
                                    plan.reduce_loss ? sum_scratch_bytes(p.rows) : 0);
   plan.off_scratch = kScalarBytes;

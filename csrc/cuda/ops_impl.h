@@ -48,8 +48,10 @@ struct Ops {
   static SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& target_in,
                                      const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& mask, int64_t reduction,
-                                     bool stage_logits = true) {
-    SoftmaxCall c = softmax_tensors(logits_in, target_in, weight, mask, reduction, kSoftmaxOp);
+                                     bool stage_logits = true, int64_t class_offset = 0,
+                                     int64_t global_classes = 0) {
+    SoftmaxCall c = softmax_tensors(logits_in, target_in, weight, mask, reduction, kSoftmaxOp,
+                                    class_offset, global_classes);
     // Indices inside a row are 32-bit in the kernels (rows are offset in 64-bit).
     TORCH_CHECK_VALUE(c.shape.classes <= std::numeric_limits<int32_t>::max() - 64, kSoftmaxOp,
                       ": at most 2^31 - 65 classes are supported on CUDA, got ", c.shape.classes);
@@ -60,11 +62,12 @@ struct Ops {
     return c;
   }
 
-  // The sum of the class weights is computed on the device when it matters (launch.h).
+  // The sum of the class weights is computed on the device when it matters (launch.h); without
+  // weights it is the classes' count (of the whole row; a slice's loss sets its own).
   static SoftmaxCEParams softmax_params(const SoftmaxCall& c, int64_t ignore_index,
                                         double label_smoothing, double z_loss, double softcap) {
     return softmax_params_of(c, ignore_index, label_smoothing, z_loss, softcap,
-                             static_cast<double>(c.shape.classes), kSoftmaxOp);
+                             static_cast<double>(c.global_classes()), kSoftmaxOp);
   }
 
   // Runs a softmax launch with its workspace; `loss_out` receives the reduced loss.
@@ -165,6 +168,35 @@ struct Ops {
     return out;
   }
 
+  // A class slice's part of each row (csrc/fusedloss.cpp, params.h).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_shard_stats(
+      const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+      const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
+      double softcap, int64_t class_offset, int64_t global_classes, bool want_accuracy) {
+    TORCH_CHECK_VALUE(global_classes > 0, "fusedloss.softmax_ce_shard_stats: global_classes must "
+                      "be positive, got ", global_classes);
+    typename P::Guard guard(logits);
+    const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, /*reduction=*/0, true,
+                                          class_offset, global_classes);
+    const auto acc_opts = c.logits.options().dtype(c.acc);
+    const int64_t rows = c.shape.rows;
+    at::Tensor row_loss = P::empty({rows}, acc_opts);
+    at::Tensor row_stats = P::empty({rows, 2}, acc_opts);
+    at::Tensor row_extras = P::empty({2, rows}, acc_opts);
+    row_extras.zero_();
+    SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, 0.0, softcap);
+    p.weight_sum = static_cast<double>(c.shape.classes);  // the slice's (weights: on the device)
+    set_softmax_forward_outputs(p, c, nullptr, 0, row_loss, row_stats, row_extras, want_accuracy);
+    p.row_target_mass = c.shape.prob_target ? row_extras[0].data_ptr() : nullptr;
+    if (rows > 0) {
+      SoftmaxCEExtras x{};
+      x.reduction = Reduction::None;
+      x.grad_loss_stride = 1;
+      run_softmax(p, x, c.logits);
+    }
+    return {row_loss, row_stats, row_extras};
+  }
+
   static at::Tensor softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                                         const at::Tensor& target,
                                         const c10::optional<at::Tensor>& weight,
@@ -172,10 +204,15 @@ struct Ops {
                                         const at::Tensor& row_stats, int64_t ignore_index,
                                         double label_smoothing, double z_loss, double softcap,
                                         int64_t reduction, double mean_eps,
-                                        const c10::optional<at::Tensor>& denominators) {
+                                        const c10::optional<at::Tensor>& denominators,
+                                        int64_t class_offset, int64_t global_classes,
+                                        const c10::optional<at::Tensor>& row_target_mass) {
     typename P::Guard guard(logits);
-    const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction);
+    const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction, true,
+                                          class_offset, global_classes);
     const at::Tensor dens = stage_denominators(denominators, c, logits);
+    const at::Tensor target_mass = check_row_target_mass(c, row_target_mass, kSoftmaxOp);
+    const at::Tensor staged_mass = target_mass.defined() ? P::stage(target_mass) : target_mass;
     TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == c.shape.rows &&
                           row_stats.size(1) == 2,
                       kSoftmaxOp, ": row_stats must have shape (", c.shape.rows, ", 2), got ",
@@ -204,6 +241,7 @@ struct Ops {
     p.grad_row_stride = c.shape.classes;
     p.grad_loss = go.data_ptr();
     p.row_stats = stats.data_ptr();
+    p.row_target_mass = staged_mass.defined() ? staged_mass.data_ptr() : nullptr;
     p.mode = SoftmaxCEMode::GradFromLse;
     if (c.shape.rows > 0) {
       SoftmaxCEExtras x{};
@@ -341,6 +379,7 @@ struct Ops {
     m.impl("softmax_ce", &::fusedloss::cuda::Ops<P>::softmax_ce);                \
     m.impl("softmax_ce_inplace", &::fusedloss::cuda::Ops<P>::softmax_ce_inplace); \
     m.impl("softmax_ce_backward", &::fusedloss::cuda::Ops<P>::softmax_ce_backward); \
+    m.impl("softmax_ce_shard_stats", &::fusedloss::cuda::Ops<P>::softmax_ce_shard_stats); \
     m.impl("sigmoid_ce", &::fusedloss::cuda::Ops<P>::sigmoid_ce);                \
     m.impl("sigmoid_ce_backward", &::fusedloss::cuda::Ops<P>::sigmoid_ce_backward); \
     m.impl("scale_grad_", &::fusedloss::cuda::Ops<P>::scale_grad_);              \

@@ -42,19 +42,21 @@ enum RowKind : int { kActive = 0, kSkipped = 1, kBadTarget = 2 };
 template <typename acc_t>
 struct RowCase {
   int kind;
-  int64_t target;
+  int64_t target;  // the target's index in this row of logits (a class slice: maybe outside it)
   acc_t mask;
+  bool here;       // a class-index target that this row of logits holds
 };
 
 // Padding (mask 0) and ignored rows are never read: loss 0, gradient 0. A target outside
-// [0, C) is never used as an index: the row's loss and gradient are NaN.
+// [0, global classes) is never used as an index: the row's loss and gradient are NaN.
 template <typename acc_t, bool kProb>
 FL_DEVICE RowCase<acc_t> row_case(const SoftmaxCEParams& p, int64_t r) {
   const acc_t m = p.mask != nullptr ? static_cast<const acc_t*>(p.mask)[r] : acc_t(1);
   const int64_t t = kProb ? 0 : p.target[r];
-  if (m == acc_t(0) || (!kProb && t == p.ignore_index)) return {kSkipped, t, m};
-  if (!kProb && (t < 0 || t >= p.classes)) return {kBadTarget, t, m};
-  return {kActive, t, m};
+  if (m == acc_t(0) || (!kProb && t == p.ignore_index)) return {kSkipped, 0, m, false};
+  if (!kProb && (t < 0 || t >= p.global_classes)) return {kBadTarget, 0, m, false};
+  const int64_t local = t - p.class_offset;
+  return {kActive, local, m, !kProb && local >= 0 && local < p.classes};
 }
 
 // Per-call constants in the accumulation type.
@@ -77,7 +79,9 @@ struct SoftmaxCEConsts {
     cap = acc_t(p.softcap);
     inv_cap = static_cast<acc_t>(a.inv_cap);
     need_sums = prob || p.label_smoothing != 0.0;
-    weight = static_cast<const acc_t*>(p.class_weight);
+    // The slice's first class weight: w_of(t) of a target in another slice is still its own.
+    weight = p.class_weight != nullptr ? static_cast<const acc_t*>(p.class_weight) + p.class_offset
+                                       : nullptr;
   }
 
   template <typename T>
@@ -318,12 +322,14 @@ FL_DEVICE SoftmaxCERowGrad<acc_t> row_grad_coefs(const SoftmaxCEArgs& a,
   return common::softmax_ce_index_row_grad(c.opts, lse, c.w_of(t), ce_scale, z_scale);
 }
 
-// The cross-entropy part of a row's loss (before the mask).
+// The cross-entropy part of a row's loss (before the mask); of a class slice that does not
+// hold the target, only the smoothing term.
 template <typename acc_t, bool kProb>
 FL_DEVICE acc_t row_loss_of(const SoftmaxCEConsts<acc_t>& c, const SoftmaxRowStats<acc_t>& st,
-                            const RowSums<acc_t>& s, int64_t t, acc_t z_t) {
+                            const RowSums<acc_t>& s, const RowCase<acc_t>& rc, acc_t z_t) {
   if constexpr (kProb) return common::softmax_ce_prob_loss(st, s.b, s.a);
-  return common::softmax_ce_index_loss(c.opts, st, z_t, c.w_of(t), s.a);
+  if (!rc.here) return common::softmax_ce_index_loss(c.opts, st, st.max, acc_t(0), s.a);
+  return common::softmax_ce_index_loss(c.opts, st, z_t, c.w_of(rc.target), s.a);
 }
 
 // A row's per-row outputs besides the statistics: the cross-entropy part, the z-loss part
@@ -332,6 +338,7 @@ FL_DEVICE acc_t row_loss_of(const SoftmaxCEConsts<acc_t>& c, const SoftmaxRowSta
 template <typename acc_t>
 struct RowOutputs {
   acc_t loss, z_loss, correct;
+  acc_t target_mass;  // probability targets: Q = sum w q (row_target_mass, when asked)
 };
 
 template <typename acc_t>
@@ -340,6 +347,7 @@ FL_DEVICE void store_row_outputs(const SoftmaxCEParams& p, int64_t r, const RowO
   static_cast<acc_t*>(p.row_loss)[r] = o.loss;
   if (p.row_z_loss != nullptr) static_cast<acc_t*>(p.row_z_loss)[r] = o.z_loss;
   if (p.row_correct != nullptr) static_cast<acc_t*>(p.row_correct)[r] = o.correct;
+  if (p.row_target_mass != nullptr) static_cast<acc_t*>(p.row_target_mass)[r] = o.target_mass;
   static_cast<acc_t*>(p.row_stats)[2 * r] = smax;
   static_cast<acc_t*>(p.row_stats)[2 * r + 1] = slog;
 }
@@ -348,7 +356,7 @@ FL_DEVICE void store_row_outputs(const SoftmaxCEParams& p, int64_t r, const RowO
 template <typename acc_t>
 FL_DEVICE void store_inactive_row(const SoftmaxCEParams& p, int64_t r, int kind) {
   const acc_t v = kind == kSkipped ? acc_t(0) : fl_quiet_nan<acc_t>();
-  store_row_outputs(p, r, RowOutputs<acc_t>{v, v, acc_t(0)}, v, v);
+  store_row_outputs(p, r, RowOutputs<acc_t>{v, v, acc_t(0), v}, v, v);
 }
 
 template <typename acc_t, bool kProb>
@@ -356,8 +364,9 @@ FL_DEVICE RowOutputs<acc_t> active_row_outputs(const SoftmaxCEConsts<acc_t>& c,
                                                const SoftmaxRowStats<acc_t>& st,
                                                const RowSums<acc_t>& s, const RowCase<acc_t>& rc,
                                                acc_t z_t, bool correct) {
-  return {rc.mask * row_loss_of<acc_t, kProb>(c, st, s, rc.target, z_t),
-          rc.mask * common::softmax_ce_z_loss(c.opts, st), correct ? rc.mask : acc_t(0)};
+  return {rc.mask * row_loss_of<acc_t, kProb>(c, st, s, rc, z_t),
+          rc.mask * common::softmax_ce_z_loss(c.opts, st), correct ? rc.mask : acc_t(0),
+          kProb ? s.b : acc_t(0)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -397,7 +406,7 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     slice.load(x, y, p.target_in_acc);
     // z_target is read before any gradient store of this row (in place, the logits become the
     // gradient): the reductions below order it before every store of the group.
-    if (!kProb && !kFromStats) z_t = c.z_of(x[rc.target]);
+    if (!kProb && !kFromStats && rc.here) z_t = c.z_of(x[rc.target]);
   }
 
   SoftmaxRowStats<acc_t> st{acc_t(0), acc_t(0)};
@@ -412,7 +421,7 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     // every thread of the block: p is the kernel's argument).
     bool correct = false;
     if (!kProb && p.row_correct != nullptr) {
-      const bool t_max = active && is_row_max(z_t, m);
+      const bool t_max = active && rc.here && is_row_max(z_t, m);
       const int first = row_allreduce(t_max ? slice.first_max(c, m) : static_cast<int>(C), tpr,
                                       MinOp<int>(), red_first);
       correct = t_max && first == rc.target;
@@ -428,8 +437,14 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     if (p.mode == SoftmaxCEMode::Loss) return;
   } else {
     if constexpr (kProb) {
-      s = row_allreduce(active ? slice.template sums<true>(c, acc_t(0)) : s, tpr,
-                        RowSumsAdd<acc_t>(), red_sums);
+      // Q = sum w q: of the whole row when the logits are a class slice (p is uniform: every
+      // thread takes the same branch)
+      if (p.row_target_mass == nullptr) {
+        s = row_allreduce(active ? slice.template sums<true>(c, acc_t(0)) : s, tpr,
+                          RowSumsAdd<acc_t>(), red_sums);
+      } else if (active) {
+        s.b = static_cast<const acc_t*>(p.row_target_mass)[r];
+      }
     }
     if (active) {
       st.max = static_cast<const acc_t*>(p.row_stats)[2 * r];
@@ -546,8 +561,10 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
       rp = RowPartialMerge<acc_t>()(rp, RowPartial<acc_t>{q[0], {q[1], q[2], q[3]}});
     }
     rp = warp_allreduce(rp, RowPartialMerge<acc_t>());
-    if (!kProb && !kFromStats) z_t = parts[(rc.target / a.chunk) * kPartialWords + 4];
+    if (!kProb && !kFromStats && rc.here) z_t = parts[(rc.target / a.chunk) * kPartialWords + 4];
   }
+  if (kProb && kFromStats && p.row_target_mass != nullptr)
+    rp.s.b = static_cast<const acc_t*>(p.row_target_mass)[r];  // the whole row's Q
   SoftmaxRowStats<acc_t> st;
   if constexpr (!kFromStats) {
     st = common::softmax_row_stats(SoftmaxStats<acc_t>{rp.max, rp.s.sum});
@@ -565,7 +582,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
           }
         }
         j0 = warp_allreduce(j0, MinOp<int64_t>());
-        correct = is_row_max(z_t, rp.max) && j0 < a.splits &&
+        correct = rc.here && is_row_max(z_t, rp.max) && j0 < a.splits &&
                   j0 * a.chunk + static_cast<int64_t>(parts[j0 * kPartialWords + 5]) == rc.target;
       }
       if (tid == 0) {
@@ -606,9 +623,11 @@ template <typename acc_t>
 struct SoftmaxPrepTerm {
   const int64_t* target;  // null for probability targets
   const acc_t* mask;
-  const acc_t* weight;
-  int64_t rows, classes, ignore_index;
-  // (mask * class weight, mask) of row i, and class weight i.
+  const acc_t* weight;    // every class's (a class slice's call too)
+  int64_t rows, classes, ignore_index;  // classes: of the whole row
+  const acc_t* weight_summed;  // the weights whose sum is the loss's W (plan's weight_sum_range)
+  int64_t weight_summed_count;
+  // (mask * class weight, mask) of row i, and class weight i of the summed range.
   FL_DEVICE Sum3 operator()(int64_t i) const {
     double den = 0.0, valid = 0.0;
     if (i < rows) {
@@ -621,7 +640,9 @@ struct SoftmaxPrepTerm {
         else if (weight != nullptr && t >= 0 && t < classes) den *= static_cast<double>(weight[t]);
       }
     }
-    const double w = (weight != nullptr && i < classes) ? static_cast<double>(weight[i]) : 0.0;
+    const double w = (weight_summed != nullptr && i < weight_summed_count)
+                         ? static_cast<double>(weight_summed[i])
+                         : 0.0;
     return {den, valid, w};
   }
 };
@@ -748,7 +769,7 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
 
   SoftmaxCEArgs a{};
   a.p = p;
-  a.inv_classes = 1.0 / static_cast<double>(p.classes);
+  a.inv_classes = 1.0 / static_cast<double>(p.global_classes);
   a.inv_cap = p.softcap != 0.0 ? 1.0 / p.softcap : 0.0;
   a.grad_loss_stride = x.grad_loss_stride;
   a.threads_per_row = plan.tpr;
@@ -759,11 +780,14 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
   a.splits = plan.splits;
   a.partials = ws + plan.off_partials;
   if (plan.prep) {
-    const SoftmaxPrepTerm<acc_t> term{p.target, static_cast<const acc_t*>(p.mask),
-                                      static_cast<const acc_t*>(p.class_weight), p.rows,
-                                      p.classes, p.ignore_index};
+    const WeightSumRange ws_range = weight_sum_range(p);
+    const auto* weight = static_cast<const acc_t*>(p.class_weight);
+    const SoftmaxPrepTerm<acc_t> term{p.target, static_cast<const acc_t*>(p.mask), weight, p.rows,
+                                      p.global_classes, p.ignore_index,
+                                      weight != nullptr ? weight + ws_range.offset : nullptr,
+                                      ws_range.count};
     const SoftmaxPrepFinish<acc_t> finish{scalars, p.class_weight != nullptr,
-                                          static_cast<double>(p.classes), mean, x.mean_eps,
+                                          static_cast<double>(ws_range.count), mean, x.mean_eps,
                                           static_cast<const acc_t*>(x.denominators)};
     if (int err = launch_sum(term, plan.prep_terms, finish, scratch, stream)) return err;
     a.weight_sum = &scalars->weight_sum;
