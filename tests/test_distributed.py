@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import fusedloss as fl
 import reference as ref
+from conftest import HAVE_SIMT
 from distributed_harness import (CopyToParallelRegion, SliceOfReplicated, WorkerPool,
                                  class_slices, gather_classes)
 from helpers import assert_close
@@ -136,10 +137,18 @@ def bits(t):
 # --- the cases (run on every rank) ----------------------------------------------------------
 
 def case_cross_entropy(ctx, seed, rows, classes, dtype, option, reduction, uneven=False,
-                       targets="random", extra_dims=()):
+                       targets="random", extra_dims=(), kernels="cpu"):
     """The distributed loss and gradient of this rank's slice against single-process
     fusedloss and the float64 reference on the full logits; then the same call again, which
-    must give the same bits."""
+    must give the same bits. kernels="simt": every fusedloss call, distributed and single-
+    process, runs the CUDA kernels in the SIMT emulator (tests/simt/)."""
+    if kernels == "simt":
+        from fusedloss import _ops
+        from simt import load_simt_opset
+
+        with _ops.use(load_simt_opset()):
+            return case_cross_entropy(ctx, seed, rows, classes, dtype, option, reduction,
+                                      uneven, targets, extra_dims)
     option = OPTIONS[option] if isinstance(option, str) else option
     slices = class_slices(classes, ctx.world_size, uneven)
     x_full, target, kw = make_problem(seed, rows, classes, dtype, option, targets, slices,
@@ -530,6 +539,23 @@ def test_slices(pools, request, world_size, layout):
                                         classes=classes, dtype=torch.float32, option=option,
                                         reduction="mean", uneven=layout == "uneven")
         assert_same_on_every_rank(results)
+
+
+@pytest.mark.skipif(not HAVE_SIMT, reason="no SIMT harness (tests/simt/) in this tree")
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_cuda_kernels_in_the_simt_emulator(pools, request, world_size):
+    # the CUDA kernels' class-slice mode, emulated on the CPU, through the distributed path
+    from simt import load_simt_opset
+
+    load_simt_opset()  # built (once) here, so the workers only load it
+    for option in ("everything", "probabilities_all_options", "extra_outputs"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for reduction in REDUCTIONS:
+                results = pools(world_size).run(
+                    case_cross_entropy, seed=seed_for(request), rows=7, classes=45, dtype=dtype,
+                    option=option, reduction=reduction, uneven=True, kernels="simt",
+                    timeout=120)
+                assert_same_on_every_rank(results)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
