@@ -6,6 +6,7 @@ effective bandwidth and the peak extra memory. See bench/README.md.
     python bench/run.py --full               # every LLM-shaped case, 20 reps
     python bench/run.py --quick              # small shapes and few reps: a smoke test
     python bench/run.py --cases ce-4096x32000-float32,bce --reps 30 --out /tmp/bench
+    python bench/run.py --distributed        # vocab-parallel CE on 2 gloo processes
 """
 
 import argparse
@@ -220,6 +221,10 @@ def main(argv=None):
         import linear_ce
 
         return linear_ce.main([a for a in argv if a != "--linear-ce"])
+    if "--distributed" in argv:  # vocab-parallel cross-entropy on gloo: bench/distributed.py
+        import distributed
+
+        return distributed.main([a for a in argv if a != "--distributed"])
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.memory_probe:
