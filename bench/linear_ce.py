@@ -67,7 +67,21 @@ def loss_fn(name):
         return lambda x, w, t: fl.linear_cross_entropy(x, w, t)
     if name == "fl linear softcap+z_loss":
         return lambda x, w, t: fl.linear_cross_entropy(x, w, t, softcap=SOFTCAP, z_loss=Z_LOSS)
+    rows = chunk_rows_of(name)
+    if rows:
+        return lambda x, w, t: fl.linear_cross_entropy(x, w, t, chunk_size=rows)
     raise ValueError(f"unknown contender {name!r}")
+
+
+CHUNK_PREFIX = "fl chunk="
+
+
+def chunk_rows_of(name):
+    """R for a contender "fl chunk=R" (fl.linear_cross_entropy with chunk_size=R: the points
+    of the time and memory against chunk rows curve, --chunk-rows), else None."""
+    if name.startswith(CHUNK_PREFIX) and name[len(CHUNK_PREFIX):].isdigit():
+        return int(name[len(CHUNK_PREFIX):])
+    return None
 
 
 class Runner:
@@ -206,7 +220,7 @@ def markdown(report):
         base_t = res.get("logits + fl.cross_entropy", {}).get("median_ms")
         ch_t = res.get("torch chunked", {}).get("median_ms")
         ch_m = mem.get("torch chunked", {}).get("extra_bytes")
-        for n in CONTENDERS:
+        for n in CONTENDERS + sorted((n for n in res if chunk_rows_of(n)), key=chunk_rows_of):
             if n in c["skipped"]:
                 lines.append(f"| {c['name']} | {n} | not run | | | | | |")
                 continue
@@ -240,6 +254,8 @@ def main(argv):
     p = argparse.ArgumentParser(prog="bench/run.py --linear-ce", description=__doc__)
     p.add_argument("--cases", help="comma-separated NxHxV-dtype cases (default: the README's)")
     p.add_argument("--contenders", help="comma-separated subset of: " + ", ".join(CONTENDERS))
+    p.add_argument("--chunk-rows", help="comma-separated chunk sizes R: adds the contenders "
+                   "'fl chunk=R' (fl.linear_cross_entropy with chunk_size=R)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=["cpu", "cuda"])
@@ -252,7 +268,9 @@ def main(argv):
     if args.memory_probe:
         return memory_probe(*args.memory_probe, device)
     cases = args.cases.split(",") if args.cases else CASES
-    names = args.contenders.split(",") if args.contenders else CONTENDERS
+    names = args.contenders.split(",") if args.contenders else list(CONTENDERS)
+    if args.chunk_rows:
+        names += [f"{CHUNK_PREFIX}{int(r)}" for r in args.chunk_rows.split(",")]
     meta = _measure.machine_info(device)
     meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command=shlex.join(["python", "bench/run.py", "--linear-ce", *argv]),

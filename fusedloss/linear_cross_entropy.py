@@ -42,9 +42,9 @@ __all__ = ["linear_cross_entropy", "auto_chunk_rows"]
 # in _MAX_CHUNK_BYTES (a very long batch's 1/16 would be gigabytes). Why not smaller (PyTorch's
 # chunked path makes its buffer about the input's size, 64 rows at N x H x V = 4096 x 256 x
 # 32000): every chunk streams the whole (V, H) weight three times, and the GEMMs of a thin chunk
-# run far below the big ones' FLOP rate; measured in bench/linear_ce.py on 2 CPU cores, 48-row
-# chunks took 2.6x as long as 256-row ones (49 s against 18.5 s) to save 26 MB of 67 MB.
-# chunk_size= trades the other way.
+# run far below the big ones' FLOP rate (MKL repacks all of W for each call); measured on 2 CPU
+# cores (bench/README.md, "Chunk rows: time against memory"), 48-row chunks took 2.6x as long as
+# 256-row ones (22.8 s against 8.6 s) to save 26 MB of 67 MB. chunk_size= trades the other way.
 _CHUNK_FRACTION = 16
 _MIN_CHUNK_ROWS = 128
 _MAX_CHUNK_BYTES = 256 << 20
@@ -132,10 +132,13 @@ class _Chunks:
         self.device = input.device
         self.dtype = compute_dtype(input.dtype, input.device)
         self.acc = acc_dtype(input.dtype)
-        self.x = input.to(self.dtype)
+        # The input and probability targets are converted chunk by chunk (an (N, H) or (N, V)
+        # float32 copy of 16-bit data on the CPU would be extra memory the size of the input,
+        # or of the whole logits); the weight once, as every chunk's three GEMMs read all of it.
+        self.x = input
         self.w = weight.to(self.dtype)  # no copy unless 16-bit on the CPU (see compute_dtype)
         self.b = bias.to(self.dtype) if bias is not None else None
-        self.target = target.to(self.dtype) if target.is_floating_point() else target
+        self.target = target
         self.class_weight = class_weight
         self.ignore_index = ignore_index
         self.rows = input.shape[0]
@@ -158,9 +161,14 @@ class _Chunks:
             else:
                 yield self.live[start:end], end - start
 
+    def targets(self, rows):
+        """The chunk's targets: class indices as they are, probabilities in the compute dtype."""
+        t = self.target[rows]
+        return t.to(self.dtype) if t.is_floating_point() else t
+
     def logits(self, rows, n):
-        """The chunk's logits, in the reused buffer."""
-        x = self.x[rows]
+        """(the chunk's input rows in the compute dtype, its logits in the reused buffer)."""
+        x = self.x[rows].to(self.dtype)
         out = self.buffer[:n]
         if self.b is not None:
             torch.addmm(self.b, x, self.w.t(), out=out)
@@ -200,7 +208,7 @@ def _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index, 
 
     for idx, n in c:
         x, logits = c.logits(idx, n)
-        t = c.target[idx]
+        t = c.targets(idx)
         m = _take(mask, idx)
         options = (t, c.class_weight, m, ignore_index, label_smoothing, z_loss, softcap)
         if per_row:
@@ -221,11 +229,21 @@ def _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index, 
         stats[idx] = row_stats
 
     loss_out = loss_rows if per_row else loss_total
+    c = x = logits = None  # see _weight_and_bias_grads
+    grad_weight, grad_bias = _weight_and_bias_grads(weight, grad_weight_acc, grad_bias_acc)
+    return loss_out, stats, grad_input, grad_weight, grad_bias, extras
+
+
+def _weight_and_bias_grads(weight, grad_weight_acc, grad_bias_acc):
+    """The accumulators in the weight's dtype (empty when not asked for). The caller has
+    dropped the chunk buffer and the float32 copy of a 16-bit weight first, so that the 16-bit
+    gradient made here never coexists with them (on the CPU that lowers a 16-bit step's peak by
+    the size of the weight gradient itself)."""
     grad_weight = (grad_weight_acc.to(weight.dtype) if grad_weight_acc is not None
                    else weight.new_empty((0,)))
     grad_bias = (grad_bias_acc.to(weight.dtype) if grad_bias_acc is not None
                  else weight.new_empty((0,)))
-    return loss_out, stats, grad_input, grad_weight, grad_bias, extras
+    return grad_weight, grad_bias
 
 
 def _accumulate_grads(c, idx, n, x, chunk_grad, grad_input, grad_weight_acc, grad_bias_acc):
@@ -262,14 +280,12 @@ def _backward_per_row(ns, grad_loss, input, weight, bias, target, class_weight, 
     go = grad_loss.to(c.acc)
     for idx, n in c:
         x, logits = c.logits(idx, n)
-        chunk_grad = lib.softmax_ce_backward(go[idx], logits, c.target[idx], c.class_weight,
+        chunk_grad = lib.softmax_ce_backward(go[idx], logits, c.targets(idx), c.class_weight,
                                              _take(mask, idx), stats[idx], ignore_index,
                                              label_smoothing, z_loss, softcap, 0, 0.0)
         _accumulate_grads(c, idx, n, x, chunk_grad, grad_input, grad_weight_acc, grad_bias_acc)
-    grad_weight = (grad_weight_acc.to(weight.dtype) if grad_weight_acc is not None
-                   else weight.new_empty((0,)))
-    grad_bias = (grad_bias_acc.to(weight.dtype) if grad_bias_acc is not None
-                 else weight.new_empty((0,)))
+    c = x = logits = chunk_grad = None  # see _weight_and_bias_grads
+    grad_weight, grad_bias = _weight_and_bias_grads(weight, grad_weight_acc, grad_bias_acc)
     return grad_input, grad_weight, grad_bias
 
 

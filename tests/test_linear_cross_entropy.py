@@ -220,6 +220,27 @@ def test_ignored_rows_cost_no_gemm_work():
     assert torch.all(xa.grad[::2] == 0)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_16bit_cpu_converts_chunk_by_chunk(reduction):
+    """CPU, bfloat16 (computed in float32): the input and probability targets are converted one
+    chunk at a time, never as a whole (N, H) or (N, V) float32 copy; only the weight is
+    converted whole (every chunk's GEMMs read all of it). The result is unchanged."""
+    rows, hidden, classes, chunk = 40, 8, 30, 16
+    x, w, _, target, _ = make_case(rows, hidden, classes, torch.bfloat16, "cpu", {}, probs=True,
+                                   bias=False)
+    xa, wa = leaves(x, w)
+    ops = _profiled_ops(lambda: fl.linear_cross_entropy(
+        xa, wa, target, reduction=reduction, chunk_size=chunk).sum().backward())
+    copied = [s[0] for name, s in ops if name == "aten::_to_copy"]
+    assert [classes, hidden] in copied  # the weight, once per pass over the chunks
+    assert [rows, hidden] not in copied and [rows, classes] not in copied, copied
+    xr, wr = leaves(x, w, dtype=torch.float64)
+    expected = fl.cross_entropy(F.linear(xr, wr), target.double(), reduction=reduction)
+    expected.sum().backward()
+    torch.testing.assert_close(xa.grad.double(), xr.grad, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(wa.grad.double(), wr.grad, rtol=2e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_everything_ignored(backend, reduction):
     """A mean over no valid position is 0 with zero gradients (as fusedloss.cross_entropy)."""
