@@ -261,6 +261,14 @@ def _compiled_path_applies(logits2d, target, weight, mask, reduction):
             and not _needs_grad(target, weight, mask))
 
 
+def _leaf_logits(input, logits2d):
+    """Under torch.compile: whether the kernel's logits are the caller's leaf tensor (a
+    parameter, a user tensor) or a view of it, which the compiled graph must never overwrite.
+    Read while dynamo traces, where a leaf is a graph input: a tensor computed in the graph
+    is not one."""
+    return input.is_leaf and (logits2d is input or logits2d._base is input)
+
+
 def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
                 reduction, mean_eps=0.0, inplace_backward=False, input=None,
                 want_accuracy=False):
@@ -275,9 +283,10 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
         _check_targets_eagerly(target, logits2d.shape[1], ignore_index)
     if torch.compiler.is_compiling() and _compiled_path_applies(logits2d, target, weight, mask,
                                                                 reduction):
+        leaf = _leaf_logits(input, logits2d)
         if inplace_backward and input.is_leaf:
             _compiled.warn_once("leaf", _compiled.INPUT_LOGITS)
-        return _ops.current().SoftmaxCECompiled.apply(logits2d, *args, want_accuracy, None)
+        return _ops.current().SoftmaxCECompiled.apply(logits2d, *args, want_accuracy, None, leaf)
     if (inplace_backward and reduction != 0 and not _needs_grad(target, weight, mask)
             and _inplace_is_safe(input, logits2d)):
         return _ops.current().SoftmaxCEInplace.apply(logits2d, *args, want_accuracy)
