@@ -20,7 +20,9 @@ Why it works (read the AOT graphs with TORCH_LOGS=aot_graphs,post_grad_graphs):
     and the re-inplacing pass refuses (no copy back to the input). For them the forward calls
     the out-of-place softmax_ce instead, which writes the gradient into a buffer of its own
     while it reads the logits: a clone first would move the logits' bytes twice more, into a
-    buffer faulted in afresh on every call. Logits computed before the compiled function (a
+    buffer faulted in afresh on every call (small logits are copied all the same, where the
+    copy costs less than the op's Python autograd dispatch: functional.py,
+    _OUT_OF_PLACE_MIN_BYTES). Logits computed before the compiled function (a
     graph input, but not a leaf) look like the graph's own intermediates while dynamo traces,
     so they take the clone: a copy, never a wrong value.
   - the backward multiplies the saved gradient by grad_output in an inductor pointwise
@@ -65,10 +67,10 @@ def make_function(lib):
 
         @staticmethod
         def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
-                    softcap, reduction, mean_eps, want_accuracy, denominators, leaf_logits):
-            if leaf_logits:
-                # Never overwritten (module docstring): the kernel writes the gradient into a
-                # buffer of its own while it reads the logits, with no copy first.
+                    softcap, reduction, mean_eps, want_accuracy, denominators, out_of_place):
+            if out_of_place:
+                # Leaf logits, never overwritten (module docstring): the kernel writes the
+                # gradient into a buffer of its own while it reads them, with no copy first.
                 loss, row_stats, grad, extras = lib.softmax_ce(
                     logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
                     softcap, reduction, mean_eps, True, want_accuracy, denominators)

@@ -30,8 +30,9 @@ def linear_inputs(seed=0, rows=ROWS, classes=CLASSES):
 
 
 def nxc_allocations(code, rows=ROWS, classes=CLASSES):
-    """The N x C buffers a generated module allocates."""
-    return re.findall(rf"empty_strided_\w+\(\({rows}, {classes}\)", code)
+    """The N x C buffers a generated module allocates (also flat: a copy is allocated as
+    (N * C,) and viewed)."""
+    return re.findall(rf"empty_strided_\w+\(\(({rows}, {classes}|{rows * classes},?)\)", code)
 
 
 def compiled_codes(fn, *args):
@@ -71,22 +72,32 @@ def test_gradient_written_over_dead_logits_and_no_buffer_in_backward(inplace):
     assert not re.search(r"clone|copy", " ".join(generated_kernel_calls(backward))), backward
 
 
-@pytest.mark.parametrize("rank", [1, 2])
-def test_leaf_logits_gradient_without_a_copy(rank):
+# (rows, classes): float32 logits of 0.5 MiB and more take the out-of-place kernel, smaller
+# ones a copy (functional._OUT_OF_PLACE_MIN_BYTES); the sizes are odd either way.
+LEAF_SHAPES = {"large": (129, 1031), "large, one row": (1, 131101), "small": (ROWS, CLASSES)}
+
+
+@pytest.mark.parametrize("size", list(LEAF_SHAPES))
+def test_leaf_logits_gradient_without_a_copy(size):
     """Leaf logits (a parameter, a user tensor) are never overwritten: the kernel reads them
     and writes the gradient into one buffer of its own, with no copy of the logits first (a
-    copy, then the in-place kernel, moved the logits' bytes twice more)."""
+    copy, then the in-place kernel, moves the logits' bytes twice more); small ones are
+    copied, the copy costing less than the out-of-place op's Python dispatch."""
+    rows, classes = LEAF_SHAPES[size]
     g = torch.Generator().manual_seed(3)
-    shape = (ROWS, CLASSES) if rank == 2 else (CLASSES,)
+    shape = (rows, classes) if rows > 1 else (classes,)
     x = torch.randn(shape, generator=g, requires_grad=True)
-    t = torch.randint(0, CLASSES, shape[:-1], generator=g)
+    t = torch.randint(0, classes, shape[:-1], generator=g)
     before = x.detach().clone()
     forward, backward = compiled_codes(lambda x, t: fl.cross_entropy(x, t), x, t)
-    rows = ROWS if rank == 2 else 1
-    assert "fusedloss.softmax_ce.default" in forward and "softmax_ce_inplace" not in forward
-    assert generated_kernel_calls(forward) == [], forward  # no copy of the logits
-    assert nxc_allocations(forward, rows) == [], forward
-    assert nxc_allocations(backward, rows) == [], backward
+    if size == "small":
+        assert "softmax_ce_inplace" in forward
+        assert len(generated_kernel_calls(forward)) == 1, forward  # the copy
+    else:
+        assert "fusedloss.softmax_ce.default" in forward and "softmax_ce_inplace" not in forward
+        assert generated_kernel_calls(forward) == [], forward  # no copy of the logits
+        assert nxc_allocations(forward, rows, classes) == [], forward
+    assert nxc_allocations(backward, rows, classes) == [], backward
     assert len(generated_kernel_calls(backward)) == 1, backward
     assert torch.equal(x.detach(), before)
     grad = x.grad
@@ -147,14 +158,19 @@ OPTIONS = {
 }
 
 
-# Logits from a layer take the compiled path's in-place kernel, leaf logits its out-of-place
-# one; eager without inplace_backward runs the out-of-place one: their gradients are the same
-# bits (a row's result does not depend on its alignment).
-BITWISE = [(o, i, s) for o in OPTIONS for i in (False, True) for s in ("layer", "leaf")]
+# Logits from a layer (and small leaf logits) take the compiled path's in-place kernel, leaf
+# logits its out-of-place one (here at a small size: the threshold set to 0); eager without
+# inplace_backward runs the out-of-place one: their gradients are the same bits (a row's
+# result does not depend on its alignment).
+SOURCES = ("layer", "small leaf", "leaf")
+BITWISE = [(o, i, s) for o in OPTIONS for i in (False, True) for s in SOURCES]
 
 
 @pytest.mark.parametrize("option,inplace,source", BITWISE)
-def test_compiled_equals_eager_bitwise(option, inplace, source):
+def test_compiled_equals_eager_bitwise(option, inplace, source, monkeypatch):
+    from fusedloss import functional
+    if source == "leaf":
+        monkeypatch.setattr(functional, "_OUT_OF_PLACE_MIN_BYTES", 0)
     h, W, t = linear_inputs(seed=1)
     x = (h @ W.t()).detach().requires_grad_()  # the leaf logits
     t[::5] = 3  # some positions at ignore_index where the option sets it
