@@ -12,9 +12,13 @@ Cases (each built from code, nothing downloaded):
     python bench/compiled.py                       # every case, results in bench/results/
     python bench/compiled.py --cases linear-loss --reps 5
     python bench/compiled.py --quick               # small shapes: a smoke test
+    python bench/compiled.py --profile --cases small-lm --contenders "compiled torch,compiled fusedloss"
+                                                   # where each step's time goes (_step_profile.py)
 
 One thread by default (--threads): the numbers are per core and the machine's other work
-disturbs them less.
+disturbs them less. Each step is timed by the wall clock and by the process's CPU time: on a
+shared machine the wall clock also counts the time other processes held the core, the CPU
+time does not (it still feels their cache and memory traffic).
 """
 
 import argparse
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import _measure
+import _step_profile
 import fusedloss as fl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -161,14 +166,25 @@ def probe(case, contender, quick, reps, warmup):
     base = _measure._status_kib("VmHWM") if reset else _measure._status_kib("VmRSS")
     run.step()
     peak = _measure._status_kib("VmHWM")
-    times = []
+    times, cpu_times = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run.step()
         times.append((time.perf_counter() - t0) * 1e3)
+        cpu_times.append((time.process_time() - c0) * 1e3)
     return {"extra_bytes": peak - base, "logits_bytes": run.logits_bytes,
             "extra_logits": (peak - base) / run.logits_bytes, "peak_was_reset": reset,
-            "median_ms": statistics.median(times), "times_ms": times}
+            "median_ms": statistics.median(times), "times_ms": times,
+            "median_cpu_ms": statistics.median(cpu_times), "cpu_times_ms": cpu_times}
+
+
+def profile(case, contender, quick, reps, warmup):
+    """In this fresh process: the warm-up steps, then where the time of `reps` steps goes."""
+    _step_profile.enable_kernel_profile()
+    run = build(case, contender, quick)
+    for _ in range(max(1, warmup)):
+        run.step()
+    return _step_profile.breakdown(run.step, reps)
 
 
 def run_case(case, names, args):
@@ -178,35 +194,48 @@ def run_case(case, names, args):
         cmd = [sys.executable, os.path.abspath(__file__), "--probe", case, name,
                "--reps", str(args.reps), "--warmup", str(args.warmup),
                "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+        if args.profile:
+            cmd.append("--profile")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"{case} / {name} failed: {proc.stderr.strip()[-2000:]}")
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = out[name]
-        print(f"  {case:12s} {name:28s} {r['median_ms']:9.2f} ms  "
+        if args.profile:
+            print(_step_profile.format_breakdown(f"{case} / {name}", r), flush=True)
+            continue
+        print(f"  {case:12s} {name:28s} {r['median_ms']:9.2f} ms  {r['median_cpu_ms']:9.2f} ms CPU  "
               f"{r['extra_bytes'] / 2**20:8.1f} MiB  {r['extra_logits']:5.2f} logits",
               file=sys.stderr, flush=True)
     base = out.get("compiled torch")
+    if args.profile:
+        return out
     for r in out.values():
         r["time_vs_compiled_torch"] = r["median_ms"] / base["median_ms"] if base else None
+        r["cpu_vs_compiled_torch"] = (r["median_cpu_ms"] / base["median_cpu_ms"]
+                                      if base else None)
         r["mem_vs_compiled_torch"] = (r["extra_bytes"] / base["extra_bytes"]
                                       if base and base["extra_bytes"] > 0 else None)
     return out
 
 
 def markdown(report):
-    lines = [f"Compiled steps, {report['meta']['date']}, {report['meta']['threads']} thread(s), "
-             f"median of {report['meta']['reps']} steps; memory: peak extra RSS of one step "
-             f"in logits-sized buffers (and MiB); time and memory also as a ratio to compiled "
-             f"PyTorch (lower is better).", ""]
+    meta = report["meta"]
+    lines = [f"Compiled steps, {meta['date']}, {meta['threads']} thread(s), "
+             f"median of {meta['reps']} steps, load average {meta['load_before']} before and "
+             f"{meta['load_after']} after; step time by the wall clock and as the process's CPU "
+             f"time; memory: peak extra RSS of one step in logits-sized buffers (and MiB); time "
+             f"and memory also as a ratio to compiled PyTorch (lower is better).", ""]
     for case, rows in report["cases"].items():
         lines += [f"**{case}** ({', '.join(f'{k} {v}' for k, v in report['shapes'][case].items())})",
-                  "", "| contender | step ms | x compiled torch | peak extra (logits) | MiB |",
-                  "|---|--:|--:|--:|--:|"]
+                  "", "| contender | step ms | x compiled torch | CPU ms | x compiled torch "
+                  "| peak extra (logits) | MiB |", "|---|--:|--:|--:|--:|--:|--:|"]
+
+        def ratio(x):
+            return "—" if x is None else f"{x:.2f}"
         for name, r in rows.items():
-            ratio = r["time_vs_compiled_torch"]
-            lines.append(f"| {name} | {r['median_ms']:.2f} | "
-                         f"{'—' if ratio is None else f'{ratio:.2f}'} | "
+            lines.append(f"| {name} | {r['median_ms']:.2f} | {ratio(r['time_vs_compiled_torch'])} "
+                         f"| {r['median_cpu_ms']:.2f} | {ratio(r['cpu_vs_compiled_torch'])} | "
                          f"{r['extra_logits']:.2f} | {r['extra_bytes'] / 2**20:.1f} |")
         lines.append("")
     return "\n".join(lines)
@@ -223,6 +252,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results", "local"),
                    help="output folder (default bench/results/local/, ignored by git)")
     p.add_argument("--tag", default="compiled")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: where each contender's step time goes (--reps steps "
+                   "profiled), printed; nothing written")
     p.add_argument("--probe", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -231,7 +263,8 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.probe:
-        print(json.dumps(probe(*args.probe, args.quick, args.reps, args.warmup)))
+        fn = profile if args.profile else probe
+        print(json.dumps(fn(*args.probe, args.quick, args.reps, args.warmup)))
         return None
     cases = [c.strip() for c in args.cases.split(",")]
     names = [n.strip() for n in args.contenders.split(",")]
@@ -245,6 +278,8 @@ def main(argv=None):
     report = {"meta": meta, "shapes": shapes,
               "cases": {c: run_case(c, names, args) for c in cases}}
     meta["load_after"] = _measure.load_average()
+    if args.profile:
+        return report
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.tag + ("-quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:

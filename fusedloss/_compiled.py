@@ -15,16 +15,25 @@ Why it works (read the AOT graphs with TORCH_LOGS=aot_graphs,post_grad_graphs):
     instead: more memory, never a wrong value. This is why the eager rules of
     inplace_backward (version counter, "saved by its producer") need no check here: the
     compiler enforces them.
-  - logits that enter the compiled region as an input (a parameter, or a tensor computed
-    before the compiled function) are never overwritten: the graph would have to write into
-    its caller's tensor, and the re-inplacing pass refuses (no copy back to the input).
+  - leaf logits (a parameter, a user tensor: a graph input, as dynamo shows them while it
+    traces) are never overwritten: the graph would have to write into its caller's tensor,
+    and the re-inplacing pass refuses (no copy back to the input). For them the forward calls
+    the out-of-place softmax_ce instead, which writes the gradient into a buffer of its own
+    while it reads the logits: a clone first would move the logits' bytes twice more, into a
+    buffer faulted in afresh on every call (small logits are copied all the same, where the
+    copy costs less than the op's Python autograd dispatch: functional.py,
+    _OUT_OF_PLACE_MIN_BYTES). Logits computed before the compiled function (a
+    graph input, but not a leaf) look like the graph's own intermediates while dynamo traces,
+    so they take the clone: a copy, never a wrong value.
   - the backward multiplies the saved gradient by grad_output in an inductor pointwise
     kernel. The saved gradient is a backward-graph input that nothing else holds
     (a donated buffer, torch._functorch.config.donated_buffer), so inductor writes the
     product into it: no second N x C buffer. The product is one pass even when grad_output
     is 1 (the value is known only when the graph runs). Calling the mutating scale_grad_ on
-    the saved gradient instead (no pass at 1 in eager) does not save it: the backward graph
-    must not change its input, so it copies the saved gradient first, a pass as well.
+    the saved gradient instead (no pass at 1 in eager) does not save it: a graph may mutate
+    an input only where it copies the result back to it (reinplace.py: can_inplace), which
+    a saved tensor never has, so inductor copies the gradient first (a kernel that loads and
+    stores every element, in the same donated buffer), a pass as well, plus the op's call.
 """
 
 import warnings
@@ -58,13 +67,20 @@ def make_function(lib):
 
         @staticmethod
         def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
-                    softcap, reduction, mean_eps, want_accuracy, denominators):
-            # Functionally a new buffer; in place over the logits when they are dead
-            # (module docstring).
-            grad = logits.clone(memory_format=torch.contiguous_format)
-            loss, row_stats, extras = lib.softmax_ce_inplace(
-                grad, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
-                reduction, mean_eps, want_accuracy, denominators)
+                    softcap, reduction, mean_eps, want_accuracy, denominators, out_of_place):
+            if out_of_place:
+                # Leaf logits, never overwritten (module docstring): the kernel writes the
+                # gradient into a buffer of its own while it reads them, with no copy first.
+                loss, row_stats, grad, extras = lib.softmax_ce(
+                    logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
+                    softcap, reduction, mean_eps, True, want_accuracy, denominators)
+            else:
+                # Functionally a new buffer; in place over the logits when they are dead
+                # (module docstring).
+                grad = logits.clone(memory_format=torch.contiguous_format)
+                loss, row_stats, extras = lib.softmax_ce_inplace(
+                    grad, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
+                    reduction, mean_eps, want_accuracy, denominators)
             ctx.save_for_backward(grad)
             ctx.mark_non_differentiable(row_stats, extras)
             ctx.set_materialize_grads(False)
@@ -72,7 +88,7 @@ def make_function(lib):
 
         @staticmethod
         def backward(ctx, grad_loss, *_grads_of_other_outputs):
-            none_for_the_rest = (None,) * 11
+            none_for_the_rest = (None,) * 12
             if grad_loss is None:
                 return (None,) + none_for_the_rest
             (grad,) = ctx.saved_tensors

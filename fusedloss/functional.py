@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _compiled, _composite, _ops, distributed
 from ._ops import REDUCTIONS, acc_dtype
@@ -262,6 +263,27 @@ def _compiled_path_applies(logits2d, target, weight, mask, reduction):
             and not _needs_grad(target, weight, mask))
 
 
+# Leaf logits smaller than this are copied and the copy overwritten under torch.compile: the
+# copy costs less than what the out-of-place op adds to a call (its autograd kernel is Python,
+# dispatched even where no gradient is recorded: ~15 us; measured crossover between 256 KB and
+# 4 MB of float32 logits on the development machine).
+_OUT_OF_PLACE_MIN_BYTES = 1 << 19
+
+
+def _gradient_out_of_place(input, logits2d):
+    """Under torch.compile: whether the kernel writes the gradient into a buffer of its own
+    (softmax_ce) instead of over a copy of the logits that the compiler may elide
+    (softmax_ce_inplace; _compiled.py). Leaf logits (a parameter, a user tensor) and views of
+    them are never overwritten, so a copy would only move their bytes twice more; except
+    small ones (_OUT_OF_PLACE_MIN_BYTES). Read while dynamo traces, where a leaf is a graph
+    input (a tensor computed in the graph is not one); sizes that are symbolic (dynamic
+    shapes) count as large, without a guard on them."""
+    if not (input.is_leaf and (logits2d is input or logits2d._base is input)):
+        return False
+    small = logits2d.numel() * logits2d.element_size() < _OUT_OF_PLACE_MIN_BYTES
+    return not statically_known_true(small)
+
+
 def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
                 reduction, mean_eps=0.0, inplace_backward=False, input=None,
                 want_accuracy=False):
@@ -276,9 +298,11 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
         _check_targets_eagerly(target, logits2d.shape[1], ignore_index)
     if torch.compiler.is_compiling() and _compiled_path_applies(logits2d, target, weight, mask,
                                                                 reduction):
+        out_of_place = _gradient_out_of_place(input, logits2d)
         if inplace_backward and input.is_leaf:
             _compiled.warn_once("leaf", _compiled.INPUT_LOGITS)
-        return _ops.current().SoftmaxCECompiled.apply(logits2d, *args, want_accuracy, None)
+        return _ops.current().SoftmaxCECompiled.apply(logits2d, *args, want_accuracy, None,
+                                                      out_of_place)
     if (inplace_backward and reduction != 0 and not _needs_grad(target, weight, mask)
             and _inplace_is_safe(input, logits2d)):
         return _ops.current().SoftmaxCEInplace.apply(logits2d, *args, want_accuracy)

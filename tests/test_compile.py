@@ -30,8 +30,9 @@ def linear_inputs(seed=0, rows=ROWS, classes=CLASSES):
 
 
 def nxc_allocations(code, rows=ROWS, classes=CLASSES):
-    """The N x C buffers a generated module allocates."""
-    return re.findall(rf"empty_strided_\w+\(\({rows}, {classes}\)", code)
+    """The N x C buffers a generated module allocates (also flat: a copy is allocated as
+    (N * C,) and viewed)."""
+    return re.findall(rf"empty_strided_\w+\(\(({rows}, {classes}|{rows * classes},?)\)", code)
 
 
 def compiled_codes(fn, *args):
@@ -41,6 +42,13 @@ def compiled_codes(fn, *args):
     _, codes = run_and_get_code(lambda: compiled(*args).backward())
     assert len(codes) == 2, f"expected a forward and a backward module, got {len(codes)}"
     return codes
+
+
+def generated_kernel_calls(code):
+    """The names of the inductor-generated kernels the module's call() runs (its C++ or
+    Triton loops; extern kernels such as mm and the fusedloss ops are not among them)."""
+    body = code[code.index("def call("):]
+    return re.findall(r"^\s*((?:cpp|triton)_\w+?)(?:\.run)?\(", body, flags=re.M)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -55,8 +63,47 @@ def test_gradient_written_over_dead_logits_and_no_buffer_in_backward(inplace):
     # into them. A clone kept by the re-inplacing pass would be a second one.
     assert len(nxc_allocations(forward)) == 1, forward
     assert "softmax_ce_inplace" in forward
-    # The backward scales the saved gradient where it lies.
+    # The backward scales the saved gradient where it lies, in one pass: a single generated
+    # pointwise kernel over the saved (donated) buffer, no copy of it first. The mutating
+    # scale_grad_ (no pass at all when grad_output is 1, in eager) would add a copy here:
+    # the backward graph may not change its input, so inductor copies it (_compiled.py).
     assert nxc_allocations(backward) == [], backward
+    assert len(generated_kernel_calls(backward)) == 1, backward
+    assert not re.search(r"clone|copy", " ".join(generated_kernel_calls(backward))), backward
+
+
+# (rows, classes): float32 logits of 0.5 MiB and more take the out-of-place kernel, smaller
+# ones a copy (functional._OUT_OF_PLACE_MIN_BYTES); the sizes are odd either way.
+LEAF_SHAPES = {"large": (129, 1031), "large, one row": (1, 131101), "small": (ROWS, CLASSES)}
+
+
+@pytest.mark.parametrize("size", list(LEAF_SHAPES))
+def test_leaf_logits_gradient_without_a_copy(size):
+    """Leaf logits (a parameter, a user tensor) are never overwritten: the kernel reads them
+    and writes the gradient into one buffer of its own, with no copy of the logits first (a
+    copy, then the in-place kernel, moves the logits' bytes twice more); small ones are
+    copied, the copy costing less than the out-of-place op's Python dispatch."""
+    rows, classes = LEAF_SHAPES[size]
+    g = torch.Generator().manual_seed(3)
+    shape = (rows, classes) if rows > 1 else (classes,)
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    t = torch.randint(0, classes, shape[:-1], generator=g)
+    before = x.detach().clone()
+    forward, backward = compiled_codes(lambda x, t: fl.cross_entropy(x, t), x, t)
+    if size == "small":
+        assert "softmax_ce_inplace" in forward
+        assert len(generated_kernel_calls(forward)) == 1, forward  # the copy
+    else:
+        assert "fusedloss.softmax_ce.default" in forward and "softmax_ce_inplace" not in forward
+        assert generated_kernel_calls(forward) == [], forward  # no copy of the logits
+        assert nxc_allocations(forward, rows, classes) == [], forward
+    assert nxc_allocations(backward, rows, classes) == [], backward
+    assert len(generated_kernel_calls(backward)) == 1, backward
+    assert torch.equal(x.detach(), before)
+    grad = x.grad
+    x.grad = None
+    F.cross_entropy(x, t).backward()
+    torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-7)
 
 
 def test_live_logits_are_not_overwritten():
@@ -111,14 +158,21 @@ OPTIONS = {
 }
 
 
-# The compiled path runs the in-place kernel; eager without inplace_backward the out-of-place
-# one: their gradients are the same bits (a row's result does not depend on its alignment).
-BITWISE = [(o, i) for o in OPTIONS for i in (False, True)]
+# Logits from a layer (and small leaf logits) take the compiled path's in-place kernel, leaf
+# logits its out-of-place one (here at a small size: the threshold set to 0); eager without
+# inplace_backward runs the out-of-place one: their gradients are the same bits (a row's
+# result does not depend on its alignment).
+SOURCES = ("layer", "small leaf", "leaf")
+BITWISE = [(o, i, s) for o in OPTIONS for i in (False, True) for s in SOURCES]
 
 
-@pytest.mark.parametrize("option,inplace", BITWISE)
-def test_compiled_equals_eager_bitwise(option, inplace):
+@pytest.mark.parametrize("option,inplace,source", BITWISE)
+def test_compiled_equals_eager_bitwise(option, inplace, source, monkeypatch):
+    from fusedloss import functional
+    if source == "leaf":
+        monkeypatch.setattr(functional, "_OUT_OF_PLACE_MIN_BYTES", 0)
     h, W, t = linear_inputs(seed=1)
+    x = (h @ W.t()).detach().requires_grad_()  # the leaf logits
     t[::5] = 3  # some positions at ignore_index where the option sets it
     w = torch.rand(CLASSES) + 0.5
     m = (torch.rand(ROWS) > 0.3).float()
@@ -126,8 +180,8 @@ def test_compiled_equals_eager_bitwise(option, inplace):
               for k, v in OPTIONS[option].items()}
     kwargs["inplace_backward"] = inplace
 
-    def step(h, W, t):
-        out = fl.cross_entropy(h @ W.t(), t, **kwargs)
+    def step(h, W, x, t):
+        out = fl.cross_entropy(h @ W.t() if source == "layer" else x, t, **kwargs)
         loss = out.loss if isinstance(out, fl.CrossEntropyOutput) else out
         extras = [v for v in (out[1:] if isinstance(out, tuple) else ()) if v is not None]
         return loss, extras
@@ -135,12 +189,15 @@ def test_compiled_equals_eager_bitwise(option, inplace):
     results = []
     torch._dynamo.reset()
     for fn in (step, torch.compile(step, fullgraph=True)):
-        h.grad = W.grad = None
-        loss, extras = fn(h, W, t)
+        h.grad = W.grad = x.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # inplace_backward with leaf logits warns
+            loss, extras = fn(h, W, x, t)
         loss.backward(torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape))
-        results.append([loss.detach(), *extras, h.grad, W.grad])
+        results.append([loss.detach(), *extras, h.grad, W.grad, x.grad])
     for eager, compiled in zip(*results):
-        assert torch.equal(eager, compiled), (eager, compiled)
+        assert (eager is None) == (compiled is None)
+        assert eager is None or torch.equal(eager, compiled), (eager, compiled)
 
 
 def count_compiles(loss, shapes):
