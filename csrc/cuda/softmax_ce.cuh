@@ -44,7 +44,16 @@ struct RowCase {
   int kind;
   int64_t target;  // the target's index in this row of logits (a class slice: maybe outside it)
   acc_t mask;
-  bool here;       // a class-index target that this row of logits holds
+  // Whether this row of logits holds the (class-index) target. Derived where used rather than
+  // kept: one register more across the split kernels cost them a spill.
+  FL_DEVICE bool here(int64_t classes) const {
+    return static_cast<uint64_t>(target) < static_cast<uint64_t>(classes);
+  }
+  // The target's index as the gradient loops compare it (32-bit, as indices inside a row are),
+  // -1 when this row of logits does not hold it.
+  FL_DEVICE int target_index(int64_t classes) const {
+    return here(classes) ? static_cast<int>(target) : -1;
+  }
 };
 
 // Padding (mask 0) and ignored rows are never read: loss 0, gradient 0. A target outside
@@ -53,10 +62,9 @@ template <typename acc_t, bool kProb>
 FL_DEVICE RowCase<acc_t> row_case(const SoftmaxCEParams& p, int64_t r) {
   const acc_t m = p.mask != nullptr ? static_cast<const acc_t*>(p.mask)[r] : acc_t(1);
   const int64_t t = kProb ? 0 : p.target[r];
-  if (m == acc_t(0) || (!kProb && t == p.ignore_index)) return {kSkipped, 0, m, false};
-  if (!kProb && (t < 0 || t >= p.global_classes)) return {kBadTarget, 0, m, false};
-  const int64_t local = t - p.class_offset;
-  return {kActive, local, m, !kProb && local >= 0 && local < p.classes};
+  if (m == acc_t(0) || (!kProb && t == p.ignore_index)) return {kSkipped, 0, m};
+  if (!kProb && (t < 0 || t >= p.global_classes)) return {kBadTarget, 0, m};
+  return {kActive, kProb ? -1 : t - p.class_offset, m};
 }
 
 // Per-call constants in the accumulation type.
@@ -79,9 +87,9 @@ struct SoftmaxCEConsts {
     cap = acc_t(p.softcap);
     inv_cap = static_cast<acc_t>(a.inv_cap);
     need_sums = prob || p.label_smoothing != 0.0;
-    // The slice's first class weight: w_of(t) of a target in another slice is still its own.
-    weight = p.class_weight != nullptr ? static_cast<const acc_t*>(p.class_weight) + p.class_offset
-                                       : nullptr;
+    // The logits' first class's weight (launch_softmax_ce_t offsets it): w_of(t) of a target
+    // in another slice is still its own.
+    weight = static_cast<const acc_t*>(p.class_weight);
   }
 
   template <typename T>
@@ -272,7 +280,7 @@ struct RowSlice {
   // The gradient of the slice into g (same element positions; 128-bit stores when g's rows
   // have the logits' phase).
   FL_DEVICE void grad(const SoftmaxCEConsts<acc_t>& c, const SoftmaxRowStats<acc_t>& st,
-                      const SoftmaxCERowGrad<acc_t>& rg, int64_t t, const T* x, T* g) const {
+                      const SoftmaxCERowGrad<acc_t>& rg, int t, const T* x, T* g) const {
     const bool g_vec = lead_of(g) == lead_of(x);
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
@@ -326,10 +334,12 @@ FL_DEVICE SoftmaxCERowGrad<acc_t> row_grad_coefs(const SoftmaxCEArgs& a,
 // hold the target, only the smoothing term.
 template <typename acc_t, bool kProb>
 FL_DEVICE acc_t row_loss_of(const SoftmaxCEConsts<acc_t>& c, const SoftmaxRowStats<acc_t>& st,
-                            const RowSums<acc_t>& s, const RowCase<acc_t>& rc, acc_t z_t) {
+                            const RowSums<acc_t>& s, const RowCase<acc_t>& rc, acc_t z_t,
+                            int64_t classes) {
   if constexpr (kProb) return common::softmax_ce_prob_loss(st, s.b, s.a);
-  if (!rc.here) return common::softmax_ce_index_loss(c.opts, st, st.max, acc_t(0), s.a);
-  return common::softmax_ce_index_loss(c.opts, st, z_t, c.w_of(rc.target), s.a);
+  const bool here = rc.here(classes);
+  return common::softmax_ce_index_loss(c.opts, st, here ? z_t : st.max,
+                                       here ? c.w_of(rc.target) : acc_t(0), s.a);
 }
 
 // A row's per-row outputs besides the statistics: the cross-entropy part, the z-loss part
@@ -343,28 +353,30 @@ struct RowOutputs {
 
 template <typename acc_t>
 FL_DEVICE void store_row_outputs(const SoftmaxCEParams& p, int64_t r, const RowOutputs<acc_t>& o,
+                                 bool prob,
                                  acc_t smax, acc_t slog) {
   static_cast<acc_t*>(p.row_loss)[r] = o.loss;
   if (p.row_z_loss != nullptr) static_cast<acc_t*>(p.row_z_loss)[r] = o.z_loss;
   if (p.row_correct != nullptr) static_cast<acc_t*>(p.row_correct)[r] = o.correct;
-  if (p.row_target_mass != nullptr) static_cast<acc_t*>(p.row_target_mass)[r] = o.target_mass;
+  if (prob && p.row_target_mass != nullptr)
+    static_cast<acc_t*>(p.row_target_mass)[r] = o.target_mass;
   static_cast<acc_t*>(p.row_stats)[2 * r] = smax;
   static_cast<acc_t*>(p.row_stats)[2 * r + 1] = slog;
 }
 
 // The outputs of a row that is not active (skipped: zeros; bad target: NaN).
 template <typename acc_t>
-FL_DEVICE void store_inactive_row(const SoftmaxCEParams& p, int64_t r, int kind) {
+FL_DEVICE void store_inactive_row(const SoftmaxCEParams& p, int64_t r, int kind, bool prob) {
   const acc_t v = kind == kSkipped ? acc_t(0) : fl_quiet_nan<acc_t>();
-  store_row_outputs(p, r, RowOutputs<acc_t>{v, v, acc_t(0), v}, v, v);
+  store_row_outputs(p, r, RowOutputs<acc_t>{v, v, acc_t(0), v}, prob, v, v);
 }
 
 template <typename acc_t, bool kProb>
 FL_DEVICE RowOutputs<acc_t> active_row_outputs(const SoftmaxCEConsts<acc_t>& c,
                                                const SoftmaxRowStats<acc_t>& st,
                                                const RowSums<acc_t>& s, const RowCase<acc_t>& rc,
-                                               acc_t z_t, bool correct) {
-  return {rc.mask * row_loss_of<acc_t, kProb>(c, st, s, rc, z_t),
+                                               acc_t z_t, bool correct, int64_t classes) {
+  return {rc.mask * row_loss_of<acc_t, kProb>(c, st, s, rc, z_t, classes),
           rc.mask * common::softmax_ce_z_loss(c.opts, st), correct ? rc.mask : acc_t(0),
           kProb ? s.b : acc_t(0)};
 }
@@ -406,7 +418,7 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     slice.load(x, y, p.target_in_acc);
     // z_target is read before any gradient store of this row (in place, the logits become the
     // gradient): the reductions below order it before every store of the group.
-    if (!kProb && !kFromStats && rc.here) z_t = c.z_of(x[rc.target]);
+    if (!kProb && !kFromStats && rc.here(C)) z_t = c.z_of(x[rc.target]);
   }
 
   SoftmaxRowStats<acc_t> st{acc_t(0), acc_t(0)};
@@ -421,17 +433,17 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     // every thread of the block: p is the kernel's argument).
     bool correct = false;
     if (!kProb && p.row_correct != nullptr) {
-      const bool t_max = active && rc.here && is_row_max(z_t, m);
+      const bool t_max = active && rc.here(C) && is_row_max(z_t, m);
       const int first = row_allreduce(t_max ? slice.first_max(c, m) : static_cast<int>(C), tpr,
                                       MinOp<int>(), red_first);
       correct = t_max && first == rc.target;
     }
     if (live && lane == 0) {
       if (active) {
-        store_row_outputs(p, r, active_row_outputs<acc_t, kProb>(c, st, s, rc, z_t, correct),
+        store_row_outputs(p, r, active_row_outputs<acc_t, kProb>(c, st, s, rc, z_t, correct, C), kProb,
                           st.max, st.log_sum);
       } else {
-        store_inactive_row<acc_t>(p, r, rc.kind);
+        store_inactive_row<acc_t>(p, r, rc.kind, kProb);
       }
     }
     if (p.mode == SoftmaxCEMode::Loss) return;
@@ -461,7 +473,7 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
   }
   const SoftmaxCERowGrad<acc_t> rg =
       row_grad_coefs<acc_t, kProb, kFromStats>(a, c, st, s.b, r, rc.target, rc.mask);
-  slice.grad(c, st, rg, rc.target, x, g);
+  slice.grad(c, st, rg, rc.target_index(C), x, g);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,7 +553,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
   const int tid = static_cast<int>(threadIdx.x);
   T* g = want_grad ? static_cast<T*>(p.grad) + r * p.grad_row_stride : nullptr;
   if (rc.kind != kActive) {
-    if (!kFromStats && chunk == 0 && tid == 0) store_inactive_row<acc_t>(p, r, rc.kind);
+    if (!kFromStats && chunk == 0 && tid == 0) store_inactive_row<acc_t>(p, r, rc.kind, kProb);
     const acc_t v = rc.kind == kSkipped ? acc_t(0) : fl_quiet_nan<acc_t>();
     if (want_grad) fill_range(g, lo, hi, from_acc<T>(v), tid, kSplitThreads);
     return;
@@ -561,7 +573,12 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
       rp = RowPartialMerge<acc_t>()(rp, RowPartial<acc_t>{q[0], {q[1], q[2], q[3]}});
     }
     rp = warp_allreduce(rp, RowPartialMerge<acc_t>());
-    if (!kProb && !kFromStats && rc.here) z_t = parts[(rc.target / a.chunk) * kPartialWords + 4];
+    if (!kProb && !kFromStats && rc.here(p.classes)) {
+      // 32-bit division (indices inside a row are, launch.h): a 64-bit one is a called
+      // subroutine, whose calling convention cost this kernel a spill.
+      const int chunk_of_target = static_cast<int>(rc.target) / static_cast<int>(a.chunk);
+      z_t = parts[chunk_of_target * kPartialWords + 4];
+    }
   }
   if (kProb && kFromStats && p.row_target_mass != nullptr)
     rp.s.b = static_cast<const acc_t*>(p.row_target_mass)[r];  // the whole row's Q
@@ -582,12 +599,14 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
           }
         }
         j0 = warp_allreduce(j0, MinOp<int64_t>());
-        correct = rc.here && is_row_max(z_t, rp.max) && j0 < a.splits &&
+        // (a target in another slice matches no position of this one)
+        correct = is_row_max(z_t, rp.max) && j0 < a.splits &&
                   j0 * a.chunk + static_cast<int64_t>(parts[j0 * kPartialWords + 5]) == rc.target;
       }
       if (tid == 0) {
-        store_row_outputs(p, r, active_row_outputs<acc_t, kProb>(c, st, rp.s, rc, z_t, correct),
-                          st.max, st.log_sum);
+        store_row_outputs(p, r, active_row_outputs<acc_t, kProb>(c, st, rp.s, rc, z_t, correct,
+                                                                   p.classes),
+                          kProb, st.max, st.log_sum);
       }
     }
     if (!want_grad) return;
@@ -602,7 +621,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
   slice.load(x, y, p.target_in_acc);
   const SoftmaxCERowGrad<acc_t> rg =
       row_grad_coefs<acc_t, kProb, kFromStats>(a, c, st, rp.s.b, r, rc.target, rc.mask);
-  slice.grad(c, st, rg, rc.target, x, g);
+  slice.grad(c, st, rg, rc.target_index(p.classes), x, g);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -769,6 +788,11 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
 
   SoftmaxCEArgs a{};
   a.p = p;
+  // The kernels index the class weights from the logits' first class; offset here, on the host
+  // (offset in the kernels, the 64-bit arithmetic cost a split kernel a spill). The prep
+  // kernel below reads the whole vector from p.
+  if (p.class_weight != nullptr)
+    a.p.class_weight = static_cast<const acc_t*>(p.class_weight) + p.class_offset;
   a.inv_classes = 1.0 / static_cast<double>(p.global_classes);
   a.inv_cap = p.softcap != 0.0 ? 1.0 / p.softcap : 0.0;
   a.grad_loss_stride = x.grad_loss_stride;
