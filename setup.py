@@ -226,6 +226,7 @@ def torch_requirement():
 def make_extension():
     cuda_home = want_cuda()
     sources = [os.path.join("csrc", "fusedloss.cpp"), os.path.join("csrc", "build_info.cpp"),
+               os.path.join("csrc", "linear_ce.cpp"),
                os.path.join("csrc", "cpu", "ops_cpu.cpp"),
                os.path.join("csrc", "cpu", "output_buffer.cpp")]
     isas = [name for name, _ in CPU_ISAS]

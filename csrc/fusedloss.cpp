@@ -34,6 +34,12 @@
 // sigmoid_ce / sigmoid_ce_backward: the same pair for sigmoid cross-entropy over a
 // (rows, cols) view; weight, pos_weight and mask are (rows, cols) broadcast views. The loss
 // (per element for reduction=0) is in the accumulation dtype, as softmax_ce's.
+// linear_ce: fused linear + softmax cross-entropy over row chunks (csrc/linear_ce.cpp, one
+// implementation for every device): input (rows, H) @ weight (V, H).T (+ bias), then softmax_ce;
+// returns (loss, row_stats, grad_input, grad_weight, grad_bias, extras), the gradients
+// pre-scaled for mean/sum (empty when not asked for, and always for reduction=0);
+// denominators (mean/sum): the whole loss's two, as softmax_ce's (linear_cross_entropy.py).
+// linear_ce_backward: reduction=0's gradients for a per-row grad_loss, the chunks recomputed.
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
 // build_info / empty_cache / cached_bytes: what was compiled; the CPU output buffers kept
 // for reuse (csrc/cpu/output_buffer.h).
@@ -70,6 +76,18 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
   m.def(
       "sigmoid_ce_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, Tensor? mask, float label_smoothing, int reduction) -> Tensor");
+  m.def(
+      "linear_ce(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
+      "Tensor? mask, int ignore_index, float label_smoothing, float z_loss, float softcap, "
+      "int reduction, Tensor? denominators, int chunk_rows, bool need_input_grad, "
+      "bool need_weight_grad, bool need_bias_grad, bool need_accuracy) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_ce_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor target, Tensor? class_weight, Tensor? mask, Tensor row_stats, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, int chunk_rows, "
+      "bool need_input_grad, bool need_weight_grad, bool need_bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("build_info() -> str");
   m.def("empty_cache() -> ()");

@@ -3,7 +3,8 @@ holds (V / P, H), a contiguous slice of the vocabulary), the input (N, H) and th
 the same on every rank (ColwiseParallel's layout), and no rank ever holds the (N, V) logits,
 not even its own (N, V / P) slice whole.
 
-Per row chunk (linear_cross_entropy.py's chunks and reused logits buffer), on every rank:
+Per row chunk (one reused logits buffer, as in the single-device loop of csrc/linear_ce.cpp),
+on every rank:
 local logits x_c @ W_r^T; the slice statistics (read 1, fusedloss.distributed.shard_payload);
 one all_gather of the payload and the float64 combine (fusedloss.distributed.combine); the
 chunk's logit gradient G from the global statistics (read 2, softmax_ce_backward, pre-scaled for
@@ -17,7 +18,8 @@ grad_output commutes with the sum over ranks), and the backward recomputes the c
 and G for the weight and bias gradients, which are local. So no backward communicates.
 
 One header exchange per call (fusedloss.distributed.agree) makes every rank raise when one
-rank's input is bad; the chunks are the same on every rank (no row is skipped, see _Chunks).
+rank's input is bad; the chunks are the same on every rank (no row is skipped: the ranks
+must run the same collectives, and a mask is not checked to be the same on every rank).
 """
 
 import importlib
@@ -39,6 +41,44 @@ _DOUBLE_BACKWARD = (
     "themselves differentiable.")
 
 
+class _Chunks:
+    """The row chunks of one call and their reused logits buffer (every row, in order)."""
+
+    def __init__(self, input, weight, bias, target, chunk_rows):
+        self.device = input.device
+        self.dtype = L.compute_dtype(input.dtype, input.device)
+        self.acc = _ops.acc_dtype(input.dtype)
+        # the input is converted chunk by chunk; the weight once, as every chunk reads all of it
+        self.x = input
+        self.w = weight.to(self.dtype)
+        self.b = bias.to(self.dtype) if bias is not None else None
+        self.target = target
+        self.rows = input.shape[0]
+        self.chunk_rows = max(1, chunk_rows)
+        self.buffer = torch.empty((min(self.chunk_rows, max(self.rows, 1)), weight.shape[0]),
+                                  dtype=self.dtype, device=self.device)
+
+    def __iter__(self):
+        """(row slice, number of rows) per chunk."""
+        for start in range(0, self.rows, self.chunk_rows):
+            end = min(self.rows, start + self.chunk_rows)
+            yield slice(start, end), end - start
+
+    def logits(self, rows, n):
+        """(the chunk's input rows in the compute dtype, its logits in the reused buffer)."""
+        x = self.x[rows].to(self.dtype)
+        out = self.buffer[:n]
+        if self.b is not None:
+            torch.addmm(self.b, x, self.w.t(), out=out)
+        else:
+            torch.mm(x, self.w.t(), out=out)
+        return x, out
+
+
+def _take(t, rows):
+    return None if t is None else t[rows]
+
+
 def _chunk_grad(lib, grad_loss, logits, target, class_weight, mask, stats, mass, denominators,
                 options, layout):
     return D._slice_grad(lib, grad_loss, logits, target, class_weight, mask, stats, mass,
@@ -57,8 +97,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
         need_input_grad, need_weight_grad, need_bias_grad = needs
         options = _options_of(a)
         per_row = a.reduction == REDUCTIONS["none"]
-        c = L._Chunks(x, weight, bias, a.target, a.weight, a.mask, a.ignore_index, a.chunk_rows,
-                      skip_dead_rows=False)
+        c = _Chunks(x, weight, bias, a.target, a.chunk_rows)
         rows, hidden = x.shape
         prob = a.target.is_floating_point()
         denominators = (None if per_row else
@@ -80,7 +119,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
 
         for idx, n in c:
             xc, logits = c.logits(idx, n)
-            t, m = c.target[idx], L._take(a.mask, idx)
+            t, m = c.target[idx], _take(a.mask, idx)
             payload, _ = D.shard_payload(lib, logits, t, a.weight, m, a.ignore_index,
                                          a.label_smoothing, a.softcap, layout, want_accuracy)
             part = D.combine(D._all_gather(payload, group), layout, t, a.weight, m,
@@ -151,16 +190,15 @@ def _recomputed_param_grads(lib, ctx, grad_loss):
     grad_loss, the chunks' logits and logit gradients recomputed (local, no collective)."""
     x, weight, bias, stats, mass = ctx.saved_tensors
     a = ctx.a
-    c = L._Chunks(x, weight, bias, a.target, a.weight, a.mask, a.ignore_index, ctx.chunk_rows,
-                  skip_dead_rows=False)
+    c = _Chunks(x, weight, bias, a.target, ctx.chunk_rows)
     need_weight_grad, need_bias_grad = ctx.needs[1], ctx.needs[2] and bias is not None
     gw = torch.zeros(weight.shape, dtype=c.acc, device=c.device) if need_weight_grad else None
     gb = torch.zeros(weight.shape[:1], dtype=c.acc, device=c.device) if need_bias_grad else None
     go = grad_loss.to(c.acc)
     for idx, n in c:
         xc, logits = c.logits(idx, n)
-        g = _chunk_grad(lib, go[idx], logits, c.target[idx], a.weight, L._take(a.mask, idx),
-                        stats[idx], L._take(mass, idx), None, _options_of(a), ctx.layout)
+        g = _chunk_grad(lib, go[idx], logits, c.target[idx], a.weight, _take(a.mask, idx),
+                        stats[idx], _take(mass, idx), None, _options_of(a), ctx.layout)
         if gw is not None:
             gw.addmm_(g.t().to(c.acc), xc.to(c.acc))
         if gb is not None:

@@ -21,8 +21,13 @@ positions of the z-loss part) are global over all rows: they are computed once, 
 (no host synchronisation), and handed to every chunk's kernel call (the op's `denominators`),
 which then produces exactly the mean-scaled loss, extra outputs and gradient of its rows.
 
-The whole computation is one custom op (``<namespace>::linear_ce``) with a fake kernel and
-registered autograd, so ``torch.compile(fullgraph=True)`` keeps it as one opaque call.
+The chunk loop is C++ (csrc/linear_ce.cpp), one op ``<namespace>::linear_ce`` for every device:
+the GEMMs through ATen, each chunk's kernel through the dispatcher, no host synchronisation
+on CUDA. This module checks the arguments and registers the op's fake kernel and autograd
+formula, so ``torch.compile(fullgraph=True)`` keeps the whole loss as one opaque call.
+On the CPU, ignored and masked-out rows are left out of the chunks (their loss and gradient
+are 0), so they cost no GEMM work; on CUDA they run through the GEMMs with a zero row factor
+(their count is only known on the device, and the GEMM shapes are host parameters).
 """
 
 import math
@@ -88,7 +93,8 @@ def _sequential_sum(v: Tensor) -> Tensor:
 
 
 def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
-    """The whole loss's (weighted denominator, count of valid positions), float64 on the device
+    """For mean/sum, handed to every chunk's kernel call (the linear_ce op's, the vocab-parallel
+    paths'): the whole loss's (weighted denominator, count of valid positions), float64 on the device
     (no host synchronisation): sum_i mask_i * w[t_i] * [t_i != ignore_index] and
     sum_i mask_i * [t_i != ignore_index] for class indices, the mask's sum (or the row count)
     twice for probabilities, as softmax_ce computes them for one call."""
@@ -104,189 +110,6 @@ def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
         safe = torch.where(valid, target, 0).clamp(0, class_weight.shape[0] - 1)
         weighted = counted * class_weight.to(torch.float64)[safe]
     return torch.stack([_sequential_sum(weighted), _sequential_sum(counted)])
-
-
-def live_rows(target, mask, ignore_index):
-    """CPU only (the index list is built on the host): the rows that contribute, or None when
-    all do. Ignored and masked-out rows then cost no GEMM work."""
-    if target.device.type != "cpu":
-        # On CUDA the number of live rows is only known on the device; the GEMM shapes are host
-        # parameters, so skipping rows would need a synchronisation. Those rows run through the
-        # GEMMs with a zero row factor (their loss and gradient are exactly 0).
-        return None
-    live = None
-    if not target.is_floating_point():
-        live = target != ignore_index
-    if mask is not None:
-        live = (mask != 0) if live is None else live & (mask != 0)
-    if live is None or bool(live.all()):
-        return None
-    return live.nonzero().squeeze(1)
-
-
-class _Chunks:
-    """The chunk loop's arguments, shared by the forward and the recomputing backward."""
-
-    def __init__(self, input, weight, bias, target, class_weight, mask, ignore_index,
-                 chunk_rows, skip_dead_rows=True):
-        self.device = input.device
-        self.dtype = compute_dtype(input.dtype, input.device)
-        self.acc = acc_dtype(input.dtype)
-        # The input and probability targets are converted chunk by chunk (an (N, H) or (N, V)
-        # float32 copy of 16-bit data on the CPU would be extra memory the size of the input,
-        # or of the whole logits); the weight once, as every chunk's three GEMMs read all of it.
-        self.x = input
-        self.w = weight.to(self.dtype)  # no copy unless 16-bit on the CPU (see compute_dtype)
-        self.b = bias.to(self.dtype) if bias is not None else None
-        self.target = target
-        self.class_weight = class_weight
-        self.ignore_index = ignore_index
-        self.rows = input.shape[0]
-        self.classes = weight.shape[0]
-        # the vocab-parallel path keeps every row: its ranks must run the same chunks (the
-        # same collectives), and a mask is not checked to be the same on every rank
-        self.live = live_rows(target, mask, ignore_index) if skip_dead_rows else None
-        self.chunk_rows = max(1, chunk_rows)
-        count = self.rows if self.live is None else self.live.numel()
-        self.buffer = torch.empty((min(self.chunk_rows, max(count, 1)), self.classes),
-                                  dtype=self.dtype, device=self.device)
-
-    def __iter__(self):
-        """(row index tensor or slice, number of rows) per chunk, live rows only."""
-        count = self.rows if self.live is None else self.live.numel()
-        for start in range(0, count, self.chunk_rows):
-            end = min(count, start + self.chunk_rows)
-            if self.live is None:
-                yield slice(start, end), end - start
-            else:
-                yield self.live[start:end], end - start
-
-    def targets(self, rows):
-        """The chunk's targets: class indices as they are, probabilities in the compute dtype."""
-        t = self.target[rows]
-        return t.to(self.dtype) if t.is_floating_point() else t
-
-    def logits(self, rows, n):
-        """(the chunk's input rows in the compute dtype, its logits in the reused buffer)."""
-        x = self.x[rows].to(self.dtype)
-        out = self.buffer[:n]
-        if self.b is not None:
-            torch.addmm(self.b, x, self.w.t(), out=out)
-        else:
-            torch.mm(x, self.w.t(), out=out)
-        return x, out
-
-
-def _take(t, rows):
-    return None if t is None else t[rows]
-
-
-def _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index, label_smoothing,
-             z_loss, softcap, reduction, chunk_rows, need_input_grad, need_weight_grad,
-             need_bias_grad, need_accuracy):
-    lib = getattr(torch.ops, ns)
-    c = _Chunks(input, weight, bias, target, class_weight, mask, ignore_index, chunk_rows)
-    rows, hidden = input.shape
-    per_row = reduction == REDUCTIONS["none"]
-    denominators = (mean_denominators(target, class_weight, mask, ignore_index, rows, c.device)
-                    if not per_row else None)
-    any_grad = not per_row and (need_input_grad or need_weight_grad or need_bias_grad)
-
-    loss_rows = torch.zeros((rows,) if per_row else (0,), dtype=c.acc, device=c.device)
-    loss_total = torch.zeros((), dtype=c.acc, device=c.device)
-    stats = torch.zeros((rows, 2), dtype=c.acc, device=c.device)
-    # the extra outputs, as softmax_ce's: per row (z-loss part, correct) for none, else the
-    # chunks' (z-loss part, accuracy) summed (each chunk divides by the whole loss's count)
-    extras = torch.zeros((2, rows) if per_row else (2,), dtype=c.acc, device=c.device)
-    grad_input = (torch.zeros((rows, hidden), dtype=input.dtype, device=c.device)
-                  if any_grad and need_input_grad else input.new_empty((0,)))
-    # float32 accumulation for 16-bit weights; on the CPU the chunks already are float32
-    grad_weight_acc = (torch.zeros(weight.shape, dtype=c.acc, device=c.device)
-                       if any_grad and need_weight_grad else None)
-    grad_bias_acc = (torch.zeros((c.classes,), dtype=c.acc, device=c.device)
-                     if any_grad and need_bias_grad else None)
-
-    for idx, n in c:
-        x, logits = c.logits(idx, n)
-        t = c.targets(idx)
-        m = _take(mask, idx)
-        options = (t, c.class_weight, m, ignore_index, label_smoothing, z_loss, softcap)
-        if per_row:
-            loss, row_stats, _, chunk_extras = lib.softmax_ce(logits, *options, 0, 0.0, False,
-                                                              need_accuracy)
-            loss_rows[idx] = loss
-            extras[:, idx] = chunk_extras
-        elif not any_grad:
-            loss, row_stats, _, chunk_extras = lib.softmax_ce(
-                logits, *options, reduction, 0.0, False, need_accuracy, denominators)
-        else:
-            loss, row_stats, chunk_extras = lib.softmax_ce_inplace(
-                logits, *options, reduction, 0.0, need_accuracy, denominators)
-            _accumulate_grads(c, idx, n, x, logits, grad_input, grad_weight_acc, grad_bias_acc)
-        if not per_row:
-            loss_total += loss
-            extras += chunk_extras
-        stats[idx] = row_stats
-
-    loss_out = loss_rows if per_row else loss_total
-    c = x = logits = None  # see _weight_and_bias_grads
-    grad_weight, grad_bias = _weight_and_bias_grads(weight, grad_weight_acc, grad_bias_acc)
-    return loss_out, stats, grad_input, grad_weight, grad_bias, extras
-
-
-def _weight_and_bias_grads(weight, grad_weight_acc, grad_bias_acc):
-    """The accumulators in the weight's dtype (empty when not asked for). The caller has
-    dropped the chunk buffer and the float32 copy of a 16-bit weight first, so that the 16-bit
-    gradient made here never coexists with them (on the CPU that lowers a 16-bit step's peak by
-    the size of the weight gradient itself)."""
-    grad_weight = (grad_weight_acc.to(weight.dtype) if grad_weight_acc is not None
-                   else weight.new_empty((0,)))
-    grad_bias = (grad_bias_acc.to(weight.dtype) if grad_bias_acc is not None
-                 else weight.new_empty((0,)))
-    return grad_weight, grad_bias
-
-
-def _accumulate_grads(c, idx, n, x, chunk_grad, grad_input, grad_weight_acc, grad_bias_acc):
-    """The chunk's share of every gradient, from its logit gradient chunk_grad (already scaled
-    for the reduction by the kernel)."""
-    if grad_input.numel():
-        if isinstance(idx, slice) and c.dtype == grad_input.dtype:
-            torch.mm(chunk_grad, c.w, out=grad_input[idx])
-        else:
-            grad_input[idx] = torch.mm(chunk_grad, c.w).to(grad_input.dtype)
-    if grad_weight_acc is not None:
-        if chunk_grad.dtype == grad_weight_acc.dtype:
-            grad_weight_acc.addmm_(chunk_grad.t(), x)
-        else:  # 16-bit chunks on CUDA: cuBLAS accumulates into the float32 buffer
-            torch.addmm(grad_weight_acc, chunk_grad.t(), x, out_dtype=grad_weight_acc.dtype,
-                        out=grad_weight_acc)
-    if grad_bias_acc is not None:
-        grad_bias_acc += chunk_grad.sum(0, dtype=grad_bias_acc.dtype)
-
-
-def _backward_per_row(ns, grad_loss, input, weight, bias, target, class_weight, mask, stats,
-                      ignore_index, label_smoothing, z_loss, softcap, chunk_rows,
-                      need_input_grad, need_weight_grad, need_bias_grad):
-    """reduction="none": the gradients for a per-row grad_loss, the chunks recomputed."""
-    lib = getattr(torch.ops, ns)
-    c = _Chunks(input, weight, bias, target, class_weight, mask, ignore_index, chunk_rows)
-    rows, hidden = input.shape
-    grad_input = (torch.zeros((rows, hidden), dtype=input.dtype, device=c.device)
-                  if need_input_grad else input.new_empty((0,)))
-    grad_weight_acc = (torch.zeros(weight.shape, dtype=c.acc, device=c.device)
-                       if need_weight_grad else None)
-    grad_bias_acc = (torch.zeros((c.classes,), dtype=c.acc, device=c.device)
-                     if need_bias_grad else None)
-    go = grad_loss.to(c.acc)
-    for idx, n in c:
-        x, logits = c.logits(idx, n)
-        chunk_grad = lib.softmax_ce_backward(go[idx], logits, c.targets(idx), c.class_weight,
-                                             _take(mask, idx), stats[idx], ignore_index,
-                                             label_smoothing, z_loss, softcap, 0, 0.0)
-        _accumulate_grads(c, idx, n, x, chunk_grad, grad_input, grad_weight_acc, grad_bias_acc)
-    c = x = logits = chunk_grad = None  # see _weight_and_bias_grads
-    grad_weight, grad_bias = _weight_and_bias_grads(weight, grad_weight_acc, grad_bias_acc)
-    return grad_input, grad_weight, grad_bias
 
 
 _DOUBLE_BACKWARD = (
@@ -305,26 +128,15 @@ def ops_for(namespace: str):
 
 
 def _register(ns):
-    @torch.library.custom_op(f"{ns}::linear_ce", mutates_args=())
-    def linear_ce(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                  class_weight: Optional[Tensor], mask: Optional[Tensor], ignore_index: int,
-                  label_smoothing: float, z_loss: float, softcap: float, reduction: int,
-                  chunk_rows: int, need_input_grad: bool, need_weight_grad: bool,
-                  need_bias_grad: bool, need_accuracy: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Returns (loss, row_stats (rows, 2), grad_input, grad_weight, grad_bias, extras):
-        the loss and extras in the accumulation dtype, the gradients pre-scaled for mean/sum
-        (empty when not asked for, and always for reduction none), row_stats the kernel's
-        (max, log-sum-exp - max) per row (0 for rows skipped), extras softmax_ce's (the z-loss
-        part and the token accuracy, computed when need_accuracy)."""
-        return _forward(ns, input, weight, bias, target, class_weight, mask, ignore_index,
-                        label_smoothing, z_loss, softcap, reduction, chunk_rows,
-                        need_input_grad, need_weight_grad, need_bias_grad, need_accuracy)
+    """The fake kernels and the autograd formula of the chunk loop's ops (csrc/linear_ce.cpp:
+    one C++ implementation for every device, defined in csrc/fusedloss.cpp's schemas)."""
+    lib = getattr(torch.ops, ns)
+    linear_ce, linear_ce_backward = lib.linear_ce, lib.linear_ce_backward
 
-    @linear_ce.register_fake
+    @torch.library.register_fake(f"{ns}::linear_ce")
     def _(input, weight, bias, target, class_weight, mask, ignore_index, label_smoothing,
-          z_loss, softcap, reduction, chunk_rows, need_input_grad, need_weight_grad,
-          need_bias_grad, need_accuracy):
+          z_loss, softcap, reduction, denominators, chunk_rows, need_input_grad,
+          need_weight_grad, need_bias_grad, need_accuracy):
         rows = input.shape[0]
         acc = acc_dtype(input.dtype)
         per_row = reduction == REDUCTIONS["none"]
@@ -337,21 +149,7 @@ def _register(ns):
         extras = input.new_empty((2, rows) if per_row else (2,), dtype=acc)
         return loss, stats, gi, gw, gb, extras
 
-    @torch.library.custom_op(f"{ns}::linear_ce_backward", mutates_args=())
-    def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor,
-                           bias: Optional[Tensor], target: Tensor,
-                           class_weight: Optional[Tensor], mask: Optional[Tensor],
-                           row_stats: Tensor, ignore_index: int, label_smoothing: float,
-                           z_loss: float, softcap: float, chunk_rows: int,
-                           need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool
-                           ) -> tuple[Tensor, Tensor, Tensor]:
-        """reduction none: (grad_input, grad_weight, grad_bias) for a per-row grad_loss."""
-        return _backward_per_row(ns, grad_loss, input, weight, bias, target, class_weight,
-                                 mask, row_stats, ignore_index, label_smoothing, z_loss,
-                                 softcap, chunk_rows, need_input_grad, need_weight_grad,
-                                 need_bias_grad)
-
-    @linear_ce_backward.register_fake
+    @torch.library.register_fake(f"{ns}::linear_ce_backward")
     def _(grad_loss, input, weight, bias, target, class_weight, mask, row_stats, ignore_index,
           label_smoothing, z_loss, softcap, chunk_rows, need_input_grad, need_weight_grad,
           need_bias_grad):
@@ -362,8 +160,8 @@ def _register(ns):
 
     def setup_context(ctx, inputs, output):
         (input, weight, bias, target, class_weight, mask, ignore_index, label_smoothing, z_loss,
-         softcap, reduction, chunk_rows, need_input_grad, need_weight_grad, need_bias_grad,
-         _need_accuracy) = inputs
+         softcap, reduction, denominators, chunk_rows, need_input_grad, need_weight_grad,
+         need_bias_grad, _need_accuracy) = inputs
         _loss, stats, gi, gw, gb, _correct = output
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
@@ -373,20 +171,21 @@ def _register(ns):
         ctx.has_bias = bias is not None
         # The inputs (input: N x H, the weight, O(N) targets) are kept for reduction none's
         # recompute and for a second backward of mean/sum; never anything N x V.
-        ctx.save_for_backward(input, weight, bias, target, class_weight, mask, stats)
+        ctx.save_for_backward(input, weight, bias, target, class_weight, mask, stats,
+                              denominators)
         if reduction != REDUCTIONS["none"]:
             # detached: the outputs hold this node, so holding them as they are would make a
             # reference cycle only the garbage collector frees
             ctx.saved_grads = [g.detach() for g in (gi, gw, gb)]
 
     def backward(ctx, grad_loss, *_grads_of_other_outputs):
-        nones = (None,) * 13
+        nones = (None,) * 14
         if grad_loss is None:
             return (None, None, None) + nones
         traced = is_traced(grad_loss)
         if torch.is_grad_enabled() and not traced:
             raise RuntimeError(_DOUBLE_BACKWARD)
-        input, weight, bias, target, class_weight, mask, stats = ctx.saved_tensors
+        input, weight, bias, target, class_weight, mask, stats, denominators = ctx.saved_tensors
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
         if ctx.reduction == REDUCTIONS["none"]:
             gi, gw, gb = linear_ce_backward(grad_loss, input, weight, bias, target, class_weight,
@@ -399,9 +198,9 @@ def _register(ns):
             else:
                 if grads is None:  # a second backward (retain_graph=True): the same forward
                     _, _, *grads, _ = linear_ce(input, weight, bias, target, class_weight, mask,
-                                                *ctx.options, ctx.reduction, ctx.chunk_rows,
-                                                need_input_grad, need_weight_grad,
-                                                need_bias_grad, False)
+                                                *ctx.options, ctx.reduction, denominators,
+                                                ctx.chunk_rows, need_input_grad,
+                                                need_weight_grad, need_bias_grad, False)
                 # handed over without a copy, scaled in place (no pass when grad_loss is 1)
                 ctx.saved_grads = None
                 scale_grad_ = getattr(torch.ops, ns).scale_grad_
@@ -484,10 +283,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     need_weight_grad = grad_on and linear_weight.requires_grad
     need_bias_grad = grad_on and linear_bias is not None and linear_bias.requires_grad
     op, _ = ops_for(_ops.current().namespace)
+    denominators = (None if a.reduction == REDUCTIONS["none"] else
+                    mean_denominators(a.target, a.weight, a.mask, a.ignore_index, a.x.shape[0],
+                                      a.x.device))
     loss, _stats, _gi, _gw, _gb, extras = op(
         a.x, linear_weight, linear_bias, a.target, a.weight, a.mask, a.ignore_index,
-        a.label_smoothing, a.z_loss, a.softcap, a.reduction, a.chunk_rows, need_input_grad,
-        need_weight_grad, need_bias_grad, return_token_accuracy)
+        a.label_smoothing, a.z_loss, a.softcap, a.reduction, denominators, a.chunk_rows,
+        need_input_grad, need_weight_grad, need_bias_grad, return_token_accuracy)
     return linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)
 
 

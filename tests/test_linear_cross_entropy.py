@@ -305,19 +305,25 @@ def test_deterministic_across_runs_and_thread_counts():
         assert torch.equal(u, s)
 
 
-def test_torch_compile_fullgraph():
-    x, w, b, t, kw = make_case(37, 16, 50, torch.float32, "cpu", OPTIONS["everything"])
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="no CUDA device on this machine"))])
+def test_torch_compile_fullgraph(device):
+    """One opaque op in the compiled graph (no graph break), equal to eager."""
+    x, w, b, t, kw = make_case(37, 16, 50, torch.float32, device, OPTIONS["everything"])
+    kw = on(kw, device, torch.float32)
 
     def f(x, w, b):
         return fl.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=8, **kw)
 
     compiled = torch.compile(f, fullgraph=True)
     xa, wa, ba = leaves(x, w, b)
+    g = torch.tensor(1.5, device=device)
     eager = f(xa, wa, ba)
-    ge = gradients(eager, (xa, wa, ba), torch.tensor(1.5))
+    ge = gradients(eager, (xa, wa, ba), g)
     xc, wc, bc = leaves(x, w, b)
     comp = compiled(xc, wc, bc)
-    gc = gradients(comp, (xc, wc, bc), torch.tensor(1.5))
+    gc = gradients(comp, (xc, wc, bc), g)
     torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
     for a, e in zip(gc, ge):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
@@ -325,13 +331,14 @@ def test_torch_compile_fullgraph():
 
 def test_opcheck():
     """The custom op's fake kernel, schema and autograd registration (torch.library.opcheck)."""
-    from fusedloss.linear_cross_entropy import ops_for
+    from fusedloss.linear_cross_entropy import mean_denominators, ops_for
 
     op, _ = ops_for("fusedloss")
     x, w, b, t, kw = make_case(10, 4, 7, torch.float64, "cpu", OPTIONS["plain"])
     for reduction in (0, 1, 2):
+        dens = mean_denominators(t, None, None, -100, 10, "cpu") if reduction else None
         args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), t, None, None,
-                -100, 0.1, 1e-3, 5.0, reduction, 4, True, True, True, True)
+                -100, 0.1, 1e-3, 5.0, reduction, dens, 4, True, True, True, True)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                     "test_aot_dispatch_static"))
 

@@ -24,9 +24,11 @@ _opset = None
 
 
 def _sources():
+    # csrc/linear_ce.cpp (the fused linear CE's chunk loop, GEMMs by ATen) calls the kernels
+    # of the namespace it is compiled for: here the emulated ones
     return [os.path.join(HERE, f) for f in
             ("simt_runtime.cpp", "kernels_simt.cpp", "ops_simt.cpp", "schema_simt.cpp",
-                      "selftest_simt.cpp")]
+             "selftest_simt.cpp")] + [os.path.join(ROOT, "csrc", "linear_ce.cpp")]
 
 
 def _load_library():
