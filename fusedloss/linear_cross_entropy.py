@@ -48,8 +48,8 @@ __all__ = ["linear_cross_entropy", "auto_chunk_rows"]
 # chunked path makes its buffer about the input's size, 64 rows at N x H x V = 4096 x 256 x
 # 32000): every chunk streams the whole (V, H) weight three times, and the GEMMs of a thin chunk
 # run far below the big ones' FLOP rate (MKL repacks all of W for each call); measured on 2 CPU
-# cores (bench/README.md, "Chunk rows: time against memory"), 48-row chunks took 2.6x as long as
-# 256-row ones (22.8 s against 8.6 s) to save 26 MB of 67 MB. chunk_size= trades the other way.
+# cores (bench/README.md, "Chunk rows: time against memory"), 64-row chunks took 1.44x as long
+# as 256-row ones (1.92 s against 1.34 s) to save 24 MB of 67 MB. chunk_size= trades the other way.
 _CHUNK_FRACTION = 16
 _MIN_CHUNK_ROWS = 128
 _MAX_CHUNK_BYTES = 256 << 20
