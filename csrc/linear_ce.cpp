@@ -19,6 +19,8 @@
 #include <optional>
 #include <tuple>
 
+#include "op_checks.h"
+
 #ifndef FUSEDLOSS_LIBRARY
 #define FUSEDLOSS_LIBRARY fusedloss
 #endif
@@ -83,15 +85,56 @@ at::Tensor softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& lo
                  std::nullopt, /*class_offset=*/0, /*global_classes=*/0, std::nullopt);
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The dtype the chunks' GEMMs and kernel run in (linear_cross_entropy.compute_dtype): 16-bit
 // GEMMs are emulated on the CPU and 10-100x slower there, so 16-bit inputs compute in float32.
 at::ScalarType compute_dtype(at::ScalarType t, const at::Device& device) {
   if (device.is_cpu() && (t == at::kHalf || t == at::kBFloat16)) return at::kFloat;
   return t;
+}
+
+constexpr const char* kLinearOp = "fusedloss.linear_ce";
+
+// The op's own checks (the Python layer checks the public arguments first, with their public
+// names): the shapes the chunk loop slices, so that a direct call with a bad argument gets an
+// error naming it, never an out-of-range slice. The kernels check the rest (target values,
+// class weights, dtypes of the kernel's operands) per chunk.
+void check_operands(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
+                    const at::Tensor& target, const OptTensor& mask, int64_t chunk_rows) {
+  kernel_dtype_of(input, kLinearOp, "input");
+  TORCH_CHECK_VALUE(input.dim() == 2, kLinearOp, ": input must be 2-D (rows, in_features), got ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == input.size(1) && weight.size(0) > 0,
+                    kLinearOp, ": weight must have shape (classes > 0, ", input.size(1),
+                    "), got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(), kLinearOp,
+                   ": weight must have the input's dtype ", input.scalar_type(), ", got ",
+                   weight.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), kLinearOp, ": weight is on ", weight.device(),
+              " but the input is on ", input.device());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), kLinearOp,
+                      ": bias must have shape (", weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), kLinearOp,
+                     ": bias must have the input's dtype ", input.scalar_type(), ", got ",
+                     bias->scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), kLinearOp, ": bias is on ", bias->device(),
+                " but the input is on ", input.device());
+  }
+  const bool prob = target.is_floating_point();
+  TORCH_CHECK_VALUE(prob ? (target.dim() == 2 && target.size(0) == input.size(0) &&
+                            target.size(1) == weight.size(0))
+                         : (target.dim() == 1 && target.size(0) == input.size(0)),
+                    kLinearOp, ": target must have shape (", input.size(0), ",) (class indices) or (",
+                    input.size(0), ", ", weight.size(0), ") (probabilities), got ", target.sizes());
+  TORCH_CHECK(target.device() == input.device(), kLinearOp, ": target is on ", target.device(),
+              " but the input is on ", input.device());
+  if (mask.has_value()) {
+    TORCH_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == input.size(0), kLinearOp,
+                      ": mask must have shape (", input.size(0), ",), got ", mask->sizes());
+    TORCH_CHECK(mask->device() == input.device(), kLinearOp, ": mask is on ", mask->device(),
+                " but the input is on ", input.device());
+  }
+  TORCH_CHECK_VALUE(chunk_rows >= 1, kLinearOp, ": chunk_rows must be >= 1, got ", chunk_rows);
 }
 
 // CPU only (the list is built on the host): the indices of the rows that contribute, or an
@@ -183,7 +226,7 @@ struct Chunks {
 struct Grads {
   Grads(const at::Tensor& input, const at::Tensor& weight, bool any, bool need_input,
         bool need_weight, bool need_bias) {
-    const at::ScalarType acc = acc_dtype(input.scalar_type());
+    const at::ScalarType acc = acc_dtype_of(input.scalar_type());
     input_grad = any && need_input ? at::zeros(input.sizes(), input.options())
                                    : at::empty({0}, input.options());
     // float32 accumulation for 16-bit weights (on the CPU the chunks already are float32)
@@ -234,13 +277,16 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
                   int64_t reduction, const OptTensor& denominators, int64_t chunk_rows,
                   bool need_input_grad, bool need_weight_grad, bool need_bias_grad,
                   bool need_accuracy) {
+  check_operands(input, weight, bias, target, mask, chunk_rows);
+  reduction_of(reduction, kLinearOp);
   const int64_t rows = input.size(0);
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const at::ScalarType acc = acc_dtype_of(input.scalar_type());
   const auto acc_opts = input.options().dtype(acc);
   const bool per_row = reduction == kReductionNone;
   const bool any_grad = !per_row && (need_input_grad || need_weight_grad || need_bias_grad);
-  TORCH_CHECK_VALUE(per_row || denominators.has_value(),
-                    "fusedloss.linear_ce: mean and sum need the whole loss's denominators");
+  TORCH_CHECK_VALUE(per_row || (denominators.has_value() && denominators->numel() == 2),
+                    kLinearOp, ": mean and sum need the whole loss's two denominators, got ",
+                    denominators.has_value() ? denominators->sizes() : at::IntArrayRef{});
 
   at::Tensor loss_rows = at::zeros({per_row ? rows : 0}, acc_opts);
   at::Tensor loss_total = at::zeros({}, acc_opts);
@@ -291,8 +337,16 @@ Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                            int64_t ignore_index, double label_smoothing, double z_loss,
                            double softcap, int64_t chunk_rows, bool need_input_grad,
                            bool need_weight_grad, bool need_bias_grad) {
+  check_operands(input, weight, bias, target, mask, chunk_rows);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == input.size(0), kLinearOp,
+                    "_backward: grad_loss must have shape (", input.size(0), ",), got ",
+                    grad_loss.sizes());
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == input.size(0) &&
+                        row_stats.size(1) == 2,
+                    kLinearOp, "_backward: row_stats must have shape (", input.size(0),
+                    ", 2), got ", row_stats.sizes());
   Grads grads(input, weight, true, need_input_grad, need_weight_grad, need_bias_grad);
-  const at::Tensor go = grad_loss.to(acc_dtype(input.scalar_type()));
+  const at::Tensor go = grad_loss.to(acc_dtype_of(input.scalar_type()));
   {
     Chunks c(input, weight, bias, target, class_weight, mask, ignore_index, chunk_rows);
     for (int64_t k = 0; k < c.chunks(); ++k) {

@@ -462,3 +462,42 @@ def test_cuda_native_no_host_sync(dtype):
     assert_close(out, unfused.detach().double(), dtype)
     for a, e in zip(got, want):
         assert_close(a, e.double(), dtype)
+
+
+def test_op_checks_name_the_argument():
+    """The op called directly (not through linear_cross_entropy's checks): a bad operand gets an
+    error naming it, never an out-of-range slice."""
+    from fusedloss.linear_cross_entropy import mean_denominators, ops_for
+
+    op, op_backward = ops_for("fusedloss")
+    x, w, b, t, _ = make_case(10, 4, 7, torch.float32, "cpu", OPTIONS["plain"])
+    dens = mean_denominators(t, None, None, -100, 10, "cpu")
+
+    def call(x=x, w=w, b=b, t=t, mask=None, reduction=1, dens=dens, chunk_rows=4):
+        return op(x, w, b, t, None, mask, -100, 0.0, 0.0, 0.0, reduction, dens, chunk_rows,
+                  True, True, True, False)
+
+    call()  # the good call works
+    bad = [
+        (dict(x=x[0]), ValueError, "input must be 2-D"),
+        (dict(x=x.long()), TypeError, "input must be float16"),
+        (dict(w=w[:, :3]), ValueError, "weight must have shape"),
+        (dict(w=w.double()), TypeError, "weight must have the input's dtype"),
+        (dict(b=b[:5]), ValueError, "bias must have shape"),
+        (dict(t=t[:9]), ValueError, "target must have shape"),
+        (dict(t=torch.rand(10, 6)), ValueError, "target must have shape"),
+        (dict(mask=torch.ones(11)), ValueError, "mask must have shape"),
+        (dict(chunk_rows=0), ValueError, "chunk_rows must be >= 1, got 0"),
+        (dict(reduction=5), ValueError, "reduction must be 0"),
+        (dict(dens=None), ValueError, "two denominators"),
+    ]
+    for change, error, match in bad:
+        with pytest.raises(error, match=match):
+            call(**change)
+    stats = torch.zeros(10, 2)
+    with pytest.raises(ValueError, match="grad_loss must have shape"):
+        op_backward(torch.ones(9), x, w, b, t, None, None, stats, -100, 0.0, 0.0, 0.0, 4,
+                    True, True, True)
+    with pytest.raises(ValueError, match="row_stats must have shape"):
+        op_backward(torch.ones(10), x, w, b, t, None, None, stats[:, :1], -100, 0.0, 0.0, 0.0,
+                    4, True, True, True)
