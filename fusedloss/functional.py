@@ -307,8 +307,9 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
             and _inplace_is_safe(input, logits2d)):
         return _ops.current().SoftmaxCEInplace.apply(logits2d, *args, want_accuracy)
     compute_grad = reduction != 0 and torch.is_grad_enabled() and logits2d.requires_grad
-    loss, row_stats, _grad, extras = _ops.current().softmax_ce(logits2d, *args, compute_grad,
-                                                               want_accuracy)
+    ops = _ops.current()
+    op = ops.softmax_ce if _ops.is_traced(logits2d) else ops.softmax_ce_eager
+    loss, row_stats, _grad, extras = op(logits2d, *args, compute_grad, want_accuracy)
     return loss, row_stats, extras
 
 
@@ -504,8 +505,9 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
         loss = _composite.sigmoid_ce(x, y, w, pw, m, label_smoothing, red)
     else:
         compute_grad = red != 0 and torch.is_grad_enabled() and input.requires_grad
-        loss, _grad = _ops.current().sigmoid_ce(x, y, w, pw, m, label_smoothing, red,
-                                                compute_grad)
+        ops = _ops.current()
+        op = ops.sigmoid_ce if _ops.is_traced(x) else ops.sigmoid_ce_eager
+        loss, _grad = op(x, y, w, pw, m, label_smoothing, red, compute_grad)
     loss = loss.to(_loss_dtype(input, promoted))
     return loss.reshape(input.shape) if red == 0 else loss
 
