@@ -92,11 +92,14 @@ def check_parity(x, w, b, target, kw, reduction, dtype, device, chunk_size=None)
 
     # 16-bit: the materialised path rounds the logits and their gradient to 16 bits, while the
     # chunks run in float32 on the CPU (see compute_dtype); the float64 reference judges both,
-    # and the two are compared with each other in float32 and float64 only.
+    # and the two are compared with each other in float32 and float64 only (the loss too: the
+    # loss of logits rounded to bfloat16 can be 4% off the float64 reference where the loss is
+    # small, 0.0153 against 0.0159, while the float32 chunks' loss is within the tolerance).
     same_math = dtype in (torch.float32, torch.float64) or x.device.type != "cpu"
     assert out.dtype == dtype and out.shape == expected.shape and out.device == x.device
     assert_close(out, expected, dtype)
-    assert_close(out, unfused.detach().double(), dtype)
+    if same_math:
+        assert_close(out, unfused.detach().double(), dtype)
     g = grad_output_like(out)
     got = gradients(out, (xa, wa, ba), g)
     want = gradients(expected, (xr, wr, br), g.cpu().double())
