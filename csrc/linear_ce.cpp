@@ -35,8 +35,6 @@ using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-constexpr int64_t kReductionNone = 0;
-
 // The kernels of this library's namespace, called through the dispatcher (the signatures are
 // csrc/fusedloss.cpp's schemas; the dispatcher checks them on first use).
 template <class Signature>
@@ -81,8 +79,9 @@ at::Tensor softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& lo
                         int64_t, double, const OptTensor&, int64_t, int64_t, const OptTensor&)>(
           "softmax_ce_backward");
   return op.call(grad_loss, logits, target, weight, mask, row_stats, ignore_index,
-                 label_smoothing, z_loss, softcap, kReductionNone, /*mean_eps=*/0.0,
-                 std::nullopt, /*class_offset=*/0, /*global_classes=*/0, std::nullopt);
+                 label_smoothing, z_loss, softcap, static_cast<int64_t>(Reduction::None),
+                 /*mean_eps=*/0.0, std::nullopt, /*class_offset=*/0, /*global_classes=*/0,
+                 std::nullopt);
 }
 
 // The dtype the chunks' GEMMs and kernel run in (linear_cross_entropy.compute_dtype): 16-bit
@@ -278,11 +277,10 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
                   bool need_input_grad, bool need_weight_grad, bool need_bias_grad,
                   bool need_accuracy) {
   check_operands(input, weight, bias, target, mask, chunk_rows);
-  reduction_of(reduction, kLinearOp);
   const int64_t rows = input.size(0);
   const at::ScalarType acc = acc_dtype_of(input.scalar_type());
   const auto acc_opts = input.options().dtype(acc);
-  const bool per_row = reduction == kReductionNone;
+  const bool per_row = reduction_of(reduction, kLinearOp) == Reduction::None;
   const bool any_grad = !per_row && (need_input_grad || need_weight_grad || need_bias_grad);
   TORCH_CHECK_VALUE(per_row || (denominators.has_value() && denominators->numel() == 2),
                     kLinearOp, ": mean and sum need the whole loss's two denominators, got ",
