@@ -70,24 +70,37 @@ FL_HD T fl_quiet_nan() {
 //  - FastExp: float16/bfloat16 data. Its 2.4e-6 relative error is 1/1600 of a bfloat16 ulp
 //    (2^-8) and 1/200 of a float16 ulp (2^-11) of the gradient it feeds, so the rounding to
 //    the output dtype hides it (the error budget is in bench/README.md).
-// Each also says how sigmoid(x) is formed, given e = exp(-|x|):
-//  - AccurateExp: 1 / (1 + exp(-x)) with PyTorch's own exp, one more exp. Where BCE's gradient
-//    sigmoid(x) - y nearly cancels, the rounding of sigmoid(x) is the whole error: this keeps
-//    it exactly PyTorch's (the one-exp form below measured up to 1.6x PyTorch's max error);
-//  - FastExp: 1 / (1 + e), times e for x < 0 (no second exp).
+// Each also gives BCE's two exponentials of a logit x: e = exp(-|x|) (the softplus) and
+// sigmoid(x), as {e, sigmoid}:
+//  - AccurateExp: sigmoid(x) = 1 / (1 + t), t = exp(-x), exactly as PyTorch forms it with its
+//    own 1-ulp exp. Where BCE's gradient sigmoid(x) - y nearly cancels, the rounding of
+//    sigmoid(x) is the whole error: this keeps it PyTorch's to the bit (the one-exp form below
+//    measured up to 1.6x PyTorch's max error). e comes from the same t, t itself for x >= 0
+//    and 1 / t for x < 0 (one rounding more than t's 1 ulp, still under the 2 ulp of the
+//    exp_u20 it replaces), so that an element costs one exp, not two;
+//  - FastExp: e by the fast exp, sigmoid 1 / (1 + e), times e for x < 0.
+template <typename V>
+struct ExpNegAbsAndSigmoid {
+  V exp_neg_abs;
+  V sigmoid;
+};
 struct AccurateExp {
   template <typename V>
   FL_HD V operator()(V x) const { return fl_exp(x); }
   template <typename V>
-  FL_HD V sigmoid(V x, V /*e*/) const { return V(1) / (V(1) + fl_exp_u10(V(0) - x)); }
+  FL_HD ExpNegAbsAndSigmoid<V> exp_neg_abs_and_sigmoid(V x) const {
+    const V t = fl_exp_u10(V(0) - x);
+    return {fl_select(fl_ge(x, V(0)), t, V(1) / t), V(1) / (V(1) + t)};
+  }
 };
 struct FastExp {
   template <typename V>
   FL_HD V operator()(V x) const { return fl_exp_fast(x); }
   template <typename V>
-  FL_HD V sigmoid(V x, V e) const {
+  FL_HD ExpNegAbsAndSigmoid<V> exp_neg_abs_and_sigmoid(V x) const {
+    const V e = fl_exp_fast(V(0) - fl_abs(x));
     const V inv = V(1) / (V(1) + e);
-    return fl_select(fl_ge(x, V(0)), inv, e * inv);
+    return {e, fl_select(fl_ge(x, V(0)), inv, e * inv)};
   }
 };
 
