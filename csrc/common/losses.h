@@ -189,9 +189,9 @@ FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V pos_weight, ExpFn exp = {
   const V zero(0);
   const V one(1);
   const V log_weight = one + (pos_weight - one) * y;  // exactly 1 when pw is 1
-  const ExpNegAbsAndSigmoid<V> es = exp.exp_neg_abs_and_sigmoid(x);  // exp(-|x|) in [0, 1]
-  const V softplus_neg = fl_max(zero - x, zero) + fl_log1p_unit(es.exp_neg_abs);
-  return {(one - y) * x + log_weight * softplus_neg, log_weight * es.sigmoid - pos_weight * y};
+  const SoftplusAndSigmoid<V> ss = exp.softplus_and_sigmoid(x);
+  const V softplus_neg = fl_max(zero - x, zero) + ss.log1p_exp_neg_abs;
+  return {(one - y) * x + log_weight * softplus_neg, log_weight * ss.sigmoid - pos_weight * y};
 }
 
 FL_ISA_NAMESPACE_END

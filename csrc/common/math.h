@@ -31,6 +31,10 @@ FL_HD double fl_log1p(double x) { return ::log1p(x); }
 // which lets the vector code use a short series instead of a general log1p.
 FL_HD float fl_log1p_unit(float x) { return ::log1pf(x); }
 FL_HD double fl_log1p_unit(double x) { return ::log1p(x); }
+// log1p(num / den) for 0 <= num <= den: the same, for a value known as a ratio (the vector code
+// then needs one division where log1p_unit(num / den) would take two).
+FL_HD float fl_log1p_ratio(float num, float den) { return ::log1pf(num / den); }
+FL_HD double fl_log1p_ratio(double num, double den) { return ::log1p(num / den); }
 FL_HD float fl_tanh(float x) { return ::tanhf(x); }
 FL_HD double fl_tanh(double x) { return ::tanh(x); }
 FL_HD float fl_abs(float x) { return ::fabsf(x); }
@@ -70,37 +74,37 @@ FL_HD T fl_quiet_nan() {
 //  - FastExp: float16/bfloat16 data. Its 2.4e-6 relative error is 1/1600 of a bfloat16 ulp
 //    (2^-8) and 1/200 of a float16 ulp (2^-11) of the gradient it feeds, so the rounding to
 //    the output dtype hides it (the error budget is in bench/README.md).
-// Each also gives BCE's two exponentials of a logit x: e = exp(-|x|) (the softplus) and
-// sigmoid(x), as {e, sigmoid}:
+// Each also gives BCE's two functions of a logit x that need an exp: log1p(exp(-|x|)) (the
+// softplus) and sigmoid(x):
 //  - AccurateExp: sigmoid(x) = 1 / (1 + t), t = exp(-x), exactly as PyTorch forms it with its
 //    own 1-ulp exp. Where BCE's gradient sigmoid(x) - y nearly cancels, the rounding of
 //    sigmoid(x) is the whole error: this keeps it PyTorch's to the bit (the one-exp form below
-//    measured up to 1.6x PyTorch's max error). e comes from the same t, t itself for x >= 0
-//    and 1 / t for x < 0 (one rounding more than t's 1 ulp, still under the 2 ulp of the
-//    exp_u20 it replaces), so that an element costs one exp, not two;
-//  - FastExp: e by the fast exp, sigmoid 1 / (1 + e), times e for x < 0.
+//    measured up to 1.6x PyTorch's max error). The softplus comes from the same t: exp(-|x|) is
+//    t for x >= 0 and 1 / t for x < 0, so one exp an element, not two;
+//  - FastExp: e = exp(-|x|) by the fast exp, sigmoid 1 / (1 + e), times e for x < 0.
 template <typename V>
-struct ExpNegAbsAndSigmoid {
-  V exp_neg_abs;
+struct SoftplusAndSigmoid {
+  V log1p_exp_neg_abs;
   V sigmoid;
 };
 struct AccurateExp {
   template <typename V>
   FL_HD V operator()(V x) const { return fl_exp(x); }
   template <typename V>
-  FL_HD ExpNegAbsAndSigmoid<V> exp_neg_abs_and_sigmoid(V x) const {
+  FL_HD SoftplusAndSigmoid<V> softplus_and_sigmoid(V x) const {
     const V t = fl_exp_u10(V(0) - x);
-    return {fl_select(fl_ge(x, V(0)), t, V(1) / t), V(1) / (V(1) + t)};
+    const auto pos = fl_ge(x, V(0));  // bool on scalars, a lane mask on vectors
+    return {fl_log1p_ratio(fl_select(pos, t, V(1)), fl_select(pos, V(1), t)), V(1) / (V(1) + t)};
   }
 };
 struct FastExp {
   template <typename V>
   FL_HD V operator()(V x) const { return fl_exp_fast(x); }
   template <typename V>
-  FL_HD ExpNegAbsAndSigmoid<V> exp_neg_abs_and_sigmoid(V x) const {
+  FL_HD SoftplusAndSigmoid<V> softplus_and_sigmoid(V x) const {
     const V e = fl_exp_fast(V(0) - fl_abs(x));
     const V inv = V(1) / (V(1) + e);
-    return {e, fl_select(fl_ge(x, V(0)), inv, e * inv)};
+    return {fl_log1p_unit(e), fl_select(fl_ge(x, V(0)), inv, e * inv)};
   }
 };
 
