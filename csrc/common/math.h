@@ -27,12 +27,10 @@ FL_HD float fl_log(float x) { return ::logf(x); }
 FL_HD double fl_log(double x) { return ::log(x); }
 FL_HD float fl_log1p(float x) { return ::log1pf(x); }
 FL_HD double fl_log1p(double x) { return ::log1p(x); }
-// log1p(x) for 0 <= x <= 1 only: the one range the losses need it on (softplus of exp(-|x|)),
-// which lets the vector code use a short series instead of a general log1p.
-FL_HD float fl_log1p_unit(float x) { return ::log1pf(x); }
-FL_HD double fl_log1p_unit(double x) { return ::log1p(x); }
-// log1p(num / den) for 0 <= num <= den: the same, for a value known as a ratio (the vector code
-// then needs one division where log1p_unit(num / den) would take two).
+// log1p of a value in [0, 1] only: the one range the losses need it on (softplus of
+// exp(-|x|)), which lets the vector code use a short series in u = x / (2 + x) instead of a
+// general log1p. Given as a ratio, log1p(num / den) for 0 <= num <= den (the vector code then
+// divides once, u = num / (2 den + num)).
 FL_HD float fl_log1p_ratio(float num, float den) { return ::log1pf(num / den); }
 FL_HD double fl_log1p_ratio(double num, double den) { return ::log1p(num / den); }
 FL_HD float fl_tanh(float x) { return ::tanhf(x); }
@@ -103,8 +101,10 @@ struct FastExp {
   template <typename V>
   FL_HD SoftplusAndSigmoid<V> softplus_and_sigmoid(V x) const {
     const V e = fl_exp_fast(V(0) - fl_abs(x));
+    // (one division for both 1 / (1 + e) and e / (2 + e), via 1 / ((1 + e)(2 + e)), measured
+    // 5% slower: the two independent divisions overlap, the longer chain does not)
     const V inv = V(1) / (V(1) + e);
-    return {fl_log1p_unit(e), fl_select(fl_ge(x, V(0)), inv, e * inv)};
+    return {fl_log1p_ratio(e, V(1)), fl_select(fl_ge(x, V(0)), inv, e * inv)};
   }
 };
 

@@ -53,7 +53,7 @@ inline Vectorized<T> fl_log1p(const Vectorized<T>& x) { return x.log1p(); }
 // log1p(x) for 0 <= x <= 1, in float: log1p(x) = 2 atanh(u), u = x / (2 + x) in [0, 1/3], and
 // atanh(u) = u (1 + u^2/3 + u^4/5 + ... + u^12/13) to within 2e-8 relative there. Several
 // times faster than the general log1p (which here costs ~9 ns a value); double keeps it.
-inline Vectorized<float> fl_log1p_unit_of_u(const Vectorized<float>& u) {  // 2 atanh(u)
+inline Vectorized<float> fl_log1p_from_u(const Vectorized<float>& u) {  // 2 atanh(u)
   using V = Vectorized<float>;
   const V v = u * u;
   V p = V(1.0f / 13.0f);
@@ -65,15 +65,11 @@ inline Vectorized<float> fl_log1p_unit_of_u(const Vectorized<float>& u) {  // 2 
   p = fmadd(p, v, V(1.0f));
   return V(2.0f) * u * p;
 }
-inline Vectorized<float> fl_log1p_unit(const Vectorized<float>& x) {
-  return fl_log1p_unit_of_u(x / (Vectorized<float>(2.0f) + x));
-}
-inline Vectorized<double> fl_log1p_unit(const Vectorized<double>& x) { return x.log1p(); }
 // log1p(num / den) for 0 <= num <= den: u = e / (2 + e) with e = num / den is num / (2 den + num),
 // one division (num / den and then u would round and divide twice).
 inline Vectorized<float> fl_log1p_ratio(const Vectorized<float>& num, const Vectorized<float>& den) {
   using V = Vectorized<float>;
-  return fl_log1p_unit_of_u(num / fmadd(V(2.0f), den, num));
+  return fl_log1p_from_u(num / fmadd(V(2.0f), den, num));
 }
 inline Vectorized<double> fl_log1p_ratio(const Vectorized<double>& num,
                                          const Vectorized<double>& den) {
