@@ -184,11 +184,13 @@ struct SigmoidCEValue {
   V dloss;
 };
 
-template <typename V, typename ExpFn = AccurateExp>
+// kPosWeight false: pos_weight is 1, and the compiler drops the multiplications by it.
+template <typename V, typename ExpFn = AccurateExp, bool kPosWeight = true>
 FL_HD SigmoidCEValue<V> sigmoid_ce_element(V x, V y, V pos_weight, ExpFn exp = {}) {
   const V zero(0);
   const V one(1);
-  const V log_weight = one + (pos_weight - one) * y;  // exactly 1 when pw is 1
+  if constexpr (!kPosWeight) pos_weight = one;
+  const V log_weight = kPosWeight ? one + (pos_weight - one) * y : one;  // 1 when pw is 1
   const SoftplusAndSigmoid<V> ss = exp.softplus_and_sigmoid(x);
   const V softplus_neg = fl_max(zero - x, zero) + ss.log1p_exp_neg_abs;
   return {(one - y) * x + log_weight * softplus_neg, log_weight * ss.sigmoid - pos_weight * y};

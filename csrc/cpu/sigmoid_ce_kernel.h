@@ -21,7 +21,8 @@ inline namespace CPU_CAPABILITY {
 
 using namespace ::fusedloss::common;
 
-template <typename scalar_t, bool kPosWeight, SigmoidCEMode kMode>
+// kWeighted: a weight or a mask is given (without, the products by 1 are left out).
+template <typename scalar_t, bool kPosWeight, bool kWeighted, SigmoidCEMode kMode>
 struct SigmoidCEChunkKernel {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
@@ -93,16 +94,24 @@ struct SigmoidCEChunkKernel {
         if (n == kStep) IO::load(x + j, xv);
         else IO::load_partial(x + j, n, xv);
         IO::load_either(y, p.target_in_acc, j, n, yv);
-        load_operand(p.weight, r, j, n, w);
-        load_operand(p.mask, r, j, n, m);
+        if constexpr (kWeighted) {
+          load_operand(p.weight, r, j, n, w);
+          load_operand(p.mask, r, j, n, m);
+        }
         if constexpr (kPosWeight) load_operand(p.pos_weight, r, j, n, pw);
         Vec loss[K], dloss[K];
         for (int k = 0; k < K; ++k) {
           const Vec yk = sigmoid_ce_smoothed_target(yv[k], smoothing);
-          const auto v = sigmoid_ce_element(xv[k], yk, kPosWeight ? pw[k] : Vec(acc_t(1)), Exp{});
-          const Vec wm = w[k] * m[k];
-          loss[k] = v.loss * wm;
-          dloss[k] = v.dloss * wm;
+          const auto v = sigmoid_ce_element<Vec, Exp, kPosWeight>(
+              xv[k], yk, kPosWeight ? pw[k] : Vec(acc_t(1)), Exp{});
+          if constexpr (kWeighted) {
+            const Vec wm = w[k] * m[k];
+            loss[k] = v.loss * wm;
+            dloss[k] = v.dloss * wm;
+          } else {
+            loss[k] = v.loss;
+            dloss[k] = v.dloss;
+          }
         }
         if constexpr (kSum) {
           Vec counted[K];
@@ -142,13 +151,13 @@ struct SigmoidCEChunkKernel {
   }
 };
 
-template <typename scalar_t, bool kPosWeight, SigmoidCEMode kMode>
+template <typename scalar_t, bool kPosWeight, bool kWeighted, SigmoidCEMode kMode>
 void sigmoid_ce_launch(const SigmoidCEParams& p) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
   const int64_t numel = p.rows * p.cols;
   const int64_t chunks = (numel + p.chunk_elems - 1) / p.chunk_elems;
   auto* chunk_loss = static_cast<acc_t*>(p.chunk_loss);
-  const SigmoidCEChunkKernel<scalar_t, kPosWeight, kMode> kernel(p);
+  const SigmoidCEChunkKernel<scalar_t, kPosWeight, kWeighted, kMode> kernel(p);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t s = kernel.run(i * p.chunk_elems, std::min(numel, (i + 1) * p.chunk_elems));
@@ -157,20 +166,28 @@ void sigmoid_ce_launch(const SigmoidCEParams& p) {
   });
 }
 
+template <typename scalar_t, bool kPosWeight, bool kWeighted>
+void sigmoid_ce_dispatch_mode(const SigmoidCEParams& p) {
+  switch (p.mode) {
+    case SigmoidCEMode::LossSum:
+      return sigmoid_ce_launch<scalar_t, kPosWeight, kWeighted, SigmoidCEMode::LossSum>(p);
+    case SigmoidCEMode::LossSumAndGrad:
+      return sigmoid_ce_launch<scalar_t, kPosWeight, kWeighted, SigmoidCEMode::LossSumAndGrad>(p);
+    case SigmoidCEMode::LossElements:
+      return sigmoid_ce_launch<scalar_t, kPosWeight, kWeighted, SigmoidCEMode::LossElements>(p);
+    case SigmoidCEMode::GradFromGradLoss:
+      return sigmoid_ce_launch<scalar_t, kPosWeight, kWeighted, SigmoidCEMode::GradFromGradLoss>(p);
+  }
+}
+
 template <typename scalar_t>
 void sigmoid_ce_dispatch_flags(const SigmoidCEParams& p) {
   const bool pw = p.pos_weight.data != nullptr;
-#define FL_SIGMOID_CASE(PW, MODE) \
-  if (pw == PW && p.mode == MODE) return sigmoid_ce_launch<scalar_t, PW, MODE>(p);
-  FL_SIGMOID_CASE(false, SigmoidCEMode::LossSum)
-  FL_SIGMOID_CASE(true, SigmoidCEMode::LossSum)
-  FL_SIGMOID_CASE(false, SigmoidCEMode::LossSumAndGrad)
-  FL_SIGMOID_CASE(true, SigmoidCEMode::LossSumAndGrad)
-  FL_SIGMOID_CASE(false, SigmoidCEMode::LossElements)
-  FL_SIGMOID_CASE(true, SigmoidCEMode::LossElements)
-  FL_SIGMOID_CASE(false, SigmoidCEMode::GradFromGradLoss)
-  FL_SIGMOID_CASE(true, SigmoidCEMode::GradFromGradLoss)
-#undef FL_SIGMOID_CASE
+  const bool weighted = p.weight.data != nullptr || p.mask.data != nullptr;
+  if (pw && weighted) return sigmoid_ce_dispatch_mode<scalar_t, true, true>(p);
+  if (pw) return sigmoid_ce_dispatch_mode<scalar_t, true, false>(p);
+  if (weighted) return sigmoid_ce_dispatch_mode<scalar_t, false, true>(p);
+  return sigmoid_ce_dispatch_mode<scalar_t, false, false>(p);
 }
 
 // grad *= scale, in place, over a contiguous buffer. The caller has already skipped scale 1.
