@@ -41,7 +41,7 @@ struct SigmoidCEChunkKernel {
     // 16-bit data: the rounded inverse's error is far below their rounding, and a division
     // per step costs (measured 1.1x); float32/float64 divide as PyTorch does, except by a
     // power of two, whose inverse is exact: then x * (1/d) and x / d are the same correctly
-    // rounded number, and the multiply keeps the divider (the loop's bottleneck) free.
+    // rounded number, for a multiply instead of a division per step.
     grad_divisor = IO::kReduced ? acc_t(0) : acc_t(p.grad_divisor);
     if (IO::kReduced && p.grad_divisor != 0) grad_scale = grad_scale / acc_t(p.grad_divisor);
     inv_grad_divisor = acc_t(0);
