@@ -18,6 +18,7 @@ below serves the rest (gradients of targets, masks or weights wanted too).
 """
 
 import contextlib
+import functools
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -43,6 +44,20 @@ _INPLACE_CONSUMED = (
     "(create_graph=True) needs the logits. Use inplace_backward=False there.")
 
 
+class DefaultOverloads:
+    """A namespace's ops as their default overloads (each op has only that one). Calling the
+    packet `torch.ops.fusedloss.softmax_ce` resolves the overload on every call: measured
+    42 us a call of softmax_ce on 8 x 10 logits against 25 us for `.default`."""
+
+    def __init__(self, namespace):
+        self._packets = getattr(torch.ops, namespace)
+
+    def __getattr__(self, name):
+        op = getattr(self._packets, name).default
+        setattr(self, name, op)  # found on the instance from now on, without __getattr__
+        return op
+
+
 class OpSet:
     """The fusedloss ops of one library namespace, with their fakes and autograd registered.
 
@@ -52,7 +67,7 @@ class OpSet:
 
     def __init__(self, namespace):
         self.namespace = namespace
-        lib = getattr(torch.ops, namespace)
+        lib = DefaultOverloads(namespace)
         self.lib = lib
         for name in ("softmax_ce", "softmax_ce_inplace", "softmax_ce_backward",
                      "softmax_ce_shard_stats", "sigmoid_ce", "sigmoid_ce_backward", "scale_grad_"):
@@ -60,9 +75,25 @@ class OpSet:
         _register_fakes(namespace)
         # The loss ops for eager calls (the same autograd formula, less per-call overhead:
         # _eager_function); compiled and traced calls use the registered ops themselves.
-        self.softmax_ce_eager, self.sigmoid_ce_eager = _register_autograd(namespace, lib)
+        self._eager = dict(zip(("softmax_ce", "sigmoid_ce"), _register_autograd(namespace, lib)))
         self.SoftmaxCEInplace = _make_inplace_function(lib)
         self.SoftmaxCECompiled = _compiled.make_function(lib)
+
+
+    def loss_op(self, name, input, needs_grad):
+        """The form of loss op `name` to call on `input`: the registered op while tracing, else
+        (eager) the autograd.Function of _eager_function when a gradient is recorded, and
+        otherwise the op below autograd, which records nothing (no Function, no context)."""
+        if is_traced(input):
+            return getattr(self, name)
+        if needs_grad:
+            return self._eager[name]
+        return functools.partial(_below_autograd, getattr(self.lib, name))
+
+
+def _below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def _register_fakes(namespace):

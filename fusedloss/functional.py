@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _compiled, _composite, _ops, distributed
@@ -145,7 +146,9 @@ def _class_indices(target, positions, input):
     if tuple(target.shape) != positions:
         raise ValueError(f"target must have shape {positions} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    return target.reshape(-1).to(torch.int64)
+    if target.dim() != 1:
+        target = target.reshape(-1)
+    return target if target.dtype == torch.int64 else target.to(torch.int64)
 
 
 def _class_weight(weight, classes, acc, ref):
@@ -201,15 +204,17 @@ def _inplace_is_safe(input, logits2d):
     return not (_saved_by_producer(logits2d) or _saved_by_producer(input))
 
 
-def _functorch_active():
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running. The ops have no
-    batching rules, so the differentiable compositions (_composite.py) run instead.
-    torch.compile is not one: while dynamo traces, the interpreter stack it shows is its own,
-    and reading it here sent every compiled call to the compositions (PyTorch's ops, not the
-    kernels)."""
+def _compositions_needed():
+    """Whether the differentiable compositions (_composite.py) must run instead of the ops:
+    under a torch.func transform (grad, vmap, jacrev, ...), for which the ops have no batching
+    rules, and under forward-mode AD (torch.autograd.forward_ad), for which they have no jvp.
+    torch.compile is not a transform: while dynamo traces, the interpreter stack it shows is
+    its own, and reading it here sent every compiled call to the compositions (PyTorch's ops,
+    not the kernels)."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or forward_ad._current_level >= 0)
 
 
 _accumulation_dtype_loss = threading.local()
@@ -292,7 +297,7 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
     input = logits2d if input is None else input
     args = (target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
             mean_eps)
-    if _functorch_active():
+    if _compositions_needed():
         return _composite.softmax_ce(logits2d, *args, want_accuracy)
     if _validate_targets and not target.is_floating_point() and not torch.compiler.is_compiling():
         _check_targets_eagerly(target, logits2d.shape[1], ignore_index)
@@ -307,8 +312,8 @@ def _softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z
             and _inplace_is_safe(input, logits2d)):
         return _ops.current().SoftmaxCEInplace.apply(logits2d, *args, want_accuracy)
     compute_grad = reduction != 0 and torch.is_grad_enabled() and logits2d.requires_grad
-    ops = _ops.current()
-    op = ops.softmax_ce if _ops.is_traced(logits2d) else ops.softmax_ce_eager
+    op = _ops.current().loss_op("softmax_ce", logits2d,
+                                _needs_grad(logits2d, target, weight, mask))
     loss, row_stats, _grad, extras = op(logits2d, *args, compute_grad, want_accuracy)
     return loss, row_stats, extras
 
@@ -445,7 +450,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 def _cross_entropy_result(a, loss, row_stats, extras, return_z_loss, return_token_accuracy,
                           return_lse):
     """The op's outputs as cross_entropy returns them (dtype, shape, extra outputs)."""
-    loss = loss.to(_loss_dtype(a.input, a.promoted))
+    dtype = _loss_dtype(a.input, a.promoted)
+    if loss.dtype != dtype:
+        loss = loss.to(dtype)
     if a.reduction == 0:
         loss = loss.reshape(a.positions)
     return _with_extra_outputs(loss, row_stats, extras, a.positions, a.reduction == 0,
@@ -501,12 +508,11 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     w = _broadcast_to_rows(weight, "weight", input, rows, cols, acc)
     pw = _broadcast_to_rows(pos_weight, "pos_weight", input, rows, cols, acc)
     m = _broadcast_to_rows(mask, "mask", input, rows, cols, acc)
-    if _functorch_active():
+    if _compositions_needed():
         loss = _composite.sigmoid_ce(x, y, w, pw, m, label_smoothing, red)
     else:
         compute_grad = red != 0 and torch.is_grad_enabled() and input.requires_grad
-        ops = _ops.current()
-        op = ops.sigmoid_ce if _ops.is_traced(x) else ops.sigmoid_ce_eager
+        op = _ops.current().loss_op("sigmoid_ce", x, _needs_grad(x, y, w, pw, m))
         loss, _grad = op(x, y, w, pw, m, label_smoothing, red, compute_grad)
     loss = loss.to(_loss_dtype(input, promoted))
     return loss.reshape(input.shape) if red == 0 else loss

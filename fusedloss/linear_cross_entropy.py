@@ -130,7 +130,7 @@ def ops_for(namespace: str):
 def _register(ns):
     """The fake kernels and the autograd formula of the chunk loop's ops (csrc/linear_ce.cpp:
     one C++ implementation for every device, defined in csrc/fusedloss.cpp's schemas)."""
-    lib = getattr(torch.ops, ns)
+    lib = _ops.DefaultOverloads(ns)
     linear_ce, linear_ce_backward = lib.linear_ce, lib.linear_ce_backward
 
     @torch.library.register_fake(f"{ns}::linear_ce")
@@ -203,7 +203,7 @@ def _register(ns):
                                                 need_weight_grad, need_bias_grad, False)
                 # handed over without a copy, scaled in place (no pass when grad_loss is 1)
                 ctx.saved_grads = None
-                scale_grad_ = getattr(torch.ops, ns).scale_grad_
+                scale_grad_ = getattr(torch.ops, ns).scale_grad_.default
                 for g in grads:
                     scale_grad_(g, grad_loss)
                 gi, gw, gb = grads

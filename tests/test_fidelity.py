@@ -342,6 +342,58 @@ def test_torch_func_grad_vmap_jacrev_match_pytorch(backend):
     assert_close(g_bce, g_bce_ref, torch.float64)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_forward_mode_ad_matches_pytorch(backend, reduction):
+    """torch.autograd.forward_ad (dual tensors) and torch.func.jvp: the tangent of the loss,
+    as PyTorch's losses give it (the kernels have no jvp; the compositions run instead)."""
+    import torch.autograd.forward_ad as fwAD
+
+    d = backend.device
+    x = logits((7, 11), torch.float64, d)
+    tangent = torch.randn(7, 11, dtype=torch.float64, device=d)
+    t = torch.randint(0, 11, (7,), device=d)
+    y = torch.rand(7, 11, dtype=torch.float64, device=d)
+    cases = [
+        (lambda x: fl.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1),
+         lambda x: F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)),
+        (lambda x: fl.binary_cross_entropy_with_logits(x, y, reduction=reduction),
+         lambda x: F.binary_cross_entropy_with_logits(x, y, reduction=reduction)),
+    ]
+    for ours, theirs in cases:
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(ours(fwAD.make_dual(x, tangent)))
+            want = fwAD.unpack_dual(theirs(fwAD.make_dual(x.cpu(), tangent.cpu())))
+        assert got.tangent is not None
+        assert_close(got.primal, want.primal, torch.float64)
+        assert_close(got.tangent, want.tangent, torch.float64)
+        got_jvp = torch.func.jvp(ours, (x,), (tangent,))
+        want_jvp = torch.func.jvp(theirs, (x.cpu(),), (tangent.cpu(),))
+        for a, b in zip(got_jvp, want_jvp):
+            assert_close(a, b, torch.float64)
+
+
+def test_loss_without_gradient_records_no_graph(backend):
+    """With nothing to differentiate (no_grad, or no input requiring grad) the op is called
+    below autograd: same values, no grad_fn, nothing kept alive."""
+    d = backend.device
+    x = logits((5, 8), torch.float64, d)
+    t = torch.randint(0, 8, (5,), device=d)
+    y = torch.rand(5, 8, dtype=torch.float64, device=d)
+    for ours, theirs in [(lambda x: fl.cross_entropy(x, t, reduction="none"),
+                          lambda x: F.cross_entropy(x, t, reduction="none")),
+                         (lambda x: fl.binary_cross_entropy_with_logits(x, y),
+                          lambda x: F.binary_cross_entropy_with_logits(x, y))]:
+        want = theirs(x.cpu())
+        for got in (ours(x), _no_grad_call(ours, x.clone().requires_grad_())):
+            assert got.grad_fn is None and not got.requires_grad
+            assert_close(got, want, torch.float64)
+
+
+def _no_grad_call(fn, x):
+    with torch.no_grad():
+        return fn(x)
+
+
 # --- 8. z-loss convention ---------------------------------------------------------------------------
 
 

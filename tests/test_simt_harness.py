@@ -31,7 +31,12 @@ CORRECT = {
 # name -> what the harness must say (each is a real bug: the kernel text is in selftest_simt.cpp)
 BUGS = {
     "missing_syncthreads": r"uninitialised shared memory|shared-memory race",
-    "reuse_without_syncthreads": r"shared-memory race: .* overwrites",
+    # Either side of the race, by the fibers' random order: thread 0's second write after
+    # some thread read slot[0] (overwrites), or, when thread 0 reads and writes before any
+    # other thread reads, a later read of that unsynchronised write (reads ... written by).
+    "reuse_without_syncthreads":
+        r"shared-memory race: (.* overwrites 'slot\[0\]'|thread \d+ reads 'slot\[0\]' "
+        r"written by thread 0 with no __syncthreads)",
     "shared_out_of_bounds": r"shared memory index 8 out of bounds of 'red\[8\]'",
     "shared_uninitialised": r"uninitialised shared memory",
     "dynamic_shared_out_of_bounds": r"index 255 out of bounds of 'dynamic shared memory",

@@ -15,6 +15,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -98,6 +99,11 @@ struct CompensatedSum {
 template <typename acc_t>
 double deterministic_sum(const acc_t* v, int64_t n) {
   constexpr int64_t kBlock = 4096;
+  if (n <= kBlock) {  // one block: no task to hand out, no vector of partial sums
+    CompensatedSum s;
+    for (int64_t i = 0; i < n; ++i) s.add(v[i]);
+    return s.result();
+  }
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<double> partial(blocks);
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
@@ -115,6 +121,18 @@ double deterministic_sum(const acc_t* v, int64_t n) {
 double deterministic_sum(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? deterministic_sum(t.data_ptr<double>(), t.numel())
                                         : deterministic_sum(t.data_ptr<float>(), t.numel());
+}
+
+// Values as a 1-D tensor of the accumulation dtype, written in place: a small call would
+// otherwise spend more on a float64 tensor and its conversion than on its kernel.
+at::Tensor acc_values(std::initializer_list<double> values, at::ScalarType acc) {
+  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(acc));
+  int64_t i = 0;
+  for (double v : values) {
+    if (acc == at::kDouble) t.data_ptr<double>()[i++] = v;
+    else t.data_ptr<float>()[i++] = static_cast<float>(v);
+  }
+  return t;
 }
 
 template <typename acc_t>
@@ -191,10 +209,8 @@ SoftmaxCall prepare_softmax(const at::Tensor& logits_in, const at::Tensor& targe
     c.valid_count += mean_eps;
   }
   const bool mean = c.reduction == Reduction::Mean;
-  c.grad_scale = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
-  c.grad_scale.data_ptr<double>()[0] = mean ? inverse_or_zero(c.denominator) : 1.0;
-  c.grad_scale.data_ptr<double>()[1] = mean ? inverse_or_zero(c.valid_count) : 1.0;
-  c.grad_scale = c.grad_scale.to(c.acc);
+  c.grad_scale = acc_values({mean ? inverse_or_zero(c.denominator) : 1.0,
+                             mean ? inverse_or_zero(c.valid_count) : 1.0}, c.acc);
   return c;
 }
 
@@ -229,10 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
     z_scaled = divide_or_zero(z_scaled, c.valid_count);
   }
   const double correct = p.row_correct ? deterministic_sum(row_extras[1]) : 0.0;
-  at::Tensor extras = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
-  extras.data_ptr<double>()[0] = z_scaled;
-  extras.data_ptr<double>()[1] = divide_or_zero(correct, c.valid_count);
-  return {at::scalar_tensor(ce_part + z_scaled, acc_opts), row_stats, extras.to(c.acc)};
+  return {at::scalar_tensor(ce_part + z_scaled, acc_opts), row_stats,
+          acc_values({z_scaled, divide_or_zero(correct, c.valid_count)}, c.acc)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
