@@ -79,7 +79,6 @@ class OpSet:
         self.SoftmaxCEInplace = _make_inplace_function(lib)
         self.SoftmaxCECompiled = _compiled.make_function(lib)
 
-
     def loss_op(self, name, input, needs_grad):
         """The form of loss op `name` to call on `input`: the registered op while tracing, else
         (eager) the autograd.Function of _eager_function when a gradient is recorded, and

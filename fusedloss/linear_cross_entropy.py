@@ -112,10 +112,6 @@ def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
     return torch.stack([_sequential_sum(weighted), _sequential_sum(counted)])
 
 
-_DOUBLE_BACKWARD = (
-    "fusedloss: double backward (create_graph=True) through linear_cross_entropy is not "
-    "supported: its gradients come from a fused kernel and are not themselves differentiable.")
-
 _REGISTERED = {}
 
 
@@ -183,11 +179,12 @@ def _register(ns):
         if grad_loss is None:
             return (None, None, None) + nones
         traced = is_traced(grad_loss)
-        if torch.is_grad_enabled() and not traced:
-            raise RuntimeError(_DOUBLE_BACKWARD)
         input, weight, bias, target, class_weight, mask, stats, denominators = ctx.saved_tensors
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
-        if ctx.reduction == REDUCTIONS["none"]:
+        if torch.is_grad_enabled() and not traced:  # create_graph=True: a double backward
+            gi, gw, gb = _definition_grads(ctx, grad_loss, input, weight, bias, target,
+                                           class_weight, mask)
+        elif ctx.reduction == REDUCTIONS["none"]:
             gi, gw, gb = linear_ce_backward(grad_loss, input, weight, bias, target, class_weight,
                                             mask, stats, *ctx.options, ctx.chunk_rows,
                                             need_input_grad, need_weight_grad, need_bias_grad)
@@ -212,6 +209,22 @@ def _register(ns):
 
     torch.library.register_autograd(f"{ns}::linear_ce", backward, setup_context=setup_context)
     return linear_ce, linear_ce_backward
+
+
+def _definition_grads(ctx, grad_loss, x, weight, bias, target, class_weight, mask):
+    """The gradients of (input, weight, bias) under grad_loss, themselves differentiable: those
+    of the definition, cross_entropy of the whole logits, whose backward with create_graph
+    differentiates its compositions. For double backward (a Hessian-vector product, a
+    gradient penalty); the fused gradients are not differentiable."""
+    ignore_index, label_smoothing, z_loss, softcap = ctx.options
+    a = LinearCEArgs(x, target, class_weight, mask, ignore_index, ctx.reduction, label_smoothing,
+                     z_loss, softcap, ctx.chunk_rows, (x.shape[0],))
+    wanted = [t for t, need in zip((x, weight, bias), ctx.needs) if need]
+    with torch.enable_grad():
+        loss = _composed(a, weight, bias, False, False)
+        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True,
+                                         allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs)
 
 
 def _check_matrix_operand(t, name, input, shape):
@@ -260,7 +273,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     The gradients go to input, linear_weight and linear_bias; the target, mask and class weight
     must not require grad. The forward computes the gradients, so a frozen weight or an input
-    without grad skips its GEMM.
+    without grad skips its GEMM. Under torch.func transforms and forward-mode AD the definition
+    runs instead, on the whole logits.
 
     ``process_group`` (vocab parallel, fusedloss.distributed_linear): linear_weight (and
     linear_bias) hold this rank's contiguous slice of the vocabulary's rows, input and target
@@ -278,6 +292,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     a = _linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
                         ignore_index, label_smoothing, mask, z_loss, softcap, chunk_size,
                         return_token_accuracy)
+    if F._compositions_needed():
+        return _composed(a, linear_weight, linear_bias, return_z_loss, return_token_accuracy)
     grad_on = torch.is_grad_enabled()
     need_input_grad = grad_on and input.requires_grad
     need_weight_grad = grad_on and linear_weight.requires_grad
@@ -291,6 +307,24 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         a.label_smoothing, a.z_loss, a.softcap, a.reduction, denominators, a.chunk_rows,
         need_input_grad, need_weight_grad, need_bias_grad, return_token_accuracy)
     return linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)
+
+
+def _composed(a, linear_weight, linear_bias, return_z_loss, return_token_accuracy):
+    """Under a torch.func transform or forward-mode AD: the definition itself, cross_entropy of
+    the whole (rows, V) logits, which runs its differentiable compositions there (the chunked
+    op has no batching rule and no jvp). The logits then exist whole."""
+    logits = torch.nn.functional.linear(a.x, linear_weight, linear_bias)
+    reduction = {code: name for name, code in REDUCTIONS.items()}[a.reduction]
+    out = F.cross_entropy(logits, a.target, a.weight, a.ignore_index, reduction,
+                          a.label_smoothing, mask=a.mask, z_loss=a.z_loss,
+                          softcap=a.softcap or None, return_z_loss=return_z_loss,
+                          return_token_accuracy=return_token_accuracy)
+    if a.reduction != REDUCTIONS["none"]:
+        return out
+    if not (return_z_loss or return_token_accuracy):
+        return out.reshape(a.positions)
+    return F.CrossEntropyOutput(*(None if t is None else t.reshape(a.positions)
+                                  for t in out[:3]), None)
 
 
 class LinearCEArgs(NamedTuple):

@@ -269,7 +269,7 @@ def test_gradcheck(backend, option, reduction):
     assert torch.autograd.gradcheck(f, leaves(x, w, b))
 
 
-def test_second_backward_is_identical_and_double_backward_refused():
+def test_second_backward_is_identical():
     x, w, b, t, kw = make_case(20, 4, 9, torch.float64, "cpu", OPTIONS["everything"])
     xa, wa, ba = leaves(x, w, b)
     out = fl.linear_cross_entropy(xa, wa, t, linear_bias=ba, chunk_size=6, **kw)
@@ -278,9 +278,89 @@ def test_second_backward_is_identical_and_double_backward_refused():
     second = torch.autograd.grad(out, (xa, wa, ba), g)
     for a, e in zip(second, first):
         assert torch.equal(a, e)
-    out = fl.linear_cross_entropy(xa, wa, t, **kw)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out, (xa,), create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", ["plain", "everything"])
+def test_double_backward(backend, option, reduction):
+    """create_graph=True: gradgradcheck with default settings, and a Hessian-vector product of
+    (input, weight, bias) equal to the float64 reference's on the whole logits."""
+    d = backend.device
+    x, w, b, t, kw = make_case(7, 3, 5, torch.float64, d, OPTIONS[option])
+    fkw = on(kw, d, torch.float64)
+
+    def f(x, w, b):
+        return fl.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction,
+                                       chunk_size=3, **fkw)
+
+    assert torch.autograd.gradgradcheck(f, leaves(x, w, b))
+    rkw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+
+    def hvp(loss_of, params, cpu):
+        params = [p.cpu() if cpu else p for p in params]
+        out = loss_of(*params)
+        g = torch.ones_like(out)
+        grads = torch.autograd.grad(out, params, g, create_graph=True)
+        vs = [torch.linspace(-1, 1, p.numel(), dtype=p.dtype, device=p.device).reshape(p.shape)
+              for p in params]
+        dot = sum((gi * v).sum() for gi, v in zip(grads, vs))
+        return torch.autograd.grad(dot, params)
+
+    got = hvp(f, leaves(x, w, b), cpu=False)
+    want = hvp(lambda x, w, b: ref.cross_entropy(F.linear(x, w, b), t.cpu(), reduction=reduction,
+                                                 **rkw), leaves(x, w, b), cpu=True)
+    for a, e in zip(got, want):
+        assert_close(a, e, torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_mode_ad_and_torch_func(backend, reduction):
+    """Forward-mode AD (dual tensors, torch.func.jvp) and torch.func.grad / vmap(grad): the
+    tangent and the gradients of the definition (the float64 reference on the whole logits);
+    the tangent was silently dropped, the transforms refused, before."""
+    import torch.autograd.forward_ad as fwAD
+
+    d = backend.device
+    x, w, b, t, kw = make_case(12, 5, 9, torch.float64, d, OPTIONS["everything"])
+    t = t.reshape(3, 4)
+    x = x.reshape(3, 4, 5)
+    kw["mask"] = kw["mask"].reshape(3, 4)
+    rkw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    fkw = on(kw, d, torch.float64)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+
+    def ours(x, w):
+        return fl.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, **fkw)
+
+    def theirs(x, w):
+        out = ref.cross_entropy(F.linear(x, w, b.cpu()).reshape(12, 9), t.cpu().reshape(12),
+                                reduction=reduction, **dict(rkw, mask=rkw["mask"].reshape(12)))
+        return out.reshape(3, 4) if reduction == "none" else out
+
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw)))
+        want = fwAD.unpack_dual(theirs(fwAD.make_dual(x.cpu(), tx.cpu()),
+                                       fwAD.make_dual(w.cpu(), tw.cpu())))
+    assert got.tangent is not None and got.primal.shape == want.primal.shape
+    assert_close(got.primal, want.primal, torch.float64)
+    assert_close(got.tangent, want.tangent, torch.float64)
+    got_jvp = torch.func.jvp(ours, (x, w), (tx, tw))
+    want_jvp = torch.func.jvp(theirs, (x.cpu(), w.cpu()), (tx.cpu(), tw.cpu()))
+    for a, e in zip(got_jvp, want_jvp):
+        assert_close(a, e, torch.float64)
+    if reduction == "none":
+        return
+    for a, e in zip(torch.func.grad(ours, argnums=(0, 1))(x, w),
+                    torch.func.grad(theirs, argnums=(0, 1))(x.cpu(), w.cpu())):
+        assert_close(a, e, torch.float64)
+    # per-sample gradients of the weight (one position each)
+    per = torch.func.vmap(torch.func.grad(
+        lambda w, xi, ti: fl.linear_cross_entropy(xi, w, ti)), in_dims=(None, 0, 0))(
+        w, x.reshape(12, 1, 5), t.reshape(12, 1))
+    per_ref = torch.func.vmap(torch.func.grad(
+        lambda w, xi, ti: F.cross_entropy(F.linear(xi, w), ti)), in_dims=(None, 0, 0))(
+        w.cpu(), x.cpu().reshape(12, 1, 5), t.cpu().reshape(12, 1))
+    assert_close(per, per_ref, torch.float64)
 
 
 def _run_for_determinism(x, w, b, t, kw):
