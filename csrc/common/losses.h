@@ -37,17 +37,22 @@ namespace common {
 FL_ISA_NAMESPACE_BEGIN
 
 // ---------------------------------------------------------------------------------------------
-// Softmax statistics. `max` is the running maximum and `sum` the sum of exp(z - max); two
-// partial results (lanes, threads, blocks) merge exactly, which is what lets a row be split.
+// Softmax statistics. `max` is the running maximum, `sum` the sum of exp(z - max), and `below`
+// the part of that sum over z < max: sum = ties + below, where each of the `ties` values equal
+// to the max adds exp(0) = 1 exactly. A confident row's sum is 1 + a few 1e-4 and, rounded,
+// keeps only a few digits of them; `below` keeps them all, for log(sum) = log1p(ties - 1 +
+// below) (softmax_row_stats). Two partial results (lanes, threads, blocks) merge exactly, which
+// is what lets a row be split.
 template <typename T>
 struct SoftmaxStats {
   T max;
   T sum;
+  T below;
 };
 
 template <typename T>
 FL_HD SoftmaxStats<T> softmax_stats_identity() {
-  return {fl_neg_infinity<T>(), T(0)};
+  return {fl_neg_infinity<T>(), T(0), T(0)};
 }
 
 template <typename T>
@@ -56,7 +61,10 @@ FL_HD SoftmaxStats<T> softmax_stats_merge(SoftmaxStats<T> a, SoftmaxStats<T> b) 
   // An empty side (max = -inf) must contribute 0, not exp(-inf - -inf) = NaN.
   const T sa = a.max == fl_neg_infinity<T>() ? T(0) : a.sum * fl_exp(a.max - m);
   const T sb = b.max == fl_neg_infinity<T>() ? T(0) : b.sum * fl_exp(b.max - m);
-  return {m, sa + sb};
+  // The side whose max is the merged one keeps its split; all of the other side is below it.
+  const T ba = a.max == m ? a.below : sa;
+  const T bb = b.max == m ? b.below : sb;
+  return {m, sa + sb, ba + bb};
 }
 
 // What a row keeps of its softmax: the max and log(sum exp(z - max)).
@@ -68,7 +76,11 @@ struct SoftmaxRowStats {
 
 template <typename T>
 FL_HD SoftmaxRowStats<T> softmax_row_stats(SoftmaxStats<T> s) {
-  return {s.max, fl_log(s.sum)};
+  // Away from 1, log is well conditioned (and a NaN sum stays NaN). Near it, log1p of what the
+  // ties leave: sum - below is their count, 1 to 3 here, rounded to the integer it is.
+  if (!(s.sum < T(4))) return {s.max, fl_log(s.sum)};
+  const T ties = fl_rint(s.sum - s.below);
+  return {s.max, fl_log1p((ties - T(1)) + s.below)};
 }
 
 template <typename T>
@@ -160,6 +172,17 @@ template <typename T>
 FL_HD SoftmaxCERowGrad<T> softmax_ce_prob_row_grad(const SoftmaxCEOptions<T>& o, T lse,
                                                    T sum_w_q, T ce_scale, T z_scale) {
   return {ce_scale * sum_w_q + z_scale * (T(2) * o.z_loss * lse), ce_scale, T(0)};
+}
+
+// The target's gradient element (class-index targets): softmax_ce_grad_element(g, p_t, w_t) -
+// coef_target, with p_t's coefficient applied to p_t - 1 = expm1(z_t - lse) rather than to p_t:
+// a confident row's p_t is 1 - 1e-4, and p_t - 1 formed from it keeps a few digits only.
+// z_minus_max = z_t - max (exact where it matters: z_t near the max).
+template <typename T>
+FL_HD T softmax_ce_target_grad(const SoftmaxCERowGrad<T>& g, T z_minus_max,
+                               SoftmaxRowStats<T> r, T w_target) {
+  const T p_minus_1 = fl_expm1(z_minus_max - r.log_sum);
+  return g.coef_p * p_minus_1 + (g.coef_p - g.coef_target) - g.coef_w * w_target;
 }
 
 // One gradient element from p_j (class-index targets; the [j == t] term is applied by the

@@ -30,6 +30,10 @@ struct SoftmaxCERowKernel {
   static constexpr int64_t kStep = IO::kStep;
   // 16-bit data: the fast exp, whose error the output rounding hides (common/math.h).
   using Exp = std::conditional_t<IO::kReduced, FastExp, AccurateExp>;
+  // float32/float64: the sum's part below the row max is summed apart too (SoftmaxStats), for
+  // a confident row's loss to keep its digits; a 16-bit row's loss is not worth the extra
+  // operations in its exp-bound pass (its sum near 1 costs ~1e-7 absolute).
+  static constexpr bool kSumBelowMax = !IO::kReduced;
 
   const SoftmaxCEParams& p;
   SoftmaxCEOptions<acc_t> opts;
@@ -196,7 +200,7 @@ struct SoftmaxCERowKernel {
 
         // Pass B: exp(z - max) and its sum (kept for pass C), and the sums of the loss:
         // sum w (z - max) (smoothing), or sum w q (z - max) and sum w q (probability targets).
-        BlockedSum<Vec, K> vsum, va, vb;
+        BlockedSum<Vec, K> vsum, vbelow, va, vb;
         const Vec vrow_max(row_max);
         // The next row's logits: fetched into L2 while this row computes exp (one cache line
         // per step, which is at least one line of data per step for every dtype).
@@ -212,6 +216,11 @@ struct SoftmaxCERowKernel {
             if (n != kStep) e[k] = e[k] & IO::lanes_below(n, k);
           }
           vsum.add(e);
+          if constexpr (kSumBelowMax) {
+            Vec below[K];
+            for (int k = 0; k < K; ++k) below[k] = e[k] & (z[k] < Vec(acc_t(0)));
+            vbelow.add(below);
+          }
           if (want_grad) IO::store_acc(exp_row.data() + j, e);
           if (need_sums) {
             Vec w[K];
@@ -229,7 +238,9 @@ struct SoftmaxCERowKernel {
         sum_exp = vsum.result();
         const acc_t sum_a = va.result();
         sum_w_q = vb.result();
-        stats = softmax_row_stats(SoftmaxStats<acc_t>{row_max, sum_exp});
+        // 16-bit: the one tie the max itself is (exact: sum_exp is in [1, 2] where it is used)
+        const acc_t below = kSumBelowMax ? vbelow.result() : sum_exp - acc_t(1);
+        stats = softmax_row_stats(SoftmaxStats<acc_t>{row_max, sum_exp, below});
 
         acc_t loss;
         if constexpr (kProb) {
@@ -279,8 +290,7 @@ struct SoftmaxCERowKernel {
       acc_t g_t = acc_t(0);
       if (t_here) {
         const acc_t z_t = kSoftcap && !from_stats ? z_row[t] : scalar_z(x, t);
-        const acc_t p_t = from_stats ? softmax_prob(z_t, stats, Exp{}) : exp_row[t] / sum_exp;
-        g_t = softmax_ce_grad_element(rg, p_t, w_t) - rg.coef_target;
+        g_t = softmax_ce_target_grad(rg, z_t - stats.max, stats, w_t);
         if (kSoftcap) g_t *= softcap_derivative(z_t, inv_cap);
       }
       // exp_row holds exp(z - max), so p = exp_row / sum_exp: fold 1/sum_exp into coef_p.
