@@ -39,10 +39,9 @@ FL_ISA_NAMESPACE_BEGIN
 // ---------------------------------------------------------------------------------------------
 // Softmax statistics. `max` is the running maximum, `sum` the sum of exp(z - max), and `below`
 // the part of that sum over z < max: sum = ties + below, where each of the `ties` values equal
-// to the max adds exp(0) = 1 exactly. A confident row's sum is 1 + a few 1e-4 and, rounded,
-// keeps only a few digits of them; `below` keeps them all, for log(sum) = log1p(ties - 1 +
-// below) (softmax_row_stats). Two partial results (lanes, threads, blocks) merge exactly, which
-// is what lets a row be split.
+// to the max adds exp(0) = 1. A confident row's sum is 1 + a few 1e-4 and, rounded, keeps only
+// a few digits of them; `below` keeps them all (softmax_row_stats). Two partial results (lanes,
+// threads, blocks) merge exactly, which is what lets a row be split.
 template <typename T>
 struct SoftmaxStats {
   T max;
@@ -76,11 +75,21 @@ struct SoftmaxRowStats {
 
 template <typename T>
 FL_HD SoftmaxRowStats<T> softmax_row_stats(SoftmaxStats<T> s) {
-  // Away from 1, log is well conditioned (and a NaN sum stays NaN). Near it, log1p of what the
-  // ties leave: sum - below is their count, 1 to 3 here, rounded to the integer it is.
-  if (!(s.sum < T(4))) return {s.max, fl_log(s.sum)};
-  const T ties = fl_rint(s.sum - s.below);
-  return {s.max, fl_log1p((ties - T(1)) + s.below)};
+  // When the max is not tied (sum - below, the count of ties, is 1) and sum < 2, the exact sum
+  // is 1 + below, and sum (exact minus 1 there) misses d = below - (sum - 1) of it, the digits
+  // its rounding lost: log(1 + below) = log(sum) + log1p(d / sum) = log(sum) + d, to a fraction
+  // of an ulp (d is ~1e-7, sum in [1, 2)). Elsewhere log(sum) is well conditioned as it is.
+  // (A log and an add: the CUDA rows kernels have no registers left for a log1p or a division.)
+  const bool near_one = s.sum - s.below < T(1.5) && s.sum < T(2);
+  return {s.max, fl_log(s.sum) + (near_one ? s.below - (s.sum - T(1)) : T(0))};
+}
+
+// The same from the sum alone, log(sum), for kernels that do not sum `below` apart: the CUDA
+// ones, whose rows kernels spill registers with one more accumulator (measured with ptxas: 28
+// bytes of spill stores in the bfloat16 8-vector kernel on sm_80).
+template <typename T>
+FL_HD SoftmaxRowStats<T> softmax_row_stats_of_sum(T max, T sum) {
+  return {max, fl_log(sum)};
 }
 
 template <typename T>

@@ -29,8 +29,6 @@ FL_HD float fl_log1p(float x) { return ::log1pf(x); }
 FL_HD double fl_log1p(double x) { return ::log1p(x); }
 FL_HD float fl_expm1(float x) { return ::expm1f(x); }
 FL_HD double fl_expm1(double x) { return ::expm1(x); }
-FL_HD float fl_rint(float x) { return ::rintf(x); }
-FL_HD double fl_rint(double x) { return ::rint(x); }
 // log1p of a value in [0, 1] only: the one range the losses need it on (softplus of
 // exp(-|x|)), which lets the vector code use a short series in u = x / (2 + x) instead of a
 // general log1p. Given as a ratio, log1p(num / den) for 0 <= num <= den (the vector code then

@@ -44,8 +44,8 @@ constexpr int kSigmoidVecs = 4;  // 16-byte packs per thread per chunk
 constexpr int kScaleThreads = 256;
 constexpr int kScaleVecs = 4;
 // Split path: words of a chunk's partial (max, sum exp(z - max), sum w (z - max), sum w,
-// z_target, the chunk's first index of its max, the part of the exp sum below the max).
-constexpr int kPartialWords = 7;
+// z_target, the chunk's first index of its max).
+constexpr int kPartialWords = 6;
 // Workspace bytes of the device-side scalars of softmax_ce (4 acc_t).
 constexpr int64_t kScalarBytes = 32;
 

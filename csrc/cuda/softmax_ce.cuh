@@ -102,17 +102,16 @@ struct SoftmaxCEConsts {
 };
 
 // The sums of a row (or of a part of it), relative to a max m: sum exp(z - m),
-// a = sum w (z - m) (w q for probability targets), b = sum w (w q), and below = the part of
-// sum over z < m (common::SoftmaxStats).
+// a = sum w (z - m) (w q for probability targets), b = sum w (w q).
 template <typename acc_t>
 struct RowSums {
-  acc_t sum, a, b, below;
+  acc_t sum, a, b;
 };
 
 template <typename acc_t>
 struct RowSumsAdd {
   FL_DEVICE RowSums<acc_t> operator()(RowSums<acc_t> x, RowSums<acc_t> y) const {
-    return {x.sum + y.sum, x.a + y.a, x.b + y.b, x.below + y.below};
+    return {x.sum + y.sum, x.a + y.a, x.b + y.b};
   }
 };
 
@@ -129,11 +128,11 @@ template <typename acc_t>
 struct RowPartialMerge {
   FL_DEVICE RowPartial<acc_t> operator()(RowPartial<acc_t> x, RowPartial<acc_t> y) const {
     const SoftmaxStats<acc_t> st =
-        common::softmax_stats_merge(SoftmaxStats<acc_t>{x.max, x.s.sum, x.s.below},
-                                    SoftmaxStats<acc_t>{y.max, y.s.sum, y.s.below});
+        common::softmax_stats_merge(SoftmaxStats<acc_t>{x.max, x.s.sum, acc_t(0)},
+                                    SoftmaxStats<acc_t>{y.max, y.s.sum, acc_t(0)});
     const acc_t a = common::softmax_sum_rebase(x.s.a, x.s.b, x.max, st.max) +
                     common::softmax_sum_rebase(y.s.a, y.s.b, y.max, st.max);
-    return {st.max, {st.sum, a, x.s.b + y.s.b, st.below}};
+    return {st.max, {st.sum, a, x.s.b + y.s.b}};
   }
 };
 
@@ -257,7 +256,7 @@ struct RowSlice {
   template <bool kStatsOnly>
   FL_DEVICE RowSums<acc_t> sums(const SoftmaxCEConsts<acc_t>& c, acc_t m,
                                 unsigned* max_hits = nullptr) const {
-    RowSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    RowSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0)};
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
 #pragma unroll
@@ -267,11 +266,7 @@ struct RowSlice {
         const acc_t z = c.z_of(xs[k][i]);
         if (max_hits != nullptr && is_row_max(z, m)) *max_hits |= 1u << (k * N + i);
         const acc_t zm = z - m;
-        if (!kStatsOnly) {
-          const acc_t ez = fl_exp(zm);
-          s.sum += ez;
-          if (zm < acc_t(0)) s.below += ez;
-        }
+        if (!kStatsOnly) s.sum += fl_exp(zm);
         if (c.need_sums) {
           acc_t w = c.w_of(e);
           if constexpr (kProb) w *= common::softmax_ce_smoothed_prob(c.opts, ys[k][i]);
@@ -300,8 +295,8 @@ struct RowSlice {
         const acc_t pr = common::softmax_prob(z, st);
         acc_t w = c.w_of(e + i);
         if constexpr (kProb) w *= common::softmax_ce_smoothed_prob(c.opts, ys[k][i]);
-        acc_t v = !kProb && e + i == t ? common::softmax_ce_target_grad(rg, z - st.max, st, w)
-                                       : common::softmax_ce_grad_element(rg, pr, w);
+        acc_t v = common::softmax_ce_grad_element(rg, pr, w);
+        if (!kProb && e + i == t) v -= rg.coef_target;
         if (c.softcap) v *= common::softcap_derivative(z, c.inv_cap);
         out.v[i] = from_acc<T>(v);
       }
@@ -428,13 +423,13 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
   }
 
   SoftmaxRowStats<acc_t> st{acc_t(0), acc_t(0)};
-  RowSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  RowSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0)};
   if constexpr (!kFromStats) {
     const acc_t m = row_allreduce(active ? slice.max(c) : fl_neg_infinity<acc_t>(), tpr,
                                   MaxOp<acc_t>(), red_max);
     s = row_allreduce(active ? slice.template sums<false>(c, m) : s, tpr, RowSumsAdd<acc_t>(),
                       red_sums);
-    st = common::softmax_row_stats(SoftmaxStats<acc_t>{m, s.sum, s.below});
+    st = common::softmax_row_stats_of_sum(m, s.sum);
     // The argmax is the target when z_t is the max and no element before it is (the same for
     // every thread of the block: p is the kernel's argument).
     bool correct = false;
@@ -498,7 +493,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
   if (rc.kind != kActive) {  // the whole block agrees: no barrier is skipped by some only
     if (threadIdx.x == 0) {
       part[0] = fl_neg_infinity<acc_t>();
-      part[1] = part[2] = part[3] = part[4] = part[5] = part[6] = acc_t(0);
+      part[1] = part[2] = part[3] = part[4] = part[5] = acc_t(0);
     }
     return;
   }
@@ -538,7 +533,6 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
     part[3] = s.b;
     part[4] = (!kProb && rc.target >= lo && rc.target < hi) ? c.z_of(x[rc.target]) : acc_t(0);
     part[5] = acc_t(first);
-    part[6] = s.below;
   }
 }
 
@@ -570,14 +564,14 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
   // The row's partials, merged by every warp: lane l takes chunks l, l + 32, ... in order, then
   // a butterfly (no shared memory, no barrier).
   const bool have_partials = !kFromStats || kProb;
-  RowPartial<acc_t> rp{fl_neg_infinity<acc_t>(), {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}};
+  RowPartial<acc_t> rp{fl_neg_infinity<acc_t>(), {acc_t(0), acc_t(0), acc_t(0)}};
   acc_t z_t = acc_t(0);
   if (have_partials) {
     const acc_t* parts = static_cast<const acc_t*>(a.partials) + local * a.splits * kPartialWords;
     const int lane = tid % kWarp;
     for (int64_t j = lane; j < a.splits; j += kWarp) {
       const acc_t* q = parts + j * kPartialWords;
-      rp = RowPartialMerge<acc_t>()(rp, RowPartial<acc_t>{q[0], {q[1], q[2], q[3], q[6]}});
+      rp = RowPartialMerge<acc_t>()(rp, RowPartial<acc_t>{q[0], {q[1], q[2], q[3]}});
     }
     rp = warp_allreduce(rp, RowPartialMerge<acc_t>());
     if (!kProb && !kFromStats && rc.here(p.classes)) {
@@ -591,7 +585,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
     rp.s.b = static_cast<const acc_t*>(p.row_target_mass)[r];  // the whole row's Q
   SoftmaxRowStats<acc_t> st;
   if constexpr (!kFromStats) {
-    st = common::softmax_row_stats(SoftmaxStats<acc_t>{rp.max, rp.s.sum, rp.s.below});
+    st = common::softmax_row_stats_of_sum(rp.max, rp.s.sum);
     if (chunk == 0) {
       // The row's first max lies in the first chunk whose max is the row's (the row max is
       // one of the chunk maxima, bit for bit), at that chunk's offset of its own first max.
