@@ -75,13 +75,12 @@ struct SoftmaxRowStats {
 
 template <typename T>
 FL_HD SoftmaxRowStats<T> softmax_row_stats(SoftmaxStats<T> s) {
-  // When the max is not tied (sum - below, the count of ties, is 1) and sum < 2, the exact sum
-  // is 1 + below, and sum (exact minus 1 there) misses d = below - (sum - 1) of it, the digits
-  // its rounding lost: log(1 + below) = log(sum) + log1p(d / sum) = log(sum) + d, to a fraction
-  // of an ulp (d is ~1e-7, sum in [1, 2)). Elsewhere log(sum) is well conditioned as it is.
-  // (A log and an add: the CUDA rows kernels have no registers left for a log1p or a division.)
-  const bool near_one = s.sum - s.below < T(1.5) && s.sum < T(2);
-  return {s.max, fl_log(s.sum) + (near_one ? s.below - (s.sum - T(1)) : T(0))};
+  // log(sum) = log1p(sum - 1), and sum - 1 is `below` when the max is not tied (sum - below,
+  // the count of ties, is 1): summed apart, it has all its digits, where sum - 1 has those the
+  // rounding of sum left. With ties (rare), sum >= 2 and sum - 1 loses nothing that matters. A
+  // NaN sum fails the test and stays NaN.
+  const T rest = s.sum - s.below < T(1.5) ? s.below : s.sum - T(1);
+  return {s.max, fl_log1p(rest)};
 }
 
 // The same from the sum alone, log(sum), for kernels that do not sum `below` apart: the CUDA
