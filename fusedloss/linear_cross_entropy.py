@@ -200,9 +200,8 @@ def _register(ns):
                                                 need_weight_grad, need_bias_grad, False)
                 # handed over without a copy, scaled in place (no pass when grad_loss is 1)
                 ctx.saved_grads = None
-                scale_grad_ = getattr(torch.ops, ns).scale_grad_.default
                 for g in grads:
-                    scale_grad_(g, grad_loss)
+                    lib.scale_grad_(g, grad_loss)
                 gi, gw, gb = grads
         return (gi if need_input_grad else None, gw if need_weight_grad else None,
                 gb if need_bias_grad and ctx.has_bias else None) + nones

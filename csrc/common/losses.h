@@ -83,9 +83,10 @@ FL_HD SoftmaxRowStats<T> softmax_row_stats(SoftmaxStats<T> s) {
   return {s.max, fl_log1p(rest)};
 }
 
-// The same from the sum alone, log(sum), for kernels that do not sum `below` apart: the CUDA
-// ones, whose rows kernels spill registers with one more accumulator (measured with ptxas: 28
-// bytes of spill stores in the bfloat16 8-vector kernel on sm_80).
+// The same from the sum alone, log(sum), for kernels that do not sum `below` apart: the CPU's
+// 16-bit rows, and the CUDA kernels, whose rows kernels spill registers with one more
+// accumulator (measured with ptxas: 28 bytes of spill stores in the bfloat16 8-vector kernel
+// on sm_80).
 template <typename T>
 FL_HD SoftmaxRowStats<T> softmax_row_stats_of_sum(T max, T sum) {
   return {max, fl_log(sum)};

@@ -238,9 +238,9 @@ struct SoftmaxCERowKernel {
         sum_exp = vsum.result();
         const acc_t sum_a = va.result();
         sum_w_q = vb.result();
-        // 16-bit: below = sum - 1 makes it log1p(sum - 1), the plain sum's log
-        const acc_t below = kSumBelowMax ? vbelow.result() : sum_exp - acc_t(1);
-        stats = softmax_row_stats(SoftmaxStats<acc_t>{row_max, sum_exp, below});
+        stats = kSumBelowMax
+                    ? softmax_row_stats(SoftmaxStats<acc_t>{row_max, sum_exp, vbelow.result()})
+                    : softmax_row_stats_of_sum(row_max, sum_exp);
 
         acc_t loss;
         if constexpr (kProb) {
