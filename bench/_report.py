@@ -170,16 +170,3 @@ def write(report, out_dir, tag, json_only=False):
     plot(report, paths["png"])
     return paths
 
-
-README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def update_readme(readme, table_md):
-    with open(readme) as f:
-        text = f.read()
-    head, sep, rest = text.partition(README_BEGIN)
-    _, sep2, tail = rest.partition(README_END)
-    if not (sep and sep2):
-        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} markers")
-    with open(readme, "w") as f:
-        f.write(f"{head}{README_BEGIN}\n{table_md}{README_END}{tail}")

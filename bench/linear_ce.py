@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import _measure
 import fusedloss as fl
-from fusedloss.linear_cross_entropy import auto_chunk_rows, compute_dtype
+from fusedloss.linear import auto_chunk_rows, compute_dtype
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ["4096x256x32000-float32", "4096x256x32000-bfloat16",

@@ -57,8 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--compiled", action="store_true",
                    help="also run bench/compiled.py's cases (layer + loss and small LM steps, "
                    "compiled and eager) with --quick, --out and --reps passed on")
-    p.add_argument("--update-readme", action="store_true",
-                   help="also write the table into bench/README.md")
     p.add_argument("--memory-probe", nargs=2, metavar=("CASE", "CONTENDER"),
                    help=argparse.SUPPRESS)  # internal: the child process of the memory column
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -244,8 +242,6 @@ def main(argv=None):
     paths = _report.write(report, args.out, tag)
     table = _report.markdown(report)
     print(table, end="")
-    if args.update_readme:
-        _report.update_readme(os.path.join(HERE, "README.md"), table)
     log("wrote " + ", ".join(paths.values()))
     if args.compiled:
         compiled.main(["--out", args.out, "--reps", str(min(args.reps, 10))]

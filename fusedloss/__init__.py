@@ -1,9 +1,25 @@
-"""fusedloss: softmax and sigmoid cross-entropy for PyTorch, loss and gradient in one pass."""
+"""fusedloss: softmax and sigmoid cross-entropy for PyTorch, loss and gradient in one pass.
+
+C++ and CUDA kernels read each row of logits once and write the loss and its gradient together.
+The API mirrors PyTorch's and TensorFlow's:
+
+- ``cross_entropy``, ``binary_cross_entropy_with_logits``: drop-ins for torch.nn.functional's,
+  with ``mask``, ``z_loss``, ``softcap``, ``label_smoothing`` for BCE, extra outputs
+  (``CrossEntropyOutput``) and vocab-parallel ``process_group=``;
+- ``linear_cross_entropy``: the loss of ``input @ weight.T`` without the logits ever whole;
+- ``sequence_loss``, ``sparse_softmax_cross_entropy_with_logits``,
+  ``sigmoid_cross_entropy_with_logits``: TensorFlow's names and semantics;
+- ``CrossEntropyLoss``, ``BCEWithLogitsLoss``, ``LinearCrossEntropyLoss``, ``SequenceLoss``:
+  the modules;
+- ``fusedloss.integrations.transformers.apply_fusedloss``: one call for a transformers model.
+
+``python -m fusedloss`` prints what this build compiled and runs a self-check. The docs are in
+the repository's docs/ folder (docs/api.md lists every function and argument)."""
 
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from . import _C  # noqa: F401  (registers the fusedloss ops)
-from . import _ops  # noqa: F401  (fake kernels and autograd)
+from . import _autograd, _ops
 from .functional import (
     CrossEntropyOutput,
     binary_cross_entropy_with_logits,
@@ -13,8 +29,12 @@ from .functional import (
     sigmoid_cross_entropy_with_logits,
     sparse_softmax_cross_entropy_with_logits,
 )
-from .linear_cross_entropy import linear_cross_entropy
+from .linear import linear_cross_entropy
 from .nn import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, SequenceLoss
+
+# The ops' fake kernels and autograd, registered once, at import; the public functions call
+# this OpSet (tests route them through the SIMT-emulated kernels with _ops.use).
+_ops.set_default(_autograd.install("fusedloss"))
 
 __version__ = "0.1.0"
 
@@ -37,7 +57,9 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """What this build compiled: CPU instruction sets (and the one in use), CUDA archs."""
+    """What this build compiled, as a dict: ``cpu_isas`` (the CPU kernels' instruction sets,
+    e.g. ['DEFAULT', 'AVX2', 'AVX512']), ``cpu_isa`` (the one this CPU runs), ``cuda``
+    (whether the CUDA kernels are compiled) and ``cuda_archs`` (their architectures)."""
     info = dict(line.split("=", 1) for line in torch.ops.fusedloss.build_info().splitlines())
     info["cpu_isas"] = info["cpu_isas"].split(",")
     info["cuda"] = info["cuda"] == "1"

@@ -16,6 +16,8 @@ def _check(name, ours, theirs, rtol=1e-5, atol=1e-6):
 
 
 def self_check(device):
+    """cross_entropy and binary_cross_entropy_with_logits against PyTorch in float64 on
+    `device` (loss and gradient); prints a line per check, returns whether all passed."""
     torch.manual_seed(0)
     x = torch.randn(64, 1000, device=device)
     t = torch.randint(0, 1000, (64,), device=device)
@@ -49,6 +51,7 @@ def cuda_skip_reason(info):
 
 
 def main():
+    """Prints the build's versions and kernels, runs the self-check; the exit status."""
     info = fl.build_info()
     print(f"fusedloss {fl.__version__}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")

@@ -21,14 +21,15 @@ Why it works (read the AOT graphs with TORCH_LOGS=aot_graphs,post_grad_graphs):
     the out-of-place softmax_ce instead, which writes the gradient into a buffer of its own
     while it reads the logits: a clone first would move the logits' bytes twice more, into a
     buffer faulted in afresh on every call (small logits are copied all the same, where the
-    copy costs less than the op's Python autograd dispatch: functional.py,
+    copy costs less than the op's Python autograd dispatch: _route.py,
     _OUT_OF_PLACE_MIN_BYTES). Logits computed before the compiled function (a
     graph input, but not a leaf) look like the graph's own intermediates while dynamo traces,
     so they take the clone: a copy, never a wrong value.
   - the backward multiplies the saved gradient by grad_output in an inductor pointwise
-    kernel. The saved gradient is a backward-graph input that nothing else holds
-    (a donated buffer, torch._functorch.config.donated_buffer), so inductor writes the
-    product into it: no second N x C buffer. The product is one pass even when grad_output
+    kernel (the traced form of the gradient hand-over, _handover.py). The saved gradient is
+    a backward-graph input that nothing else holds (a donated buffer,
+    torch._functorch.config.donated_buffer), so inductor writes the product into it: no
+    second N x C buffer. The product is one pass even when grad_output
     is 1 (the value is known only when the graph runs). Calling the mutating scale_grad_ on
     the saved gradient instead (no pass at 1 in eager) does not save it: a graph may mutate
     an input only where it copies the result back to it (reinplace.py: can_inplace), which
@@ -61,6 +62,7 @@ INPUT_LOGITS = (
 
 
 def make_function(lib):
+    """The compiled path's autograd.Function over the ops of `lib` (one per namespace)."""
     class SoftmaxCECompiled(torch.autograd.Function):
         """cross_entropy (mean/sum) in a compiled graph, gradient of the logits only.
         Returns (loss, row_stats, extras) like softmax_ce, less the gradient."""

@@ -15,13 +15,7 @@ in the accumulation dtype) and returns what the op returns, in the accumulation 
 
 import torch
 
-from ._ops import acc_dtype
-
-
-def _divide_or_zero(total, denominator):
-    """total / denominator, 0 (with a zero gradient) where the denominator is 0."""
-    nonzero = denominator != 0
-    return torch.where(nonzero, total / torch.where(nonzero, denominator, 1), 0)
+from ._common import acc_dtype, divide_or_zero
 
 
 def softmax_ce(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
@@ -82,9 +76,9 @@ def softmax_ce(logits, target, weight, mask, ignore_index, label_smoothing, z_lo
         count = valid_m.sum() + mean_eps
     ce_total, z_total = ce.sum(), z_part.sum()
     if reduction == 1:
-        ce_total = _divide_or_zero(ce_total, denominator)
-        z_total = _divide_or_zero(z_total, count)
-    accuracy = (_divide_or_zero(correct.sum(), count.detach()) if correct is not None
+        ce_total = divide_or_zero(ce_total, denominator)
+        z_total = divide_or_zero(z_total, count)
+    accuracy = (divide_or_zero(correct.sum(), count.detach()) if correct is not None
                 else zero)
     extras = torch.stack([z_total.detach(), accuracy.detach()])
     return ce_total + z_total, stats, extras
@@ -110,4 +104,4 @@ def sigmoid_ce(input, target, weight, pos_weight, mask, label_smoothing, reducti
     if reduction == 2:
         return total
     denominator = mask.sum() if mask is not None else x.new_tensor(float(x.numel()))
-    return _divide_or_zero(total, denominator)
+    return divide_or_zero(total, denominator)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .linear_cross_entropy import linear_cross_entropy
+from .linear import linear_cross_entropy
 
 __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss", "LinearCrossEntropyLoss"]
 
@@ -25,7 +25,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
         # vocab parallel: the input is this rank's slice of the classes, the weight buffer the
-        # whole vocabulary's (fusedloss.distributed)
+        # whole vocabulary's (fusedloss.parallel)
         self.process_group = process_group
         self.z_loss = z_loss
         self.softcap = softcap
@@ -35,6 +35,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.return_lse = return_lse
 
     def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None):
+        """The loss of logits `input` against `target`; `mask` (the target's shape) weighs
+        each position (0 = padding). A CrossEntropyOutput when a return_* flag is set."""
         return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
                                self.label_smoothing, mask=mask, z_loss=self.z_loss,
                                softcap=self.softcap, inplace_backward=self.inplace_backward,
@@ -99,6 +101,7 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss",
         self.chunk_size = chunk_size
 
     def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """The loss of ``self.linear(input)`` against `target`, without the logits whole."""
         ignore_index = -100 if self.ignore_index is None else self.ignore_index
         return linear_cross_entropy(input, self.linear.weight, target,
                                     linear_bias=self.linear.bias, weight=self.weight,
@@ -113,7 +116,12 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss",
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
-    """torch.nn.BCEWithLogitsLoss with fusedloss's kernel; forward(input, target, mask=None)."""
+    """torch.nn.BCEWithLogitsLoss with fusedloss's kernel; forward(input, target, mask=None).
+
+    Same constructor, ``weight`` / ``pos_weight`` buffers and state_dict keys as torch's.
+    Beyond torch: ``label_smoothing`` e (targets become y * (1 - e) + e / 2) and forward's
+    ``mask`` (broadcast to the input; multiplies each element's loss, and ``mean`` divides by
+    its sum). See fusedloss.binary_cross_entropy_with_logits."""
 
     def __init__(self, weight: Optional[Tensor] = None, reduction: str = "mean",
                  pos_weight: Optional[Tensor] = None, *, label_smoothing: float = 0.0) -> None:
@@ -121,6 +129,7 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         self.label_smoothing = label_smoothing
 
     def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """The loss of logits `input` against `target` (the input's shape), `mask` optional."""
         return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction,
                                                   self.pos_weight, mask=mask,
                                                   label_smoothing=self.label_smoothing)
@@ -130,7 +139,11 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
 
 
 class SequenceLoss(torch.nn.Module):
-    """tf.contrib.seq2seq.sequence_loss as a module; forward(logits, targets, weights)."""
+    """tf.contrib.seq2seq.sequence_loss as a module; forward(logits, targets, weights).
+
+    logits (batch, time, classes), targets (batch, time) class indices, weights (batch, time).
+    The averaging flags, ``label_smoothing``, ``z_loss``, ``softcap`` and ``process_group``
+    (this rank's slice of the classes) are fusedloss.sequence_loss's."""
 
     def __init__(self, average_across_timesteps: bool = True, average_across_batch: bool = True,
                  *, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -144,6 +157,7 @@ class SequenceLoss(torch.nn.Module):
         self.softcap = softcap
 
     def forward(self, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        """The weighted cross-entropy, averaged as the constructor's flags say."""
         return F.sequence_loss(logits, targets, weights, self.average_across_timesteps,
                                self.average_across_batch, label_smoothing=self.label_smoothing,
                                z_loss=self.z_loss, softcap=self.softcap,

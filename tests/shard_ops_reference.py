@@ -1,7 +1,7 @@
 """The two ops of the vocab-parallel path written in plain PyTorch, from their documented
 semantics (csrc/fusedloss.cpp): softmax_ce_shard_stats and softmax_ce_backward on a class slice
 (global_classes > 0). A reference to check the kernels' shard outputs against, and a stand-in
-OpSet (`reference_opset`) that runs fusedloss.distributed on them."""
+OpSet (`reference_opset`) that runs fusedloss.parallel on them."""
 
 import torch
 
@@ -114,7 +114,7 @@ class _ReferenceLib:
 
 
 class _ReferenceOpSet:
-    """fusedloss's OpSet, but with _ReferenceLib as its lib (what fusedloss.distributed calls)."""
+    """fusedloss's OpSet, but with _ReferenceLib as its lib (what fusedloss.parallel calls)."""
 
     def __init__(self):
         from fusedloss import _ops
@@ -126,6 +126,6 @@ class _ReferenceOpSet:
 
 
 def reference_opset():
-    """An OpSet-like object for fusedloss._ops.use(...): fusedloss.distributed then runs on the
+    """An OpSet-like object for fusedloss._ops.use(...): fusedloss.parallel then runs on the
     reference ops above; everything else on the real kernels."""
     return _ReferenceOpSet()

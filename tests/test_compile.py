@@ -73,7 +73,7 @@ def test_gradient_written_over_dead_logits_and_no_buffer_in_backward(inplace):
 
 
 # (rows, classes): float32 logits of 0.5 MiB and more take the out-of-place kernel, smaller
-# ones a copy (functional._OUT_OF_PLACE_MIN_BYTES); the sizes are odd either way.
+# ones a copy (_route._OUT_OF_PLACE_MIN_BYTES); the sizes are odd either way.
 LEAF_SHAPES = {"large": (129, 1031), "large, one row": (1, 131101), "small": (ROWS, CLASSES)}
 
 
@@ -168,9 +168,9 @@ BITWISE = [(o, i, s) for o in OPTIONS for i in (False, True) for s in SOURCES]
 
 @pytest.mark.parametrize("option,inplace,source", BITWISE)
 def test_compiled_equals_eager_bitwise(option, inplace, source, monkeypatch):
-    from fusedloss import functional
+    from fusedloss import _route
     if source == "leaf":
-        monkeypatch.setattr(functional, "_OUT_OF_PLACE_MIN_BYTES", 0)
+        monkeypatch.setattr(_route, "_OUT_OF_PLACE_MIN_BYTES", 0)
     h, W, t = linear_inputs(seed=1)
     x = (h @ W.t()).detach().requires_grad_()  # the leaf logits
     t[::5] = 3  # some positions at ignore_index where the option sets it

@@ -1,4 +1,4 @@
-"""fusedloss.distributed's combine in one process: the slices of a row are reduced one by one
+"""fusedloss.parallel's combine in one process: the slices of a row are reduced one by one
 (as the ranks would), their payloads stacked (as the all_gather would), combined, and the
 result compared with fusedloss.cross_entropy on the whole logits; each slice's gradient, put
 back together, with the whole gradient. The multi-process path itself is tested in
@@ -9,8 +9,9 @@ import torch
 
 import fusedloss as fl
 from fusedloss import _ops
-from fusedloss import distributed as D
-from fusedloss._ops import REDUCTIONS, acc_dtype
+from fusedloss._common import REDUCTIONS, acc_dtype
+from fusedloss.parallel import combine as C
+from fusedloss.parallel.protocol import Layout
 from helpers import assert_close
 from shard_ops_reference import reference_opset
 
@@ -48,29 +49,29 @@ def _simulated(lib, logits, target, weight, mask, sizes, ignore_index=-100, smoo
     prob = target.is_floating_point()
     layouts, payloads = [], []
     for rank, cols in _slices(sizes):
-        layout = D.Layout(rank, cols.start, classes, tuple(sizes))
+        layout = Layout(rank, cols.start, classes, tuple(sizes))
         t = target[:, cols] if prob else target
-        payload, _ = D.shard_payload(lib, logits[:, cols], t, weight, mask, ignore_index,
+        payload, _ = C.shard_payload(lib, logits[:, cols], t, weight, mask, ignore_index,
                                      smoothing, softcap, layout, want_accuracy)
         layouts.append(layout)
         payloads.append(payload)
     gathered = torch.stack(payloads)
-    c = D.combine(gathered, layouts[0], target, weight, mask, ignore_index, smoothing, z_loss,
+    c = C.combine(gathered, layouts[0], target, weight, mask, ignore_index, smoothing, z_loss,
                   want_accuracy)
     dens = (None if red == 0 else
-            D.mean_denominators(target, weight, mask, ignore_index, logits.shape[0], 0.0,
+            C.mean_denominators(target, weight, mask, ignore_index, logits.shape[0], 0.0,
                                 logits.device))
-    loss, extras = D.reduce_rows(c, red, dens, acc)
+    loss, extras = C.reduce_rows(c, red, dens, acc)
     stats = c.stats.to(acc)
     mass = c.target_mass.to(acc) if c.target_mass is not None else None
-    options = D._Options(ignore_index, smoothing, z_loss, softcap, red, 0.0)
+    options = C.Options(ignore_index, smoothing, z_loss, softcap, red, 0.0)
     grad_loss = (torch.linspace(0.5, 1.5, logits.shape[0], dtype=acc) if red == 0
                  else torch.ones((), dtype=acc))
     grads = []
     for (rank, cols), layout in zip(_slices(sizes), layouts):
         t = target[:, cols] if prob else target
-        grads.append(D._slice_grad(lib, grad_loss, logits[:, cols], t, weight, mask, stats, mass,
-                                   dens, options, layout))
+        grads.append(C.slice_grad(lib, grad_loss, logits[:, cols], t, weight, mask, stats, mass,
+                                  dens, options, layout))
     return loss, extras, stats, torch.cat(grads, 1), grad_loss
 
 

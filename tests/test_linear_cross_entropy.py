@@ -369,23 +369,24 @@ def _run_for_determinism(x, w, b, t, kw):
     return [out.detach()] + list(gradients(out, (xa, wa, ba), None))
 
 
-def test_deterministic_across_runs_and_thread_counts():
-    """Bitwise identical run to run and with 1 or 2 threads: the CE kernel sums in fixed
-    blocks and the mean's denominator is a running sum by construction; that MKL's GEMMs give
-    the same bits at 1 and 2 threads is measured here, not assumed."""
+def test_deterministic_run_to_run():
+    """Bitwise identical run to run, with 2 threads and with 1: the CE kernel sums in fixed
+    blocks and the mean's denominator is a running sum by construction. Not asserted across
+    thread counts: the GEMMs are the BLAS's, and MKL splits a GEMM's reduction dimension among
+    its threads on some hosts (measured on an AVX-512 host: the input gradient G @ W of this
+    case, and a bare 256 x 32000 x 256 torch.mm, differ between 1 and 2 threads). The kernels'
+    own invariance to the thread count is tests/test_ops.py's."""
     x, w, b, t, kw = make_case(333, 64, 3000, torch.float32, "cpu", OPTIONS["everything"])
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        a = _run_for_determinism(x, w, b, t, kw)
-        a2 = _run_for_determinism(x, w, b, t, kw)
-        torch.set_num_threads(1)
-        one = _run_for_determinism(x, w, b, t, kw)
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            first = _run_for_determinism(x, w, b, t, kw)
+            again = _run_for_determinism(x, w, b, t, kw)
+            for u, v in zip(first, again):
+                assert torch.equal(u, v), f"{n} thread(s)"
     finally:
         torch.set_num_threads(threads)
-    for u, v, s in zip(a, a2, one):
-        assert torch.equal(u, v)
-        assert torch.equal(u, s)
 
 
 @pytest.mark.parametrize("device", [
@@ -414,9 +415,10 @@ def test_torch_compile_fullgraph(device):
 
 def test_opcheck():
     """The custom op's fake kernel, schema and autograd registration (torch.library.opcheck)."""
-    from fusedloss.linear_cross_entropy import mean_denominators, ops_for
+    from fusedloss import _ops
+    from fusedloss._common import mean_denominators
 
-    op, _ = ops_for("fusedloss")
+    op = _ops.current().linear_ce
     x, w, b, t, kw = make_case(10, 4, 7, torch.float64, "cpu", OPTIONS["plain"])
     for reduction in (0, 1, 2):
         dens = mean_denominators(t, None, None, -100, 10, "cpu") if reduction else None
@@ -550,9 +552,10 @@ def test_cuda_native_no_host_sync(dtype):
 def test_op_checks_name_the_argument():
     """The op called directly (not through linear_cross_entropy's checks): a bad operand gets an
     error naming it, never an out-of-range slice."""
-    from fusedloss.linear_cross_entropy import mean_denominators, ops_for
+    from fusedloss import _ops
+    from fusedloss._common import mean_denominators
 
-    op, op_backward = ops_for("fusedloss")
+    op, op_backward = _ops.current().linear_ce, _ops.current().linear_ce_backward
     x, w, b, t, _ = make_case(10, 4, 7, torch.float32, "cpu", OPTIONS["plain"])
     dens = mean_denominators(t, None, None, -100, 10, "cpu")
 

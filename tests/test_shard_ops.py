@@ -3,7 +3,8 @@ CUDA path: `softmax_ce_shard_stats` returns a slice's part of each row exactly a
 csrc/fusedloss.cpp defines it, and `softmax_ce_backward` given the whole rows' statistics returns
 the slice of the whole rows' gradient. Checked against float64 formulas written from the
 definitions (the slice's sums) and against PyTorch's gradient of the whole rows; how the slices'
-parts are combined across devices is fusedloss/distributed.py's, tested in test_distributed.py."""
+parts are combined across devices is fusedloss/parallel/combine.py's, tested in
+test_distributed.py."""
 
 import os
 import sys

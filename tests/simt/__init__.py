@@ -55,14 +55,14 @@ def load_simt_opset():
     global _opset
     if _opset is None:
         import fusedloss  # noqa: F401  (the product's ops and OpSet class)
-        from fusedloss import _ops
+        from fusedloss import _autograd
 
         _load_library()
         # The scheduler's seed: FUSEDLOSS_SIMT_SEED, else the test run's seed, else random.
         seed = os.environ.get("FUSEDLOSS_SIMT_SEED", os.environ.get("FUSEDLOSS_TEST_SEED"))
         if seed is not None:
             torch.ops.fusedloss_simt_ctl.set_seed(int(seed))
-        _opset = _ops.OpSet("fusedloss_simt")
+        _opset = _autograd.install("fusedloss_simt")
     return _opset
 
 

@@ -5,8 +5,8 @@ not even its own (N, V / P) slice whole.
 
 Per row chunk (one reused logits buffer, as in the single-device loop of csrc/linear_ce.cpp),
 on every rank:
-local logits x_c @ W_r^T; the slice statistics (read 1, fusedloss.distributed.shard_payload);
-one all_gather of the payload and the float64 combine (fusedloss.distributed.combine); the
+local logits x_c @ W_r^T; the slice statistics (read 1, combine.shard_payload);
+one all_gather of the payload and the float64 combine (combine.combine); the
 chunk's logit gradient G from the global statistics (read 2, softmax_ce_backward, pre-scaled for
 the reduction); then G @ W_r into this rank's part of the input gradient and G^T x_c (and G's
 column sums) into the weight (bias) gradient, which is this rank's alone. The input gradient
@@ -17,23 +17,19 @@ row's input gradient for grad_output 1 (all-reduced once, as above; scaling a ro
 grad_output commutes with the sum over ranks), and the backward recomputes the chunks' logits
 and G for the weight and bias gradients, which are local. So no backward communicates.
 
-One header exchange per call (fusedloss.distributed.agree) makes every rank raise when one
+One header exchange per call (protocol.agree) makes every rank raise when one
 rank's input is bad; the chunks are the same on every rank (no row is skipped: the ranks
 must run the same collectives, and a mask is not checked to be the same on every rank).
 """
 
-import importlib
-
 import torch
 import torch.distributed as dist
 
-from . import _ops
-from . import distributed as D
-# the module by name: the package attribute linear_cross_entropy is the function
-L = importlib.import_module(".linear_cross_entropy", __package__)
-from ._ops import REDUCTIONS
-
-__all__ = ["linear_cross_entropy"]
+from .. import _args, _handover, _ops
+from .._common import NONE, acc_dtype, auto_chunk_rows, compute_dtype
+from .combine import (Combined, Options, combine, mean_denominators, reduce_rows, shard_payload,
+                      slice_grad)
+from .protocol import Local, agree, all_gather, refuse_unsupported
 
 _DOUBLE_BACKWARD = (
     "fusedloss: double backward (create_graph=True) through linear_cross_entropy with "
@@ -46,8 +42,8 @@ class _Chunks:
 
     def __init__(self, input, weight, bias, target, chunk_rows):
         self.device = input.device
-        self.dtype = L.compute_dtype(input.dtype, input.device)
-        self.acc = _ops.acc_dtype(input.dtype)
+        self.dtype = compute_dtype(input.dtype, input.device)
+        self.acc = acc_dtype(input.dtype)
         # the input is converted chunk by chunk; the weight once, as every chunk reads all of it
         self.x = input
         self.w = weight.to(self.dtype)
@@ -75,34 +71,31 @@ class _Chunks:
         return x, out
 
 
-def _take(t, rows):
+def _rows_or_none(t, rows):
     return None if t is None else t[rows]
 
 
-def _chunk_grad(lib, grad_loss, logits, target, class_weight, mask, stats, mass, denominators,
-                options, layout):
-    return D._slice_grad(lib, grad_loss, logits, target, class_weight, mask, stats, mass,
-                         denominators, options, layout)
-
-
 def _options_of(a, mean_eps=0.0):
-    return D._Options(a.ignore_index, a.label_smoothing, a.z_loss, a.softcap, a.reduction,
-                      mean_eps)
+    return Options(a.ignore_index, a.label_smoothing, a.z_loss, a.softcap, a.reduction,
+                   mean_eps)
 
 
 class VocabParallelLinearCE(torch.autograd.Function):
+    """The chunk loop of the module docstring in the forward (every gradient computed there,
+    pre-scaled for mean/sum, and handed over); a local backward."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, a, layout, group, needs, want_accuracy):
         lib = _ops.current().lib
         need_input_grad, need_weight_grad, need_bias_grad = needs
         options = _options_of(a)
-        per_row = a.reduction == REDUCTIONS["none"]
+        per_row = a.reduction == NONE
         c = _Chunks(x, weight, bias, a.target, a.chunk_rows)
         rows, hidden = x.shape
         prob = a.target.is_floating_point()
         denominators = (None if per_row else
-                        D.mean_denominators(a.target, a.weight, a.mask, a.ignore_index, rows,
-                                            0.0, c.device))
+                        mean_denominators(a.target, a.weight, a.mask, a.ignore_index, rows,
+                                          0.0, c.device))
         any_grad = need_input_grad or need_weight_grad or need_bias_grad
         f64 = dict(dtype=torch.float64, device=c.device)
         ce, z = torch.zeros(rows, **f64), torch.zeros(rows, **f64)
@@ -119,11 +112,11 @@ class VocabParallelLinearCE(torch.autograd.Function):
 
         for idx, n in c:
             xc, logits = c.logits(idx, n)
-            t, m = c.target[idx], _take(a.mask, idx)
-            payload, _ = D.shard_payload(lib, logits, t, a.weight, m, a.ignore_index,
-                                         a.label_smoothing, a.softcap, layout, want_accuracy)
-            part = D.combine(D._all_gather(payload, group), layout, t, a.weight, m,
-                             a.ignore_index, a.label_smoothing, a.z_loss, want_accuracy)
+            t, m = c.target[idx], _rows_or_none(a.mask, idx)
+            payload, _ = shard_payload(lib, logits, t, a.weight, m, a.ignore_index,
+                                       a.label_smoothing, a.softcap, layout, want_accuracy)
+            part = combine(all_gather(payload, group), layout, t, a.weight, m,
+                           a.ignore_index, a.label_smoothing, a.z_loss, want_accuracy)
             ce[idx], z[idx], stats[idx] = part.ce, part.z, part.stats.to(c.acc)
             if correct is not None:
                 correct[idx] = part.correct
@@ -133,8 +126,8 @@ class VocabParallelLinearCE(torch.autograd.Function):
             if not any_grad:
                 continue
             scale = torch.ones(n, dtype=c.acc, device=c.device) if per_row else one
-            g = _chunk_grad(lib, scale, logits, t, a.weight, m, part.stats.to(c.acc),
-                            chunk_mass, denominators, options, layout)
+            g = slice_grad(lib, scale, logits, t, a.weight, m, part.stats.to(c.acc),
+                           chunk_mass, denominators, options, layout)
             if grad_input is not None:
                 grad_input[idx] = torch.mm(g, c.w)
             if grad_weight is not None:
@@ -144,14 +137,19 @@ class VocabParallelLinearCE(torch.autograd.Function):
         if grad_input is not None:
             dist.all_reduce(grad_input, group=group)  # the one collective of the gradients
 
-        combined = D.Combined(ce, z, correct, stats, None)
-        loss, extras = D.reduce_rows(combined, a.reduction, denominators, c.acc)
+        combined = Combined(ce, z, correct, stats, None)
+        loss, extras = reduce_rows(combined, a.reduction, denominators, c.acc)
         ctx.a, ctx.layout, ctx.needs, ctx.chunk_rows = a, layout, needs, c.chunk_rows
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, stats, mass)
-        ctx.grads = [grad_input.to(x.dtype) if grad_input is not None else None,
-                     grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                     grad_bias.to(weight.dtype) if grad_bias is not None else None]
+        grad_input = grad_input.to(x.dtype) if grad_input is not None else None
+        if per_row:  # each row's input gradient for grad_output 1 (scaled in the backward)
+            ctx.row_input_grad = grad_input
+        else:
+            _handover.keep(ctx, grad_input,
+                           grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                           grad_bias.to(weight.dtype) if grad_bias is not None else None)
+        ctx.differentiated = False
         ctx.mark_non_differentiable(extras)
         ctx.set_materialize_grads(False)
         return loss, extras
@@ -163,19 +161,16 @@ class VocabParallelLinearCE(torch.autograd.Function):
             return (None, None, None) + nones
         if torch.is_grad_enabled():
             raise RuntimeError(_DOUBLE_BACKWARD)
-        if ctx.grads is None:
-            raise RuntimeError("linear_cross_entropy(process_group=...) can be differentiated "
-                               "once per forward (a second backward would need the forward's "
-                               "collectives again)")
+        if ctx.differentiated:
+            _differentiated_once()
+        ctx.differentiated = True
         lib = _ops.current().lib
-        gi, gw, gb = ctx.grads
-        ctx.grads = None
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
-        if ctx.a.reduction != REDUCTIONS["none"]:
-            for g in (gi, gw, gb):
-                if g is not None:
-                    lib.scale_grad_(g, grad_loss)
+        if ctx.a.reduction != NONE:
+            gi, gw, gb = _handover.take(ctx, lib, grad_loss, _differentiated_once)
         else:
+            gi, gw, gb = ctx.row_input_grad, None, None
+            ctx.row_input_grad = None
             go = grad_loss.reshape(-1)
             if gi is not None:
                 gi = gi * go.to(gi.dtype)[:, None]
@@ -183,6 +178,11 @@ class VocabParallelLinearCE(torch.autograd.Function):
                 gw, gb = _recomputed_param_grads(lib, ctx, go)
         return (gi if need_input_grad else None, gw if need_weight_grad else None,
                 gb if need_bias_grad and ctx.has_bias else None) + nones
+
+
+def _differentiated_once():
+    raise RuntimeError("linear_cross_entropy(process_group=...) can be differentiated once per "
+                       "forward (a second backward would need the forward's collectives again)")
 
 
 def _recomputed_param_grads(lib, ctx, grad_loss):
@@ -197,8 +197,8 @@ def _recomputed_param_grads(lib, ctx, grad_loss):
     go = grad_loss.to(c.acc)
     for idx, n in c:
         xc, logits = c.logits(idx, n)
-        g = _chunk_grad(lib, go[idx], logits, c.target[idx], a.weight, _take(a.mask, idx),
-                        stats[idx], _take(mass, idx), None, _options_of(a), ctx.layout)
+        g = slice_grad(lib, go[idx], logits, c.target[idx], a.weight, _rows_or_none(a.mask, idx),
+                       stats[idx], _rows_or_none(mass, idx), None, _options_of(a), ctx.layout)
         if gw is not None:
             gw.addmm_(g.t().to(c.acc), xc.to(c.acc))
         if gb is not None:
@@ -215,25 +215,24 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     """fusedloss.linear_cross_entropy(..., process_group=...) (see its docstring)."""
 
     def prepare():
-        a = L._linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
-                              ignore_index, label_smoothing, mask, z_loss, softcap, chunk_size,
-                              return_token_accuracy, vocab_parallel=True)
-        D.refuse_unsupported(None, None, None, "linear_cross_entropy")
+        a = _args.linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
+                                 ignore_index, label_smoothing, mask, z_loss, softcap,
+                                 chunk_size, return_token_accuracy, vocab_parallel=True)
+        refuse_unsupported(None, None, None, "linear_cross_entropy")
         rows = a.x.shape[0]
         slice_logits = torch.empty((rows, linear_weight.shape[0]), dtype=input.dtype,
                                    device="meta")  # the header reads its shape and dtype only
-        return a, D.Local(slice_logits, a.target, a.weight, a.ignore_index,
-                          return_token_accuracy, a.chunk_rows or 0)
+        return a, Local(slice_logits, a.target, a.weight, a.ignore_index,
+                        return_token_accuracy, a.chunk_rows or 0)
 
-    a, layout = D.agree(process_group, prepare, "linear_cross_entropy")
+    a, layout = agree(process_group, prepare, "linear_cross_entropy")
     if a.chunk_rows is None:  # from the largest slice, so that every rank runs the same chunks
-        a = a._replace(chunk_rows=L.auto_chunk_rows(
+        a = a._replace(chunk_rows=auto_chunk_rows(
             a.x.shape[0], a.x.shape[1], max(layout.sizes),
-            L.compute_dtype(input.dtype, input.device)))
+            compute_dtype(input.dtype, input.device)))
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)
     loss, extras = VocabParallelLinearCE.apply(a.x, linear_weight, linear_bias, a, layout,
                                                process_group, needs, return_token_accuracy)
-    return L.linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)
-
+    return _args.linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)

@@ -1,0 +1,355 @@
+"""Autograd of every fusedloss op, registered at import for a namespace by ``install``.
+
+The forward ops return the gradient already scaled for the reduction (mean/sum); the backward
+hands it over (_handover.py: multiplied by grad_output in place, no pass when that is 1, the
+forward kernel again for a second backward). reduction="none" recomputes the gradient from
+the saved row statistics instead: that moves fewer bytes than writing a gradient in the forward
+and scaling it later (bench/README.md has the byte counts).
+
+What the fused kernels do not compute (second derivatives, the gradients of targets, masks and
+weights) comes from the differentiable compositions in _composite.py.
+
+Under torch.compile, mean/sum cross-entropy whose only differentiable input is the logits takes
+the autograd.Function of _compiled.py instead (the gradient over dead logits); the registered
+formulas serve the rest (gradients of targets, masks or weights wanted too).
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _compiled, _composite, _fake, _handover
+from ._common import NONE, is_traced
+from ._ops import OpSet
+
+_INPLACE_CONSUMED = (
+    "fusedloss: {} with inplace_backward=True wrote its gradient over the logits, so it can "
+    "be differentiated once only: a second backward (retain_graph=True) or a double backward "
+    "(create_graph=True) needs the logits. Use inplace_backward=False there.")
+
+
+def install(namespace):
+    """The OpSet of `namespace` with its fake kernels and autograd registered."""
+    opset = OpSet(namespace)
+    lib = opset.lib
+    _fake.register(namespace)
+    opset.eager["softmax_ce"] = _register_loss_autograd(namespace, lib, "softmax_ce",
+                                                        _SoftmaxSpec)
+    opset.eager["sigmoid_ce"] = _register_loss_autograd(namespace, lib, "sigmoid_ce",
+                                                        _SigmoidSpec)
+    _register_linear_ce_autograd(namespace, lib)
+    opset.SoftmaxCEInplace = _make_inplace_function(lib)
+    opset.SoftmaxCECompiled = _compiled.make_function(lib)
+    return opset
+
+
+# ---- the loss ops: softmax_ce, sigmoid_ce ---------------------------------------------------
+
+class SoftmaxCEArgs(NamedTuple):
+    """softmax_ce's schema (csrc/fusedloss.cpp) -> (loss, row_stats, grad, extras)."""
+
+    logits: Tensor
+    target: Tensor
+    weight: Optional[Tensor]
+    mask: Optional[Tensor]
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float
+    reduction: int
+    mean_eps: float
+    compute_grad: bool
+    want_accuracy: bool = False
+    denominators: Optional[Tensor] = None
+
+
+class SigmoidCEArgs(NamedTuple):
+    """sigmoid_ce's schema (csrc/fusedloss.cpp) -> (loss, grad)."""
+
+    input: Tensor
+    target: Tensor
+    weight: Optional[Tensor]
+    pos_weight: Optional[Tensor]
+    mask: Optional[Tensor]
+    label_smoothing: float
+    reduction: int
+    compute_grad: bool
+
+
+class _SoftmaxSpec:
+    """How softmax_ce's autograd reads its arguments and outputs."""
+
+    args = SoftmaxCEArgs
+    # logits, a probability target, weight, mask: the positions in the schema
+    differentiable = (0, 1, 2, 3)
+
+    @staticmethod
+    def saved(a, output):
+        """What the backward needs: the tensor arguments, the row statistics, denominators."""
+        return a.logits, a.target, a.weight, a.mask, output[1], a.denominators
+
+    @staticmethod
+    def options(a):
+        return a.ignore_index, a.label_smoothing, a.z_loss, a.softcap, a.reduction, a.mean_eps
+
+    @staticmethod
+    def fused_grad(output):
+        return output[2]
+
+    @staticmethod
+    def backward_per_row(lib, grad_loss, saved, options):
+        logits, target, weight, mask, row_stats, denominators = saved
+        return lib.softmax_ce_backward(grad_loss, logits, target, weight, mask, row_stats,
+                                       *options, denominators)
+
+    @staticmethod
+    def recompute_grad(lib, saved, options):
+        logits, target, weight, mask, _row_stats, denominators = saved
+        return lib.softmax_ce(logits, target, weight, mask, *options, True, False,
+                              denominators)[2]
+
+    @staticmethod
+    def composite(saved, options):
+        logits, target, weight, mask, _row_stats, denominators = saved
+        args = (logits, target, weight, mask, *options, False, denominators)
+        return args, lambda *a: _composite.softmax_ce(*a)[0]
+
+
+class _SigmoidSpec:
+    """How sigmoid_ce's autograd reads its arguments and outputs."""
+
+    args = SigmoidCEArgs
+    differentiable = (0, 1, 2, 3, 4)  # input, target, weight, pos_weight, mask
+
+    @staticmethod
+    def saved(a, output):
+        return a.input, a.target, a.weight, a.pos_weight, a.mask
+
+    @staticmethod
+    def options(a):
+        return a.label_smoothing, a.reduction
+
+    @staticmethod
+    def fused_grad(output):
+        return output[1]
+
+    @staticmethod
+    def backward_per_row(lib, grad_loss, saved, options):
+        return lib.sigmoid_ce_backward(grad_loss, *saved, *options)
+
+    @staticmethod
+    def recompute_grad(lib, saved, options):
+        return lib.sigmoid_ce(*saved, *options, True)[1]
+
+    @staticmethod
+    def composite(saved, options):
+        return (*saved, *options), _composite.sigmoid_ce
+
+
+def _composite_grads(composite, args, diff_positions, grad_loss, create_graph):
+    """Gradients of composite(*args) with respect to args[i] for i in diff_positions, under the
+    incoming grad_loss; differentiable when create_graph."""
+    with torch.enable_grad():
+        loss = composite(*args)
+        inputs = [args[i] for i in diff_positions]
+        grads = torch.autograd.grad(loss, inputs, grad_loss, create_graph=create_graph,
+                                    allow_unused=True)
+    return dict(zip(diff_positions, grads))
+
+
+def _register_loss_autograd(namespace, lib, op, spec):
+    """Registers the autograd of a loss op; returns its eager form (_eager_function)."""
+
+    def setup(ctx, inputs, output):
+        a = spec.args(*inputs)
+        # Only the loss is differentiable: no zero-filled N x C gradient for the other outputs.
+        ctx.set_materialize_grads(False)
+        ctx.n_inputs = len(inputs)
+        ctx.reduction = a.reduction
+        # Saved by reference (no copy); read only by a second or double backward and by the
+        # gradients of the non-logit inputs. Like PyTorch's own losses, which keep an N x C
+        # log-softmax for their backward, this holds the logits until the backward has run.
+        ctx.save_for_backward(*spec.saved(a, output))
+        ctx.options = spec.options(a)
+        grad = spec.fused_grad(output)
+        _handover.keep(ctx, grad if a.reduction != NONE and grad.numel() else None)
+
+    def backward(ctx, grad_loss, *_grads_of_other_outputs):
+        grads = [None] * ctx.n_inputs
+        if grad_loss is None:  # no gradient flows into the loss (undefined, not zero-filled)
+            return tuple(grads)
+        needs = ctx.needs_input_grad
+        create_graph = torch.is_grad_enabled() and not is_traced(grad_loss)
+        composite_for = [i for i in spec.differentiable if needs[i]
+                         and (i != 0 or create_graph)]
+        saved = ctx.saved_tensors
+        if composite_for:
+            args, composite = spec.composite(saved, ctx.options)
+            for i, g in _composite_grads(composite, args, composite_for, grad_loss,
+                                         create_graph).items():
+                grads[i] = g
+        if needs[0] and not create_graph:
+            if ctx.reduction == NONE:
+                grads[0] = spec.backward_per_row(lib, grad_loss, saved, ctx.options)
+            else:
+                (grads[0],) = _handover.take(
+                    ctx, lib, grad_loss,
+                    lambda: (spec.recompute_grad(lib, saved, ctx.options),))
+        return tuple(grads)
+
+    torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup)
+    return _eager_function(getattr(lib, op), setup, backward)
+
+
+def _eager_function(op, setup, backward):
+    """`op` with the registered autograd formula (the same setup and backward), as an
+    autograd.Function whose forward calls the op below autograd, for eager calls. The
+    registration's generic wrapper (torch.library's) fills in the op's default arguments and
+    redispatches in Python on every call: measured with cProfile at 8 x 100 logits, ~90 us of
+    a 280 us forward+backward (fill_defaults 60 us, redispatch 32 us), where PyTorch's own
+    cross-entropy takes 83 us in all."""
+
+    class EagerLoss(torch.autograd.Function):
+        # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply
+        # binds the arguments through inspect.signature on every call (~50 us). torch.func
+        # transforms never reach this class (_route runs the compositions for them).
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op(*inputs)
+            setup(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return EagerLoss.apply
+
+
+def _make_inplace_function(lib):
+    class SoftmaxCEInplace(torch.autograd.Function):
+        """cross_entropy(inplace_backward=True): the forward writes the gradient into the
+        logits' storage (no N x C buffer). Autograd sees the write: the logits' version
+        counter moves, so any other op that saved them refuses to run its backward rather
+        than read the gradient as logits. _route takes this path only where it is safe
+        (see _route.inplace_is_safe), and only when the logits are the one input that needs a
+        gradient. Returns (loss, row_stats, extras) like softmax_ce, less the gradient."""
+
+        @staticmethod
+        def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
+                    softcap, reduction, mean_eps, want_accuracy):
+            version = logits._version
+            loss, row_stats, extras = lib.softmax_ce_inplace(
+                logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
+                reduction, mean_eps, want_accuracy)
+            if logits._version == version:
+                torch.autograd.graph.increment_version(logits)
+            _handover.keep(ctx, logits)
+            ctx.mark_non_differentiable(row_stats, extras)
+            ctx.set_materialize_grads(False)
+            return loss, row_stats, extras
+
+        @staticmethod
+        def backward(ctx, grad_loss, *_grads_of_other_outputs):
+            none_for_the_rest = (None,) * 10
+            if grad_loss is None:
+                return (None,) + none_for_the_rest
+            if torch.is_grad_enabled() and not is_traced(grad_loss):
+                raise RuntimeError(_INPLACE_CONSUMED.format("cross_entropy"))
+            (grad,) = _handover.take(ctx, lib, grad_loss, _inplace_consumed)
+            return (grad,) + none_for_the_rest
+
+    return SoftmaxCEInplace
+
+
+def _inplace_consumed():
+    raise RuntimeError(_INPLACE_CONSUMED.format("cross_entropy"))
+
+
+# ---- the fused linear cross-entropy: linear_ce -----------------------------------------------
+
+class LinearCEArgs(NamedTuple):
+    """linear_ce's schema (csrc/fusedloss.cpp) -> (loss, row_stats, grad_input, grad_weight,
+    grad_bias, extras)."""
+
+    input: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    target: Tensor
+    class_weight: Optional[Tensor]
+    mask: Optional[Tensor]
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float
+    reduction: int
+    denominators: Optional[Tensor]
+    chunk_rows: int
+    need_input_grad: bool
+    need_weight_grad: bool
+    need_bias_grad: bool
+    need_accuracy: bool
+
+
+def _register_linear_ce_autograd(ns, lib):
+    """The autograd formula of the chunk loop (csrc/linear_ce.cpp): the forward computes every
+    gradient, pre-scaled for mean/sum, and the backward hands them over; reduction none
+    recomputes the chunks in linear_ce_backward."""
+
+    def setup_context(ctx, inputs, output):
+        a = LinearCEArgs(*inputs)
+        _loss, stats, gi, gw, gb, _correct = output
+        ctx.set_materialize_grads(False)
+        ctx.reduction = a.reduction
+        ctx.options = (a.ignore_index, a.label_smoothing, a.z_loss, a.softcap)
+        ctx.chunk_rows = a.chunk_rows
+        ctx.needs = (a.need_input_grad, a.need_weight_grad, a.need_bias_grad)
+        ctx.has_bias = a.bias is not None
+        # The inputs (input: N x H, the weight, O(N) targets) are kept for reduction none's
+        # recompute and for a second backward of mean/sum; never anything N x V.
+        ctx.save_for_backward(a.input, a.weight, a.bias, a.target, a.class_weight, a.mask, stats,
+                              a.denominators)
+        if a.reduction != NONE:
+            _handover.keep(ctx, gi, gw, gb)
+
+    def backward(ctx, grad_loss, *_grads_of_other_outputs):
+        nones = (None,) * 14
+        if grad_loss is None:
+            return (None, None, None) + nones
+        input, weight, bias, target, class_weight, mask, stats, denominators = ctx.saved_tensors
+        if torch.is_grad_enabled() and not is_traced(grad_loss):  # create_graph: double backward
+            gi, gw, gb = _linear_definition_grads(ctx, grad_loss, input, weight, bias, target,
+                                                  class_weight, mask)
+        elif ctx.reduction == NONE:
+            gi, gw, gb = lib.linear_ce_backward(grad_loss, input, weight, bias, target,
+                                                class_weight, mask, stats, *ctx.options,
+                                                ctx.chunk_rows, *ctx.needs)
+        else:
+            def recompute():  # a second backward (retain_graph=True): the same forward
+                return lib.linear_ce(input, weight, bias, target, class_weight, mask,
+                                     *ctx.options, ctx.reduction, denominators, ctx.chunk_rows,
+                                     *ctx.needs, False)[2:5]
+            gi, gw, gb = _handover.take(ctx, lib, grad_loss, recompute)
+        need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
+        return (gi if need_input_grad else None, gw if need_weight_grad else None,
+                gb if need_bias_grad and ctx.has_bias else None) + nones
+
+    torch.library.register_autograd(f"{ns}::linear_ce", backward, setup_context=setup_context)
+
+
+def _linear_definition_grads(ctx, grad_loss, x, weight, bias, target, class_weight, mask):
+    """The gradients of (input, weight, bias) under grad_loss, themselves differentiable: those
+    of the definition, the cross-entropy composition of the whole logits F.linear(x, weight,
+    bias). For a double backward (a Hessian-vector product, a gradient penalty); the fused
+    gradients are not differentiable. The logits exist whole here."""
+    ignore_index, label_smoothing, z_loss, softcap = ctx.options
+    wanted = [t for t, need in zip((x, weight, bias), ctx.needs) if need]
+    with torch.enable_grad():
+        logits = torch.nn.functional.linear(x, weight, bias)
+        loss = _composite.softmax_ce(logits, target, class_weight, mask, ignore_index,
+                                     label_smoothing, z_loss, softcap, ctx.reduction, 0.0)[0]
+        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True,
+                                         allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs)
