@@ -1,5 +1,6 @@
 """Leaf helpers that every layer of the package may use: the reduction codes, the accumulation
-dtype, the tracing test, and the device-side sums the mean's denominators are made of.
+dtype, the tracing test, the device-side sums the mean's denominators are made of (in a fixed
+order), and small host values put on a device without a host synchronisation.
 
 Nothing here imports from the package: this module is the bottom layer
 (tests/test_layers.py checks the order of the layers)."""
@@ -35,12 +36,52 @@ def divide_or_zero(total, denominator):
     return torch.where(nonzero, total / torch.where(nonzero, denominator, 1), 0)
 
 
-def sequential_sum(v):
-    """sum(v) in float64 added in index order (a running sum, like the CPU op's denominator):
-    the same bits for any thread count. A 0-d tensor on v's device; no host synchronisation."""
-    if v.numel() == 0:
-        return v.new_zeros((), dtype=torch.float64)
-    return torch.cumsum(v.to(torch.float64), 0)[-1]
+def pairwise_sum(v):
+    """v (..., n) -> (...): the sum over the last dim in an order fixed by construction: v
+    zero-padded to a power-of-two length, then halved log2(n) times by adding its upper half to
+    its lower half, element by element. Elementwise adds only, so the same bits on every device
+    and every run (no parallel reduction or scan whose order depends on the GPU or a launch
+    configuration), under torch.use_deterministic_algorithms(True) too; ceil(log2 n) + 1
+    launches. No host synchronisation."""
+    n = v.shape[-1]
+    size = 1 << max(0, n - 1).bit_length()
+    if size != n:
+        v = torch.nn.functional.pad(v, (0, size - n))
+    while size > 1:
+        size //= 2
+        v = v[..., :size] + v[..., size:]
+    return v[..., 0]
+
+
+def fixed_order_sum(v):
+    """v (..., n) -> (...): the sum over the last dim in float64, in an order that does not
+    depend on the thread count, the run or the rank. No host synchronisation.
+
+    On the CPU it is the running sum in index order (cumsum's loop there, serial over the summed
+    dim), which is how the CPU op adds its own mean denominators (csrc/cpu/ops_cpu.cpp,
+    prepare_softmax): the chunked linear CE and the vocab-parallel paths, which hand their
+    denominators to the kernel, then give the single call's bits, and tests compare them
+    bitwise. Elsewhere it is pairwise_sum: CUDA's cumsum is a parallel scan whose floating-point
+    order is not promised (torch.use_deterministic_algorithms lists it as nondeterministic)."""
+    v = v.to(torch.float64)
+    if v.device.type != "cpu":
+        return pairwise_sum(v)
+    if v.shape[-1] == 0:
+        return v.new_zeros(v.shape[:-1])
+    return torch.cumsum(v, -1)[..., -1]
+
+
+def device_values(values, dtype, device):
+    """A small tensor of host values (a list of Python numbers) on device without a host
+    synchronisation. torch.tensor(values, device=cuda) copies from pageable memory, which
+    blocks the host until the stream has run; here the values go to a fresh pinned host tensor
+    and are copied with non_blocking=True. The pinned block is not reused before the copy is
+    done: the caching host allocator records the copy's stream event when the block is freed.
+    On other devices, torch.tensor."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
@@ -52,7 +93,7 @@ def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
     ones = torch.ones(rows, dtype=torch.float64, device=device)
     counted = mask.to(torch.float64) if mask is not None else ones
     if target.is_floating_point():
-        count = sequential_sum(counted)
+        count = fixed_order_sum(counted)
         return torch.stack([count, count])
     valid = target != ignore_index
     counted = torch.where(valid, counted, 0)
@@ -60,7 +101,7 @@ def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
     if class_weight is not None:
         safe = torch.where(valid, target, 0).clamp(0, class_weight.shape[0] - 1)
         weighted = counted * class_weight.to(torch.float64)[safe]
-    return torch.stack([sequential_sum(weighted), sequential_sum(counted)])
+    return fixed_order_sum(torch.stack([weighted, counted]))
 
 
 # ---- the fused linear cross-entropy's chunks of rows ----

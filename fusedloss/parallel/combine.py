@@ -4,13 +4,14 @@
 reductions (`reduce_rows`), and read 2 of the slice (`slice_grad`: its gradient from the global
 row statistics)."""
 
+import itertools
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _common
-from .._common import MEAN, NONE, divide_or_zero, sequential_sum
+from .._common import MEAN, NONE, device_values, divide_or_zero, fixed_order_sum
 
 
 def shard_payload(lib, logits2d, target, weight, mask, ignore_index, label_smoothing, softcap,
@@ -36,16 +37,32 @@ def _rank_sum(parts):
     return total
 
 
+class SliceTables(NamedTuple):
+    """What the combine of class-index targets needs of the layout, on the device: each
+    slice's end (int64, the owner lookup's boundaries) and sum of class weights W_r (float64,
+    its size without weights), (world,) each. The same for every chunk of a call: made once
+    per call (slice_tables), without a host synchronisation."""
+
+    ends: Tensor
+    weight_sums: Tensor
+
+
 def _slice_weight_sums(weight, sizes, device):
-    """W_r, float64 (world,): each slice's sum of class weights (its size without weights)."""
+    """W_r, float64 (world,): each slice's sum of class weights in a fixed order
+    (_common.fixed_order_sum over the slices zero-padded to the widest), or its size without
+    weights (copied without a host synchronisation)."""
     if weight is None:
-        return torch.tensor(sizes, dtype=torch.float64, device=device)
-    w = weight.to(torch.float64)
-    sums, start = [], 0
-    for size in sizes:
-        sums.append(torch.cumsum(w[start:start + size], 0)[-1])
-        start += size
-    return torch.stack(sums)
+        return device_values(list(sizes), torch.float64, device)
+    slices = torch.split(weight.to(torch.float64), list(sizes))
+    padded = torch.nn.utils.rnn.pad_sequence(slices, batch_first=True)
+    return fixed_order_sum(padded)
+
+
+def slice_tables(layout, weight, device):
+    """The call's SliceTables (class-index targets)."""
+    ends = list(itertools.accumulate(layout.sizes))
+    return SliceTables(device_values(ends, torch.int64, device),
+                       _slice_weight_sums(weight, layout.sizes, device))
 
 
 class Combined(NamedTuple):
@@ -61,7 +78,7 @@ class Combined(NamedTuple):
 
 
 def combine(gathered, layout, target, weight, mask, ignore_index, label_smoothing, z_loss,
-            want_accuracy):
+            want_accuracy, tables=None):
     """The gathered payloads (world, rows, width) -> Combined, in float64. Per row, with the
     ranks' (m_r, ls_r, loss_r [, correct_r] [, Q_r]), smoothing e, C classes, mask m, W_r the
     slice's sum of class weights:
@@ -71,7 +88,8 @@ def combine(gathered, layout, target, weight, mask, ignore_index, label_smoothin
                                                 + (e/C) sum_r W_r (lse - lse_r)]
         probabilities:  ce = sum_r loss_r + m sum_r Q_r (lse - lse_r)
     (each slice's loss_r is its part taken about its own lse_r; the bracket moves it to the
-    global lse); z part = z_loss m lse^2; correct = the owner's, when no lower rank reached M."""
+    global lse); z part = z_loss m lse^2; correct = the owner's, when no lower rank reached M.
+    tables: the call's slice_tables (made here when not given)."""
     g = gathered.to(torch.float64)
     m_r, ls_r, loss_r = g[:, :, 0], g[:, :, 1], g[:, :, 2]
     device = g.device
@@ -96,13 +114,14 @@ def combine(gathered, layout, target, weight, mask, ignore_index, label_smoothin
         ce = ce + m_row * _rank_sum(q_r * lse_gap)
         target_mass = _rank_sum(q_r)
     else:
+        if tables is None:
+            tables = slice_tables(layout, weight, device)
         safe = torch.where(valid, target, 0).clamp(0, classes - 1)
-        ends = torch.tensor(layout.sizes, device=device).cumsum(0)
-        owner = torch.bucketize(safe, ends, right=True)
+        owner = torch.bucketize(safe, tables.ends, right=True)
         owner_gap = lse_gap.gather(0, owner[None])[0]
         w_t = (weight.to(torch.float64)[safe] if weight is not None
                else torch.ones(rows, dtype=torch.float64, device=device))
-        smooth = _rank_sum(_slice_weight_sums(weight, layout.sizes, device)[:, None] * lse_gap)
+        smooth = _rank_sum(tables.weight_sums[:, None] * lse_gap)
         ce = ce + m_row * ((1 - e) * w_t * owner_gap + (e / classes) * smooth)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     ce = torch.where(kept, ce, zero)
@@ -131,11 +150,11 @@ def reduce_rows(combined, reduction, denominators, acc):
     correct = c.correct if c.correct is not None else torch.zeros_like(c.z)
     if reduction == NONE:
         return (c.ce + c.z).to(acc), torch.stack([c.z, correct]).to(acc)
-    ce_total, z_total = sequential_sum(c.ce), sequential_sum(c.z)
+    ce_total, z_total, correct_total = fixed_order_sum(torch.stack([c.ce, c.z, correct]))
     if reduction == MEAN:
         ce_total = divide_or_zero(ce_total, denominators[0])
         z_total = divide_or_zero(z_total, denominators[1])
-    accuracy = divide_or_zero(sequential_sum(correct), denominators[1])
+    accuracy = divide_or_zero(correct_total, denominators[1])
     return (ce_total + z_total).to(acc), torch.stack([z_total, accuracy]).to(acc)
 
 

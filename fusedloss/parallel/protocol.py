@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._common import acc_dtype
+from .._common import acc_dtype, device_values
 
 # Header fields (one int64 row per rank).
 (_ERROR, _ROWS, _CLASSES, _WIDTH, _ACC, _PROB, _WEIGHT, _CHUNK, _TMIN, _TMAX, _TSUM) = range(11)
@@ -52,17 +52,42 @@ class Local(NamedTuple):
     ignore_index: int
     want_accuracy: bool
     chunk_rows: int = 0  # linear_cross_entropy's chunk_size (0: automatic)
+    device: Optional[torch.device] = None  # the call's tensors' (default: logits2d's)
 
 
 def world_and_rank(group):
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _collective_device(group):
-    """Where the group's collectives take tensors: the current CUDA device for NCCL."""
-    if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _uses_nccl(group):
+    return "nccl" in str(dist.get_backend(group)).lower()
+
+
+def _collective_device(group, device, who):
+    """Where this call's header goes: for a group with NCCL, the device of the call's tensors
+    (their CUDA device, not the current one: they may differ), or the CPU where the group also
+    has a CPU backend ("cpu:gloo,cuda:nccl") and the tensors are on the CPU; for the others
+    (gloo), the CPU, where the header is read. A ValueError for tensors NCCL cannot take."""
+    if not _uses_nccl(group):
+        return torch.device("cpu")
+    if device.type == "cuda":
+        return device
+    backend = str(dist.get_backend(group))
+    if device.type == "cpu" and "cpu:" in backend.lower():
+        return device
+    raise ValueError(f"{who}(process_group=...): the process group's backend is {backend}, "
+                     f"whose collectives take CUDA tensors, but input is on {device}; move the "
+                     f"call's tensors to this rank's GPU, or pass a gloo process group")
+
+
+def _error_header_device(group, device):
+    """The header's device on a rank whose own checks failed (it must still join the
+    collective): the call's device where NCCL can take it, else the current CUDA device."""
+    if not _uses_nccl(group):
+        return torch.device("cpu")
+    if device is not None and device.type == "cuda":
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def all_gather(t, group):
@@ -79,19 +104,22 @@ def payload_width(prob_target, want_accuracy):
 
 
 def _header(local, device):
-    """This rank's header, on the collectives' device (built there: no host read)."""
-    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
+    """This rank's header, on the collectives' device: the host-known fields copied without a
+    host synchronisation (_common.device_values), the target summary computed where the target
+    is."""
+    fields = [0] * _HEADER
     if local is None:
-        header[_ERROR] = 1
-        return header
+        fields[_ERROR] = 1
+        return device_values(fields, torch.int64, device)
     prob = local.target.is_floating_point()
-    header[_ROWS], header[_CLASSES] = local.logits2d.shape
-    header[_WIDTH] = payload_width(prob, local.want_accuracy)
-    header[_ACC] = _ACC_CODES[acc_dtype(local.logits2d.dtype)]
-    header[_PROB] = int(prob)
-    header[_WEIGHT] = local.weight.shape[0] if local.weight is not None else -1
-    header[_CHUNK] = local.chunk_rows
-    header[_TMIN], header[_TMAX] = _NO_TARGET, -_NO_TARGET
+    fields[_ROWS], fields[_CLASSES] = local.logits2d.shape
+    fields[_WIDTH] = payload_width(prob, local.want_accuracy)
+    fields[_ACC] = _ACC_CODES[acc_dtype(local.logits2d.dtype)]
+    fields[_PROB] = int(prob)
+    fields[_WEIGHT] = local.weight.shape[0] if local.weight is not None else -1
+    fields[_CHUNK] = local.chunk_rows
+    fields[_TMIN], fields[_TMAX] = _NO_TARGET, -_NO_TARGET
+    header = device_values(fields, torch.int64, device)
     if not prob and local.target.numel():
         t = local.target
         counted = t != local.ignore_index
@@ -103,22 +131,27 @@ def _header(local, device):
 
 
 @torch.compiler.disable  # a collective and a host read: run eagerly
-def agree(group, prepare, who):
+def agree(group, prepare, who, device=None):
     """Runs prepare() (this rank's argument checks; returns (prepared, Local)), exchanges the
     header and returns (prepared, this rank's Layout). When any rank's checks failed, or the
     ranks' inputs do not fit together, EVERY rank raises (the failing rank its own error, the
     others the same kind of error naming that rank and quoting it): one rank raising alone
-    would leave the others waiting in the next collective."""
+    would leave the others waiting in the next collective. The header goes on the device of
+    the call's tensors (Local.device, else its logits'); device: the input's, for the header
+    of a rank whose checks failed (else the current CUDA device under NCCL)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{who}: process_group was given but torch.distributed is not "
                            f"initialized (call torch.distributed.init_process_group first)")
     world, rank = world_and_rank(group)
     try:
         prepared, local = prepare()
+        header_device = _collective_device(
+            group, local.device if local.device is not None else local.logits2d.device, who)
         error = None
     except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
         prepared, local, error = None, None, err
-    header = _header(local, _collective_device(group))
+        header_device = _error_header_device(group, device)
+    header = _header(local, header_device)
     headers = all_gather(header, group).cpu().tolist()  # the call's one host read
     failed = [r for r, h in enumerate(headers) if h[_ERROR]]
     if failed:
