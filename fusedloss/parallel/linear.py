@@ -9,8 +9,11 @@ local logits x_c @ W_r^T; the slice statistics (read 1, combine.shard_payload);
 one all_gather of the payload and the float64 combine (combine.combine); the
 chunk's logit gradient G from the global statistics (read 2, softmax_ce_backward, pre-scaled for
 the reduction); then G @ W_r into this rank's part of the input gradient and G^T x_c (and G's
-column sums) into the weight (bias) gradient, which is this rank's alone. The input gradient
-parts are all-reduced (summed over the ranks) once per call, after the last chunk.
+column sums) into the weight (bias) gradient, which is this rank's alone. Both GEMMs take the
+chunk's operands in the compute dtype (16-bit on a GPU) and accumulate and write in the
+accumulation dtype (float32). The input gradient parts are all-reduced (summed over the ranks)
+once per call, after the last chunk, in float32, and rounded to the input's dtype once, after
+the all-reduce.
 
 reduction="none" cannot pre-scale by the unknown per-row grad_output: the forward keeps each
 row's input gradient for grad_output 1 (all-reduced once, as above; scaling a row by its
@@ -28,7 +31,7 @@ import torch.distributed as dist
 from .. import _args, _handover, _ops
 from .._common import NONE, acc_dtype, auto_chunk_rows, compute_dtype
 from .combine import (Combined, Options, combine, mean_denominators, reduce_rows, shard_payload,
-                      slice_grad)
+                      slice_grad, slice_tables)
 from .protocol import Local, agree, all_gather, refuse_unsupported
 
 _DOUBLE_BACKWARD = (
@@ -71,6 +74,19 @@ class _Chunks:
         return x, out
 
 
+def _mm_wide(a, b, out, accumulate):
+    """out (+)= a @ b, out in the accumulation dtype. For 16-bit a and b (the chunks on a GPU)
+    one GEMM of the 16-bit operands with float32 accumulation and output (addmm's out_dtype,
+    as csrc/linear_ce.cpp's at::addmm_out), not a float32 GEMM of float32 copies (about an
+    order of magnitude slower on a GPU). Where the backend has no such GEMM (the CPU, whose
+    chunks are float32 already: compute_dtype), the operands are converted."""
+    if a.dtype == out.dtype:
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    if out.device.type == "cuda":
+        return torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
+    return _mm_wide(a.to(out.dtype), b.to(out.dtype), out, accumulate)
+
+
 def _rows_or_none(t, rows):
     return None if t is None else t[rows]
 
@@ -102,13 +118,17 @@ class VocabParallelLinearCE(torch.autograd.Function):
         correct = torch.zeros(rows, **f64) if want_accuracy else None
         stats = torch.zeros((rows, 2), dtype=c.acc, device=c.device)
         mass = torch.zeros(rows, dtype=c.acc, device=c.device) if prob else None
-        grad_input = (torch.zeros((rows, hidden), dtype=c.dtype, device=c.device)
+        # each row's input gradient, summed over the ranks in the accumulation dtype (the
+        # slices' parts cancel: a 16-bit part or a 16-bit all-reduce loses the digits the total
+        # needs) and rounded to the input's dtype once, after the all-reduce
+        grad_input = (torch.zeros((rows, hidden), dtype=c.acc, device=c.device)
                       if need_input_grad else None)
         grad_weight = (torch.zeros(weight.shape, dtype=c.acc, device=c.device)
                        if need_weight_grad and not per_row else None)
         grad_bias = (torch.zeros(weight.shape[:1], dtype=c.acc, device=c.device)
                      if need_bias_grad and not per_row else None)
         one = torch.ones((), dtype=c.acc, device=c.device)
+        tables = None if prob else slice_tables(layout, a.weight, c.device)  # once per call
 
         for idx, n in c:
             xc, logits = c.logits(idx, n)
@@ -116,7 +136,8 @@ class VocabParallelLinearCE(torch.autograd.Function):
             payload, _ = shard_payload(lib, logits, t, a.weight, m, a.ignore_index,
                                        a.label_smoothing, a.softcap, layout, want_accuracy)
             part = combine(all_gather(payload, group), layout, t, a.weight, m,
-                           a.ignore_index, a.label_smoothing, a.z_loss, want_accuracy)
+                           a.ignore_index, a.label_smoothing, a.z_loss, want_accuracy,
+                           tables=tables)
             ce[idx], z[idx], stats[idx] = part.ce, part.z, part.stats.to(c.acc)
             if correct is not None:
                 correct[idx] = part.correct
@@ -129,13 +150,13 @@ class VocabParallelLinearCE(torch.autograd.Function):
             g = slice_grad(lib, scale, logits, t, a.weight, m, part.stats.to(c.acc),
                            chunk_mass, denominators, options, layout)
             if grad_input is not None:
-                grad_input[idx] = torch.mm(g, c.w)
+                _mm_wide(g, c.w, grad_input[idx], accumulate=False)
             if grad_weight is not None:
-                grad_weight.addmm_(g.t().to(c.acc), xc.to(c.acc))
+                _mm_wide(g.t(), xc, grad_weight, accumulate=True)
             if grad_bias is not None:
                 grad_bias += g.sum(0, dtype=c.acc)
-        if grad_input is not None:
-            dist.all_reduce(grad_input, group=group)  # the one collective of the gradients
+        if grad_input is not None:  # the one collective of the gradients, in c.acc
+            dist.all_reduce(grad_input, group=group)
 
         combined = Combined(ce, z, correct, stats, None)
         loss, extras = reduce_rows(combined, a.reduction, denominators, c.acc)
@@ -200,7 +221,7 @@ def _recomputed_param_grads(lib, ctx, grad_loss):
         g = slice_grad(lib, go[idx], logits, c.target[idx], a.weight, _rows_or_none(a.mask, idx),
                        stats[idx], _rows_or_none(mass, idx), None, _options_of(a), ctx.layout)
         if gw is not None:
-            gw.addmm_(g.t().to(c.acc), xc.to(c.acc))
+            _mm_wide(g.t(), xc, gw, accumulate=True)
         if gb is not None:
             gb += g.sum(0, dtype=c.acc)
     return (gw.to(weight.dtype) if gw is not None else None,
@@ -223,9 +244,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         slice_logits = torch.empty((rows, linear_weight.shape[0]), dtype=input.dtype,
                                    device="meta")  # the header reads its shape and dtype only
         return a, Local(slice_logits, a.target, a.weight, a.ignore_index,
-                        return_token_accuracy, a.chunk_rows or 0)
+                        return_token_accuracy, a.chunk_rows or 0, a.x.device)
 
-    a, layout = agree(process_group, prepare, "linear_cross_entropy")
+    a, layout = agree(process_group, prepare, "linear_cross_entropy",
+                      input.device if isinstance(input, torch.Tensor) else None)
     if a.chunk_rows is None:  # from the largest slice, so that every rank runs the same chunks
         a = a._replace(chunk_rows=auto_chunk_rows(
             a.x.shape[0], a.x.shape[1], max(layout.sizes),
