@@ -13,9 +13,11 @@
 // count. On the CPU the live rows are listed first and the dead ones cost no GEMM work.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -84,11 +86,30 @@ at::Tensor softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& lo
                  std::nullopt);
 }
 
-// The dtype the chunks' GEMMs and kernel run in (linear_cross_entropy.compute_dtype): 16-bit
+// Whether the chunk loop runs as on a GPU: chunks in the operands' own dtype, every row through
+// the GEMMs (their shapes are host parameters there, and the live rows' count is a device
+// value). Test-only: FUSEDLOSS_TEST_DEVICE_CHUNKS=1 makes a CPU call run it so, so that this
+// arithmetic (float16 chunk gradients, padding rows) is tested on a machine without a GPU.
+bool device_chunks(const at::Device& device) {
+  if (!device.is_cpu()) return true;
+  const char* test = std::getenv("FUSEDLOSS_TEST_DEVICE_CHUNKS");
+  return test != nullptr && test[0] == '1';
+}
+
+// The dtype the chunks' GEMMs and kernel run in (fusedloss/_common.py compute_dtype): 16-bit
 // GEMMs are emulated on the CPU and 10-100x slower there, so 16-bit inputs compute in float32.
 at::ScalarType compute_dtype(at::ScalarType t, const at::Device& device) {
-  if (device.is_cpu() && (t == at::kHalf || t == at::kBFloat16)) return at::kFloat;
+  if (!device_chunks(device) && (t == at::kHalf || t == at::kBFloat16)) return at::kFloat;
   return t;
+}
+
+// A float16 chunk gradient is computed at S times its size, S a power of two: a mean's 1/N
+// (or a small per-row grad_loss) would otherwise push its entries below float16's smallest
+// subnormal (6e-8) before the GEMMs. S = 2^-e for magnitude = m 2^e, m in [0.5, 1), formed on
+// the device (no host read); the float32 accumulators are divided by S at the end, exactly.
+at::Tensor inverse_power_of_two(const at::Tensor& magnitude) {
+  const at::Tensor exponent = std::get<1>(at::frexp(magnitude.to(at::kDouble)));
+  return at::ldexp(at::ones({}, magnitude.options().dtype(at::kDouble)), exponent.neg());
 }
 
 constexpr const char* kLinearOp = "fusedloss.linear_ce";
@@ -137,9 +158,9 @@ void check_operands(const at::Tensor& input, const at::Tensor& weight, const Opt
 }
 
 // CPU only (the list is built on the host): the indices of the rows that contribute, or an
-// undefined tensor when all do (or on another device: see the file comment).
+// undefined tensor when all do (or on the device path: see the file comment).
 at::Tensor live_rows(const at::Tensor& target, const OptTensor& mask, int64_t ignore_index) {
-  if (!target.device().is_cpu()) return {};
+  if (device_chunks(target.device())) return {};
   at::Tensor live;
   if (!target.is_floating_point()) live = target.ne(ignore_index);
   if (mask.has_value()) live = live.defined() ? live.logical_and(mask->ne(0)) : mask->ne(0);
@@ -194,6 +215,21 @@ struct Chunks {
     }
   }
 
+  // The chunk's input rows for the weight's GEMM. On the device path padding rows (ignored,
+  // or masked out) run through the GEMMs with a zero gradient row, but 0 * NaN is NaN: a NaN
+  // or inf in a padding row's input would reach the weight gradient, where PyTorch's is finite.
+  // Those rows are zeroed, on the device (no host read). On the CPU they are not in the chunk.
+  at::Tensor rows_for_weight(const at::Tensor& xk, int64_t k) const {
+    if (live.defined() || !device_chunks(xk.device())) return xk;
+    at::Tensor dead;
+    if (!target.is_floating_point()) dead = take(target, k).eq(ignore_index);
+    if (mask.has_value()) {
+      at::Tensor masked = take(*mask, k).eq(0);
+      dead = dead.defined() ? dead.logical_or(masked) : masked;
+    }
+    return dead.defined() ? xk.masked_fill(dead.unsqueeze(1), 0) : xk;
+  }
+
   // The chunk's targets: class indices as they are, probabilities in the compute dtype.
   at::Tensor targets(int64_t k) const {
     at::Tensor t = take(target, k);
@@ -221,13 +257,20 @@ struct Chunks {
   int64_t count = 0, chunk_rows = 1;
 };
 
+// The dtype of the gradients the op returns: the operands' own, but float32 for float16. The
+// caller rounds a float16 gradient once, after grad_output (fusedloss/_handover.py): a mean's
+// gradient divided by the row count loses its small entries in float16's range before a loss
+// scale of 2^16 could bring them back.
+at::ScalarType grad_dtype_of(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
+
 // The gradient accumulators of one call (empty where not asked for).
 struct Grads {
   Grads(const at::Tensor& input, const at::Tensor& weight, bool any, bool need_input,
         bool need_weight, bool need_bias) {
     const at::ScalarType acc = acc_dtype_of(input.scalar_type());
-    input_grad = any && need_input ? at::zeros(input.sizes(), input.options())
-                                   : at::empty({0}, input.options());
+    const auto grad_opts = input.options().dtype(grad_dtype_of(input.scalar_type()));
+    input_grad = any && need_input ? at::zeros(input.sizes(), grad_opts)
+                                   : at::empty({0}, grad_opts);
     // float32 accumulation for 16-bit weights (on the CPU the chunks already are float32)
     if (any && need_weight) weight_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
     if (any && need_bias) bias_acc = at::zeros({weight.size(0)}, weight.options().dtype(acc));
@@ -244,21 +287,37 @@ struct Grads {
       }
     }
     if (weight_acc.defined()) {
+      const at::Tensor x_rows = c.rows_for_weight(xk, k);
       if (chunk_grad.scalar_type() == weight_acc.scalar_type()) {
-        weight_acc.addmm_(chunk_grad.t(), xk);
-      } else {  // 16-bit chunks on CUDA: the GEMM accumulates into the float32 buffer
-        at::addmm_out(weight_acc, weight_acc, chunk_grad.t(), xk, weight_acc.scalar_type());
+        weight_acc.addmm_(chunk_grad.t(), x_rows);
+      } else if (chunk_grad.is_cuda()) {
+        // 16-bit chunks: the GEMM reads 16-bit operands and accumulates into the float32 buffer
+        at::addmm_out(weight_acc, weight_acc, chunk_grad.t(), x_rows, weight_acc.scalar_type());
+      } else {
+        // (the CPU has no addmm with a float32 output of 16-bit operands: the operands are
+        // converted to float32 first, exactly, for the same arithmetic)
+        weight_acc.addmm_(chunk_grad.t().to(weight_acc.scalar_type()),
+                          x_rows.to(weight_acc.scalar_type()));
       }
     }
     if (bias_acc.defined()) bias_acc.add_(chunk_grad.sum(0, false, bias_acc.scalar_type()));
   }
 
-  // (input, weight, bias) gradients, the accumulators in the weight's dtype. Called once the
+  // (input, weight, bias) gradients, the accumulators in grad_dtype_of(the weight's dtype).
+  // Called once the
   // chunk buffer and a converted weight are freed, so that a 16-bit gradient made here never
   // coexists with them (on the CPU that lowers a 16-bit step's peak by the gradient's size).
+  // The accumulators divided by `scale` (a power of two, for float16 chunks; exact).
+  void unscale(const at::Tensor& scale) {
+    for (at::Tensor* g : {&input_grad, &weight_acc, &bias_acc}) {
+      if (g->defined() && g->numel() > 0) g->mul_(scale);
+    }
+  }
+
   Tensor3 finish(const at::Tensor& weight) {
     auto to_weight_dtype = [&](at::Tensor& acc) {
-      at::Tensor out = acc.defined() ? acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
+      const auto opts = weight.options().dtype(grad_dtype_of(weight.scalar_type()));
+      at::Tensor out = acc.defined() ? acc.to(opts.dtype()) : at::empty({0}, opts);
       acc.reset();
       return out;
     };
@@ -276,6 +335,9 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
                   int64_t reduction, const OptTensor& denominators, int64_t chunk_rows,
                   bool need_input_grad, bool need_weight_grad, bool need_bias_grad,
                   bool need_accuracy) {
+  // The op takes its operands as they are: under torch.autocast the GEMMs below would
+  // otherwise be cast (float32 chunks to float16 on the CPU, rounding the chunk gradient).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_operands(input, weight, bias, target, mask, chunk_rows);
   const int64_t rows = input.size(0);
   const at::ScalarType acc = acc_dtype_of(input.scalar_type());
@@ -293,6 +355,18 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
   // chunks' (z-loss part, accuracy) summed (each chunk divides by the whole loss's count)
   at::Tensor extras = per_row ? at::zeros({2, rows}, acc_opts) : at::zeros({2}, acc_opts);
   Grads grads(input, weight, any_grad, need_input_grad, need_weight_grad, need_bias_grad);
+  // float16 chunks of a mean: the kernel is handed the denominators divided by S (a power of
+  // two near the first one: see inverse_power_of_two), so that the chunk gradient, the loss and
+  // the extra outputs come out S times their size; all are divided by S after the loop.
+  OptTensor chunk_denominators = denominators;
+  at::Tensor unscale;
+  if (compute_dtype(input.scalar_type(), input.device()) == at::kHalf && any_grad &&
+      reduction_of(reduction, kLinearOp) == Reduction::Mean) {
+    // den = m 2^e: the kernel divides by m in [0.5, 1) instead, so its outputs are 2^e times
+    // their size, and 2^-e undoes that
+    unscale = inverse_power_of_two(denominators->select(0, 0));
+    chunk_denominators = *denominators * unscale;
+  }
   {
     Chunks c(input, weight, bias, target, class_weight, mask, ignore_index, chunk_rows);
     for (int64_t k = 0; k < c.chunks(); ++k) {
@@ -313,7 +387,7 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
       } else {
         std::tie(loss, row_stats, chunk_extras) =
             softmax_ce_inplace(logits, t, class_weight, m, ignore_index, label_smoothing, z_loss,
-                               softcap, reduction, need_accuracy, denominators);
+                               softcap, reduction, need_accuracy, chunk_denominators);
         grads.accumulate(c, k, xk, logits);  // the logits buffer now holds their gradient
       }
       if (!per_row) {
@@ -323,6 +397,11 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
       c.put(stats, k, row_stats);
     }
   }  // the chunk buffer and the converted weight are freed here (see Grads::finish)
+  if (unscale.defined()) {
+    loss_total.mul_(unscale);
+    extras.mul_(unscale);
+    grads.unscale(unscale);
+  }
   auto [gi, gw, gb] = grads.finish(weight);
   return {per_row ? loss_rows : loss_total, stats, gi, gw, gb, extras};
 }
@@ -335,6 +414,7 @@ Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                            int64_t ignore_index, double label_smoothing, double z_loss,
                            double softcap, int64_t chunk_rows, bool need_input_grad,
                            bool need_weight_grad, bool need_bias_grad) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as above
   check_operands(input, weight, bias, target, mask, chunk_rows);
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == input.size(0), kLinearOp,
                     "_backward: grad_loss must have shape (", input.size(0), ",), got ",
@@ -344,7 +424,14 @@ Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                     kLinearOp, "_backward: row_stats must have shape (", input.size(0),
                     ", 2), got ", row_stats.sizes());
   Grads grads(input, weight, true, need_input_grad, need_weight_grad, need_bias_grad);
-  const at::Tensor go = grad_loss.to(acc_dtype_of(input.scalar_type()));
+  at::Tensor go = grad_loss.to(acc_dtype_of(input.scalar_type()));
+  // float16 chunks: grad_loss times S, the accumulators divided by S (inverse_power_of_two)
+  at::Tensor unscale;
+  if (compute_dtype(input.scalar_type(), input.device()) == at::kHalf && go.numel() > 0) {
+    const at::Tensor scale = inverse_power_of_two(go.abs().max());
+    go = go * scale.to(go.scalar_type());
+    unscale = scale.reciprocal();
+  }
   {
     Chunks c(input, weight, bias, target, class_weight, mask, ignore_index, chunk_rows);
     for (int64_t k = 0; k < c.chunks(); ++k) {
@@ -356,6 +443,7 @@ Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
       grads.accumulate(c, k, xk, chunk_grad);
     }
   }
+  if (unscale.defined()) grads.unscale(unscale);
   return grads.finish(weight);
 }
 

@@ -98,7 +98,12 @@ class _SoftmaxSpec:
         return output[2]
 
     @staticmethod
-    def backward_per_row(lib, grad_loss, saved, options):
+    def dtype(a):
+        return a.logits.dtype
+
+    @staticmethod
+    def backward_kernel(lib, grad_loss, saved, options):
+        """The gradient times grad_loss (per row for none, a scalar otherwise), written once."""
         logits, target, weight, mask, row_stats, denominators = saved
         return lib.softmax_ce_backward(grad_loss, logits, target, weight, mask, row_stats,
                                        *options, denominators)
@@ -135,7 +140,12 @@ class _SigmoidSpec:
         return output[1]
 
     @staticmethod
-    def backward_per_row(lib, grad_loss, saved, options):
+    def dtype(a):
+        return a.input.dtype
+
+    @staticmethod
+    def backward_kernel(lib, grad_loss, saved, options):
+        """The gradient times grad_loss (per element for none, a scalar otherwise)."""
         return lib.sigmoid_ce_backward(grad_loss, *saved, *options)
 
     @staticmethod
@@ -172,8 +182,13 @@ def _register_loss_autograd(namespace, lib, op, spec):
         # log-softmax for their backward, this holds the logits until the backward has run.
         ctx.save_for_backward(*spec.saved(a, output))
         ctx.options = spec.options(a)
-        grad = spec.fused_grad(output)
-        _handover.keep(ctx, grad if a.reduction != NONE and grad.numel() else None)
+        if a.reduction == NONE:
+            return  # the backward kernel, with each row's grad_output
+        if _handover.defers(spec.dtype(a)):
+            _handover.defer(ctx)
+        else:
+            grad = spec.fused_grad(output)
+            _handover.keep(ctx, grad if grad.numel() else None)
 
     def backward(ctx, grad_loss, *_grads_of_other_outputs):
         grads = [None] * ctx.n_inputs
@@ -191,11 +206,12 @@ def _register_loss_autograd(namespace, lib, op, spec):
                 grads[i] = g
         if needs[0] and not create_graph:
             if ctx.reduction == NONE:
-                grads[0] = spec.backward_per_row(lib, grad_loss, saved, ctx.options)
+                grads[0] = spec.backward_kernel(lib, grad_loss, saved, ctx.options)
             else:
                 (grads[0],) = _handover.take(
                     ctx, lib, grad_loss,
-                    lambda: (spec.recompute_grad(lib, saved, ctx.options),))
+                    lambda: (spec.recompute_grad(lib, saved, ctx.options),),
+                    lambda g: (spec.backward_kernel(lib, g, saved, ctx.options),))
         return tuple(grads)
 
     torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup)
@@ -332,6 +348,9 @@ def _register_linear_ce_autograd(ns, lib):
                                      *ctx.options, ctx.reduction, denominators, ctx.chunk_rows,
                                      *ctx.needs, False)[2:5]
             gi, gw, gb = _handover.take(ctx, lib, grad_loss, recompute)
+        # float16's gradients come wide (_handover.wide_dtype): rounded here, once
+        gi, gw, gb = (g if g is None else g.to(t.dtype)
+                      for g, t in ((gi, input), (gw, weight), (gb, weight)))
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
         return (gi if need_input_grad else None, gw if need_weight_grad else None,
                 gb if need_bias_grad and ctx.has_bias else None) + nones

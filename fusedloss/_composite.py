@@ -103,5 +103,6 @@ def sigmoid_ce(input, target, weight, pos_weight, mask, label_smoothing, reducti
     total = loss.sum()
     if reduction == 2:
         return total
-    denominator = mask.sum() if mask is not None else x.new_tensor(float(x.numel()))
+    # new_full fills on the device (new_tensor would copy from the host: a synchronisation)
+    denominator = mask.sum() if mask is not None else x.new_full((), float(x.numel()))
     return divide_or_zero(total, denominator)

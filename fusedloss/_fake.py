@@ -5,6 +5,7 @@ registers them for one namespace (fusedloss; fusedloss_simt in the tests)."""
 import torch
 
 from ._common import NONE, acc_dtype
+from ._handover import wide_dtype
 
 
 def register(namespace):
@@ -88,9 +89,12 @@ def _register_linear(namespace):
         any_grad = not per_row and (need_input_grad or need_weight_grad or need_bias_grad)
         loss = input.new_empty((rows,) if per_row else (), dtype=acc)
         stats = input.new_empty((rows, 2), dtype=acc)
-        gi = input.new_empty(input.shape if any_grad and need_input_grad else (0,))
-        gw = weight.new_empty(weight.shape if any_grad and need_weight_grad else (0,))
-        gb = weight.new_empty((weight.shape[0],) if any_grad and need_bias_grad else (0,))
+        gi = input.new_empty(input.shape if any_grad and need_input_grad else (0,),
+                             dtype=wide_dtype(input.dtype))
+        gw = weight.new_empty(weight.shape if any_grad and need_weight_grad else (0,),
+                              dtype=wide_dtype(weight.dtype))
+        gb = weight.new_empty((weight.shape[0],) if any_grad and need_bias_grad else (0,),
+                              dtype=wide_dtype(weight.dtype))
         extras = input.new_empty((2, rows) if per_row else (2,), dtype=acc)
         return loss, stats, gi, gw, gb, extras
 
@@ -98,7 +102,10 @@ def _register_linear(namespace):
     def _linear_ce_backward_fake(grad_loss, input, weight, bias, target, class_weight, mask,
                                  row_stats, ignore_index, label_smoothing, z_loss, softcap,
                                  chunk_rows, need_input_grad, need_weight_grad, need_bias_grad):
-        gi = input.new_empty(input.shape if need_input_grad else (0,))
-        gw = weight.new_empty(weight.shape if need_weight_grad else (0,))
-        gb = weight.new_empty((weight.shape[0],) if need_bias_grad else (0,))
+        gi = input.new_empty(input.shape if need_input_grad else (0,),
+                             dtype=wide_dtype(input.dtype))
+        gw = weight.new_empty(weight.shape if need_weight_grad else (0,),
+                              dtype=wide_dtype(weight.dtype))
+        gb = weight.new_empty((weight.shape[0],) if need_bias_grad else (0,),
+                              dtype=wide_dtype(weight.dtype))
         return gi, gw, gb

@@ -18,11 +18,41 @@ The protocol:
 4. While a graph is traced (torch.compile), the buffers are not mutated: `gradient *
    grad_output` is a functional product that the compiler can fuse and place.
 
+float16 gradients are not pre-scaled (`defers`): a mean's gradient (p - y) / N loses every
+entry below float16's smallest subnormal (6e-8) before a loss scale of 2^16 could bring it
+back, where PyTorch rounds to float16 once, after every factor. For float16 the forward keeps
+nothing (`defer`), and every backward writes the gradient with grad_output known (`take`'s
+`write`: the backward kernel, one read of the logits and one write, rounded once). bfloat16
+has float32's exponent range: pre-scaling costs it no digits, and it keeps the one-pass
+hand-over.
+
 reduction="none" does not come here: each row's grad_output is known only in the backward,
 which recomputes the gradient from the saved row statistics instead.
 """
 
+import torch
+
 from ._common import is_traced
+
+_DEFERRED = "written in the backward"
+
+
+def defers(dtype):
+    """Whether a gradient of `dtype` is written in the backward with grad_output known
+    (float16: see the module docstring) instead of pre-scaled in the forward."""
+    return dtype == torch.float16
+
+
+def wide_dtype(dtype):
+    """The dtype in which an op that accumulates a gradient (the fused linear cross-entropy)
+    returns a gradient of `dtype`: float32 where `defers(dtype)`, rounded once by the backward
+    after grad_output; the dtype itself otherwise."""
+    return torch.float32 if defers(dtype) else dtype
+
+
+def defer(ctx):
+    """Forward: keep nothing; every backward writes the gradient (`take`'s `write`)."""
+    ctx.handover = _DEFERRED
 
 
 def keep(ctx, *grads):
@@ -34,10 +64,13 @@ def keep(ctx, *grads):
         ctx.handover = tuple(None if g is None else g.detach() for g in grads)
 
 
-def take(ctx, lib, grad_loss, recompute):
+def take(ctx, lib, grad_loss, recompute, write=None):
     """Backward: the kept gradients times grad_loss (a tuple, None where there is none).
-    `recompute()` returns the same tuple afresh, for a backward after the first."""
+    `recompute()` returns the same tuple afresh, for a backward after the first; after
+    `defer`, `write(grad_loss)` returns the gradients with grad_loss applied, rounded once."""
     grads = ctx.handover
+    if grads is _DEFERRED:
+        return write(grad_loss)
     if grads is not None and is_traced(grad_loss):
         return tuple(None if g is None else g * grad_loss for g in grads)
     ctx.handover = None

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import _args, _compiled, _composite, _ops
+from . import _args, _compiled, _composite, _handover, _ops
 from ._common import NONE, is_traced
 
 
@@ -69,10 +69,18 @@ def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def forward_writes_grad(x, reduction):
+    """Whether the forward computes the gradient of `x`, pre-scaled for the reduction, for the
+    backward to hand over (_handover.py): mean/sum, a gradient recorded, and not float16
+    (whose gradient the backward writes, rounded once after grad_output)."""
+    return (reduction != NONE and torch.is_grad_enabled() and x.requires_grad
+            and not _handover.defers(x.dtype))
+
+
 def compiled_path_applies(logits2d, target, weight, mask, reduction):
     """Under torch.compile, mean/sum with only the logits needing a gradient take the path
     that writes the gradient over dead logits (_compiled.py)."""
-    return (reduction != 0 and torch.is_grad_enabled() and logits2d.requires_grad
+    return (forward_writes_grad(logits2d, reduction)
             and not needs_grad(target, weight, mask))
 
 
@@ -117,10 +125,10 @@ def softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_
             _compiled.warn_once("leaf", _compiled.INPUT_LOGITS)
         return _ops.current().SoftmaxCECompiled.apply(logits2d, *args, want_accuracy, None,
                                                       out_of_place)
-    if (inplace_backward and reduction != 0 and not needs_grad(target, weight, mask)
+    compute_grad = forward_writes_grad(logits2d, reduction)
+    if (inplace_backward and compute_grad and not needs_grad(target, weight, mask)
             and inplace_is_safe(input, logits2d)):
         return _ops.current().SoftmaxCEInplace.apply(logits2d, *args, want_accuracy)
-    compute_grad = reduction != 0 and torch.is_grad_enabled() and logits2d.requires_grad
     op = loss_op("softmax_ce", logits2d, needs_grad(logits2d, target, weight, mask))
     loss, row_stats, _grad, extras = op(logits2d, *args, compute_grad, want_accuracy)
     return loss, row_stats, extras
@@ -131,7 +139,7 @@ def sigmoid_ce(x, y, weight, pos_weight, mask, label_smoothing, reduction, input
     Returns the loss in the accumulation dtype."""
     if compositions_needed():
         return _composite.sigmoid_ce(x, y, weight, pos_weight, mask, label_smoothing, reduction)
-    compute_grad = reduction != NONE and torch.is_grad_enabled() and input.requires_grad
+    compute_grad = forward_writes_grad(input, reduction)
     op = loss_op("sigmoid_ce", x, needs_grad(x, y, weight, pos_weight, mask))
     loss, _grad = op(x, y, weight, pos_weight, mask, label_smoothing, reduction, compute_grad)
     return loss

@@ -134,7 +134,8 @@ def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
             return a, protocol.Local(a.rows, a.targets, None, NO_IGNORE_INDEX,
                                      return_token_accuracy)
 
-        a, layout = protocol.agree(process_group, prepare, "sequence_loss")
+        a, layout = protocol.agree(process_group, prepare, "sequence_loss",
+                                   logits.device if isinstance(logits, Tensor) else None)
         softmax_ce = functools.partial(vocab_parallel.softmax_ce, layout=layout,
                                        group=process_group)
     else:

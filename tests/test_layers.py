@@ -19,8 +19,8 @@ LAYERS = (
     "_C",                        # the compiled ops (csrc/)
     "_common",                   # leaf helpers: reductions, accumulation dtype, sums, chunking
     "_ops",                      # the op table and the test seam
-    "_fake",                     # fake kernels of every op
     "_handover",                 # the gradient hand-over, once
+    "_fake",                     # fake kernels of every op
     "_composite",                # the differentiable compositions
     "_compiled",                 # the compiled path's Function
     "_autograd",                 # autograd of every op; install() builds an OpSet

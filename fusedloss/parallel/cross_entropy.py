@@ -67,12 +67,14 @@ class VocabParallelCE(torch.autograd.Function):
 
         ctx.options, ctx.layout = options, layout
         ctx.save_for_backward(logits2d, target, weight, mask, stats, target_mass, denominators)
-        grad = None
-        if not per_row and compute_grad:
+        if _handover.defers(logits2d.dtype):
+            _handover.defer(ctx)
+        elif not per_row and compute_grad:
             one = torch.ones((), dtype=acc, device=logits2d.device)
-            grad = slice_grad(lib, one, logits2d, target, weight, mask, stats, target_mass,
-                              denominators, options, layout)
-        _handover.keep(ctx, grad)
+            _handover.keep(ctx, slice_grad(lib, one, logits2d, target, weight, mask, stats,
+                                           target_mass, denominators, options, layout))
+        else:
+            _handover.keep(ctx)
         ctx.mark_non_differentiable(stats, extras)
         ctx.set_materialize_grads(False)
         return loss, stats, extras
@@ -91,12 +93,13 @@ class VocabParallelCE(torch.autograd.Function):
                               stats, target_mass, None, ctx.options, ctx.layout)
             return (grad,) + nones
 
-        def recompute():  # a second backward (retain_graph=True): the same kernel, same bits
-            one = torch.ones((), dtype=stats.dtype, device=logits2d.device)
-            return (slice_grad(lib, one, logits2d, target, weight, mask, stats, target_mass,
-                               denominators, ctx.options, ctx.layout),)
+        def write(scale):  # the slice's gradient times `scale`, written once
+            return (slice_grad(lib, scale.to(stats.dtype), logits2d, target, weight, mask,
+                               stats, target_mass, denominators, ctx.options, ctx.layout),)
 
-        (grad,) = _handover.take(ctx, lib, grad_loss, recompute)
+        # a second backward (retain_graph=True): the same kernel, the same bits
+        (grad,) = _handover.take(ctx, lib, grad_loss,
+                                 lambda: write(torch.ones((), device=logits2d.device)), write)
         return (grad,) + nones
 
 
@@ -130,7 +133,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         refuse_unsupported(a.target, a.weight, a.mask, "cross_entropy")
         return a, Local(a.logits2d, a.target, a.weight, a.ignore_index, return_token_accuracy)
 
-    a, layout = agree(process_group, prepare, "cross_entropy")
+    a, layout = agree(process_group, prepare, "cross_entropy",
+                      input.device if isinstance(input, torch.Tensor) else None)
     loss, row_stats, extras = softmax_ce(
         a.logits2d, a.target, a.weight, a.mask, a.ignore_index, a.label_smoothing, a.z_loss,
         a.softcap, a.reduction, want_accuracy=return_token_accuracy, layout=layout,

@@ -255,6 +255,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)
-    loss, extras = VocabParallelLinearCE.apply(a.x, linear_weight, linear_bias, a, layout,
-                                               process_group, needs, return_token_accuracy)
+    # The operands as they are: under torch.autocast the chunks' GEMMs would otherwise be cast.
+    with torch.autocast(input.device.type, enabled=False):
+        loss, extras = VocabParallelLinearCE.apply(a.x, linear_weight, linear_bias, a, layout,
+                                                   process_group, needs, return_token_accuracy)
     return _args.linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)
