@@ -93,7 +93,13 @@ def _rounded_once(x, w, target, reduction, dtype):
     w64 = w.double()
     logits = (x.double() @ w64.T).to(dtype).double().requires_grad_()
     F.cross_entropy(logits, target, reduction=reduction).backward()
-    return (logits.grad.to(dtype).double() @ w64).to(dtype).double()
+    # a float16 mean's G is computed at 2^e times its size, 2^e the power of two of the count
+    # of valid rows (fusedloss/parallel/linear.py, _inverse_power_of_two), and undone exactly
+    scale = 1.0
+    if dtype == torch.float16 and reduction == "mean":
+        scale = 2.0 ** int(torch.frexp(torch.tensor(float((target != -100).sum())))[1])
+    g = (logits.grad * scale).to(dtype).double() / scale
+    return (g @ w64).to(dtype).double()
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +129,104 @@ def test_input_grad_rounded_once(pool, world_size, dtype, reduction):
             f"{what} against one rounding of exact sums {from_rounded_once:.3g}, one "
             f"rounding's error {rounding:.3g}")
     assert len({r[0] for r in results}) == 1, f"the ranks differ: {results}"
+
+
+def case_float16_loss_scale(ctx, seed, reduction):
+    """On every rank, the GPU's chunk arithmetic in float16 under a 2^16 loss scale at 16384
+    rows: (input error, weight-slice error) against float64 for fusedloss and for PyTorch's
+    autocast float16 F.linear + cross_entropy (whose slice of the weight gradient is taken)."""
+    import fusedloss.parallel.linear as vocab_linear
+
+    rows, hidden, classes, scale = 16384, 16, 512, 2.0 ** 16
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=g) * 2 / hidden ** 0.5
+    w = torch.randn(classes, hidden, generator=g)
+    target = torch.randint(0, classes, (rows,), generator=g)
+    target[torch.rand(rows, generator=g) < 0.2] = -100
+    start, stop = class_slices(classes, ctx.world_size, uneven=True)[ctx.rank]
+
+    def grads(loss_of, dtype, autocast):
+        xa = x.to(dtype).detach().clone().requires_grad_()
+        wa = w.to(dtype).detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = loss_of(xa, wa)
+        (loss * scale).backward()
+        return xa.grad / scale, wa.grad[start:stop] / scale
+
+    def ours_of(xa, wa):
+        return fl.linear_cross_entropy(xa, wa[start:stop], target, reduction=reduction,
+                                       chunk_size=4096, process_group=ctx.group)
+
+    def theirs_of(xa, wa):
+        return F.cross_entropy(F.linear(xa, wa), target, reduction=reduction)
+
+    saved = vocab_linear.compute_dtype
+    vocab_linear.compute_dtype = lambda dtype, device: dtype  # as on a GPU
+    try:
+        ours = grads(ours_of, torch.float16, True)
+    finally:
+        vocab_linear.compute_dtype = saved
+    reference = grads(theirs_of, torch.float64, False)
+    theirs = grads(theirs_of, torch.float32, True)
+    return [(_relative_error(o, r), _relative_error(p, r))
+            for o, p, r in zip(ours, theirs, reference)]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_float16_under_a_loss_scale(pool, world_size):
+    """float16 operands, the GPU's chunk arithmetic, a mean over 16384 rows under a 2^16 loss
+    scale: the input's and each rank's weight-slice gradient errors at most 1.2x PyTorch's
+    (a chunk gradient pre-scaled by 1/N in float16 loses the entries below its range)."""
+    results = pool.run(case_float16_loss_scale, group_size=world_size, timeout=300, seed=5,
+                       reduction="mean")
+    for rank, errors in enumerate(results):
+        for name, (ours, theirs) in zip(("input", "weight slice"), errors):
+            assert ours <= 1.2 * theirs, (rank, name, ours, theirs)
+
+
+def case_padding(ctx, dtype, reduction, gpu_arithmetic):
+    """On every rank: the gradients with NaN and inf in the padding rows' inputs, and with
+    those rows zeroed."""
+    import fusedloss.parallel.linear as vocab_linear
+
+    x, w, target = _problem(7, dtype)
+    mask = torch.ones(ROWS)
+    mask[5::6] = 0
+    padding = (target == -100) | (mask == 0)
+    start, stop = class_slices(CLASSES, ctx.world_size, uneven=True)[ctx.rank]
+    saved = vocab_linear.compute_dtype
+    if gpu_arithmetic:
+        vocab_linear.compute_dtype = lambda dtype, device: dtype
+    try:
+        out = []
+        for fill in (float("nan"), 0.0):
+            xa = x.clone()
+            xa[padding] = fill
+            xa[padding.nonzero()[::2, 0]] = fill * float("inf") if fill else 0.0
+            xa.requires_grad_()
+            wa = w[start:stop].clone().requires_grad_()
+            loss = fl.linear_cross_entropy(xa, wa, target, mask=mask, reduction=reduction,
+                                           chunk_size=CHUNK, process_group=ctx.group)
+            (loss.sum() if reduction == "none" else loss).float().backward()
+            out.append((loss.detach(), xa.grad, wa.grad))
+    finally:
+        vocab_linear.compute_dtype = saved
+    return out
+
+
+@pytest.mark.parametrize("gpu_arithmetic", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32] + DTYPES, ids=str)
+def test_padding_rows_never_poison_the_head(pool, dtype, reduction, gpu_arithmetic):
+    """NaN and inf in the inputs of ignored and masked-out rows: every gradient finite and the
+    same bits as with those rows zeroed (every row runs through the GEMMs here)."""
+    for rank, (poisoned, clean) in enumerate(pool.run(
+            case_padding, group_size=2, timeout=120, dtype=dtype, reduction=reduction,
+            gpu_arithmetic=gpu_arithmetic)):
+        for name, got, want in zip(("loss", "input gradient", "weight gradient"), poisoned,
+                                   clean):
+            assert torch.isfinite(got).all(), (rank, name)
+            assert torch.equal(got, want), (rank, name)
 
 
 def _measure():

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from .. import _args, _handover, _ops
-from .._common import NONE, acc_dtype, auto_chunk_rows, compute_dtype
+from .._handover import wide_dtype
+from .._common import MEAN, NONE, acc_dtype, auto_chunk_rows, compute_dtype
 from .combine import (Combined, Options, combine, mean_denominators, reduce_rows, shard_payload,
                       slice_grad, slice_tables)
 from .protocol import Local, agree, all_gather, refuse_unsupported
@@ -63,6 +64,16 @@ class _Chunks:
             end = min(self.rows, start + self.chunk_rows)
             yield slice(start, end), end - start
 
+    def rows_for_weight(self, xc, rows, ignore_index, mask):
+        """The chunk's input rows for the weight's GEMM, padding rows (ignored or masked out)
+        zeroed: every row runs through the GEMMs here, with a zero gradient row for padding,
+        but 0 * NaN is NaN, and a NaN or inf in a padding row's input would reach the weight
+        gradient. A select on the device, no host read (csrc/linear_ce.cpp does the same)."""
+        dead = None if self.target.is_floating_point() else self.target[rows] == ignore_index
+        if mask is not None:
+            dead = mask[rows] == 0 if dead is None else dead | (mask[rows] == 0)
+        return xc if dead is None else xc.masked_fill(dead[:, None], 0)
+
     def logits(self, rows, n):
         """(the chunk's input rows in the compute dtype, its logits in the reused buffer)."""
         x = self.x[rows].to(self.dtype)
@@ -85,6 +96,16 @@ def _mm_wide(a, b, out, accumulate):
     if out.device.type == "cuda":
         return torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
     return _mm_wide(a.to(out.dtype), b.to(out.dtype), out, accumulate)
+
+
+def _inverse_power_of_two(magnitude):
+    """2^-e for magnitude = m 2^e, m in [0.5, 1), on the device (no host read): a float16 chunk
+    gradient computed at 2^e times its size keeps float16's digits where a mean's 1/N (or a
+    small grad_output) would push its entries below float16's smallest subnormal (6e-8) before
+    the GEMMs; the float32 accumulators are multiplied by 2^-e at the end, exactly (as
+    csrc/linear_ce.cpp's inverse_power_of_two)."""
+    _, exponent = torch.frexp(magnitude.to(torch.float64))
+    return torch.ldexp(torch.ones((), dtype=torch.float64, device=magnitude.device), -exponent)
 
 
 def _rows_or_none(t, rows):
@@ -128,6 +149,10 @@ class VocabParallelLinearCE(torch.autograd.Function):
         grad_bias = (torch.zeros(weight.shape[:1], dtype=c.acc, device=c.device)
                      if need_bias_grad and not per_row else None)
         one = torch.ones((), dtype=c.acc, device=c.device)
+        chunk_denominators, unscale = denominators, None
+        if c.dtype == torch.float16 and a.reduction == MEAN and any_grad:
+            unscale = _inverse_power_of_two(denominators[0])
+            chunk_denominators = denominators * unscale
         tables = None if prob else slice_tables(layout, a.weight, c.device)  # once per call
 
         for idx, n in c:
@@ -148,28 +173,35 @@ class VocabParallelLinearCE(torch.autograd.Function):
                 continue
             scale = torch.ones(n, dtype=c.acc, device=c.device) if per_row else one
             g = slice_grad(lib, scale, logits, t, a.weight, m, part.stats.to(c.acc),
-                           chunk_mass, denominators, options, layout)
+                           chunk_mass, chunk_denominators, options, layout)
             if grad_input is not None:
                 _mm_wide(g, c.w, grad_input[idx], accumulate=False)
             if grad_weight is not None:
-                _mm_wide(g.t(), xc, grad_weight, accumulate=True)
+                _mm_wide(g.t(), c.rows_for_weight(xc, idx, a.ignore_index, a.mask), grad_weight,
+                         accumulate=True)
             if grad_bias is not None:
                 grad_bias += g.sum(0, dtype=c.acc)
         if grad_input is not None:  # the one collective of the gradients, in c.acc
             dist.all_reduce(grad_input, group=group)
+        if unscale is not None:
+            for grad in (grad_input, grad_weight, grad_bias):
+                if grad is not None:
+                    grad.mul_(unscale)
 
         combined = Combined(ce, z, correct, stats, None)
         loss, extras = reduce_rows(combined, a.reduction, denominators, c.acc)
         ctx.a, ctx.layout, ctx.needs, ctx.chunk_rows = a, layout, needs, c.chunk_rows
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, stats, mass)
-        grad_input = grad_input.to(x.dtype) if grad_input is not None else None
+        # float16 gradients stay in float32 until grad_output is applied (_handover.wide_dtype)
+        grad_input = grad_input.to(wide_dtype(x.dtype)) if grad_input is not None else None
         if per_row:  # each row's input gradient for grad_output 1 (scaled in the backward)
             ctx.row_input_grad = grad_input
         else:
-            _handover.keep(ctx, grad_input,
-                           grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                           grad_bias.to(weight.dtype) if grad_bias is not None else None)
+            _handover.keep(
+                ctx, grad_input,
+                grad_weight.to(wide_dtype(weight.dtype)) if grad_weight is not None else None,
+                grad_bias.to(wide_dtype(weight.dtype)) if grad_bias is not None else None)
         ctx.differentiated = False
         ctx.mark_non_differentiable(extras)
         ctx.set_materialize_grads(False)
@@ -187,6 +219,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
         ctx.differentiated = True
         lib = _ops.current().lib
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
+        x, weight = ctx.saved_tensors[:2]
         if ctx.a.reduction != NONE:
             gi, gw, gb = _handover.take(ctx, lib, grad_loss, _differentiated_once)
         else:
@@ -197,6 +230,9 @@ class VocabParallelLinearCE(torch.autograd.Function):
                 gi = gi * go.to(gi.dtype)[:, None]
             if need_weight_grad or (need_bias_grad and ctx.has_bias):
                 gw, gb = _recomputed_param_grads(lib, ctx, go)
+        # float16's gradients come wide (_handover.wide_dtype): rounded here, once
+        gi, gw, gb = (g if g is None else g.to(t.dtype)
+                      for g, t in ((gi, x), (gw, weight), (gb, weight)))
         return (gi if need_input_grad else None, gw if need_weight_grad else None,
                 gb if need_bias_grad and ctx.has_bias else None) + nones
 
@@ -216,14 +252,22 @@ def _recomputed_param_grads(lib, ctx, grad_loss):
     gw = torch.zeros(weight.shape, dtype=c.acc, device=c.device) if need_weight_grad else None
     gb = torch.zeros(weight.shape[:1], dtype=c.acc, device=c.device) if need_bias_grad else None
     go = grad_loss.to(c.acc)
+    unscale = None
+    if c.dtype == torch.float16 and go.numel():  # see _inverse_power_of_two
+        scale = _inverse_power_of_two(go.abs().max())
+        go, unscale = go * scale.to(go.dtype), scale.reciprocal()
     for idx, n in c:
         xc, logits = c.logits(idx, n)
         g = slice_grad(lib, go[idx], logits, c.target[idx], a.weight, _rows_or_none(a.mask, idx),
                        stats[idx], _rows_or_none(mass, idx), None, _options_of(a), ctx.layout)
         if gw is not None:
-            _mm_wide(g.t(), xc, gw, accumulate=True)
+            _mm_wide(g.t(), c.rows_for_weight(xc, idx, a.ignore_index, a.mask), gw,
+                     accumulate=True)
         if gb is not None:
             gb += g.sum(0, dtype=c.acc)
+    for grad in (gw, gb):
+        if grad is not None and unscale is not None:
+            grad.mul_(unscale)
     return (gw.to(weight.dtype) if gw is not None else None,
             gb.to(weight.dtype) if gb is not None else None)
 
