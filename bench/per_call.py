@@ -6,6 +6,7 @@ measures that cost per call (CPU time of the process, one thread), for forward +
 
     python bench/per_call.py                 # the default sizes, 5 rounds of 2000 calls
     python bench/per_call.py --calls 500 --rounds 3 --sizes 8x10
+    python bench/per_call.py --dtypes float32 bfloat16 float16
 
 Each round runs every (size, mode, loss, contender) once, in turn, so that a busy spell of a
 shared host falls on all contenders alike; the table gives the median over rounds of the
@@ -27,9 +28,9 @@ LOSSES = {
 }
 
 
-def _inputs(loss, rows, cols):
+def _inputs(loss, rows, cols, dtype):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, cols, generator=g).requires_grad_()
+    x = torch.randn(rows, cols, generator=g).to(dtype).requires_grad_()
     if loss == "ce":
         return x, torch.randint(0, cols, (rows,), generator=g)
     return x, torch.rand(rows, cols, generator=g)
@@ -64,33 +65,39 @@ def main(argv=None):
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     ap.add_argument("--calls", type=int, default=2000, help="calls per measurement")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"],
+                    choices=["float32", "bfloat16", "float16", "float64"], help="logits' dtype")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    cells = []  # (size, mode, loss, contender, step)
+    cells = []  # (size, dtype, mode, loss, contender, step)
     for size in args.sizes:
         rows, cols = (int(v) for v in size.split("x"))
-        for mode in args.modes:
-            for loss in args.losses:
-                x, t = _inputs(loss, rows, cols)
-                for name, fn in zip(("fusedloss", "torch"), LOSSES[loss]):
-                    cells.append((size, mode, loss, name, _call(fn, x, t, mode)))
-    times = {cell[:4]: [] for cell in cells}
+        for dtype in args.dtypes:
+            for mode in args.modes:
+                for loss in args.losses:
+                    x, t = _inputs(loss, rows, cols, getattr(torch, dtype))
+                    for name, fn in zip(("fusedloss", "torch"), LOSSES[loss]):
+                        cells.append((size, dtype, mode, loss, name, _call(fn, x, t, mode)))
+    times = {cell[:5]: [] for cell in cells}
     for _ in range(args.rounds):
         for *key, step in cells:
             times[tuple(key)].append(_time_per_call(step, args.calls))
 
     print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds x {args.calls} calls, "
           f"CPU time per call (us): median over rounds [min-max]")
-    print("| size | mode | loss | fusedloss us | torch us | fusedloss / torch |")
-    print("|---|---|---|--:|--:|--:|")
+    print("| size | dtype | mode | loss | fusedloss us | torch us | fusedloss / torch |")
+    print("|---|---|---|---|--:|--:|--:|")
     for size in args.sizes:
-        for mode in args.modes:
-            for loss in args.losses:
-                ours, theirs = (times[(size, mode, loss, n)] for n in ("fusedloss", "torch"))
-                mo, mt = statistics.median(ours), statistics.median(theirs)
-                print(f"| {size} | {mode} | {loss} | {mo:.1f} [{min(ours):.1f}-{max(ours):.1f}] "
-                      f"| {mt:.1f} [{min(theirs):.1f}-{max(theirs):.1f}] | {mo / mt:.2f} |")
+        for dtype in args.dtypes:
+            for mode in args.modes:
+                for loss in args.losses:
+                    ours, theirs = (times[(size, dtype, mode, loss, n)]
+                                    for n in ("fusedloss", "torch"))
+                    mo, mt = statistics.median(ours), statistics.median(theirs)
+                    print(f"| {size} | {dtype} | {mode} | {loss} | {mo:.1f} "
+                          f"[{min(ours):.1f}-{max(ours):.1f}] | {mt:.1f} "
+                          f"[{min(theirs):.1f}-{max(theirs):.1f}] | {mo / mt:.2f} |")
 
 
 if __name__ == "__main__":

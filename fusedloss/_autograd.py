@@ -77,29 +77,41 @@ class SigmoidCEArgs(NamedTuple):
     compute_grad: bool
 
 
+def _at(args, name):
+    """The position of argument `name` in a schema (a NamedTuple of its arguments)."""
+    return args._fields.index(name)
+
+
+def _span(args, first, last):
+    """The positions of arguments `first` to `last` of a schema, as a slice."""
+    return slice(_at(args, first), _at(args, last) + 1)
+
+
+# The specs read the op's inputs by position (a tuple, as autograd passes them: building a
+# NamedTuple on every call costs more than the rest of the setup), at the positions the
+# schema's names give.
+
 class _SoftmaxSpec:
     """How softmax_ce's autograd reads its arguments and outputs."""
 
-    args = SoftmaxCEArgs
-    # logits, a probability target, weight, mask: the positions in the schema
-    differentiable = (0, 1, 2, 3)
+    # logits, a probability target, weight, mask
+    differentiable = tuple(range(_at(SoftmaxCEArgs, "logits"), _at(SoftmaxCEArgs, "mask") + 1))
+    _tensors = _span(SoftmaxCEArgs, "logits", "mask")
+    _options = _span(SoftmaxCEArgs, "ignore_index", "mean_eps")
+    _denominators = _at(SoftmaxCEArgs, "denominators")
+    reduction = _at(SoftmaxCEArgs, "reduction")
+    grad = 2  # the output (loss, row_stats, grad, extras)
 
-    @staticmethod
-    def saved(a, output):
+    @classmethod
+    def saved(cls, inputs, output):
         """What the backward needs: the tensor arguments, the row statistics, denominators."""
-        return a.logits, a.target, a.weight, a.mask, output[1], a.denominators
+        denominators = inputs[cls._denominators] if len(inputs) > cls._denominators else None
+        return (*inputs[cls._tensors], output[1], denominators)
 
-    @staticmethod
-    def options(a):
-        return a.ignore_index, a.label_smoothing, a.z_loss, a.softcap, a.reduction, a.mean_eps
-
-    @staticmethod
-    def fused_grad(output):
-        return output[2]
-
-    @staticmethod
-    def dtype(a):
-        return a.logits.dtype
+    @classmethod
+    def options(cls, inputs):
+        """ignore_index .. mean_eps, as the backward ops take them."""
+        return inputs[cls._options]
 
     @staticmethod
     def backward_kernel(lib, grad_loss, saved, options):
@@ -124,24 +136,21 @@ class _SoftmaxSpec:
 class _SigmoidSpec:
     """How sigmoid_ce's autograd reads its arguments and outputs."""
 
-    args = SigmoidCEArgs
-    differentiable = (0, 1, 2, 3, 4)  # input, target, weight, pos_weight, mask
+    # input, target, weight, pos_weight, mask
+    differentiable = tuple(range(_at(SigmoidCEArgs, "input"), _at(SigmoidCEArgs, "mask") + 1))
+    _tensors = _span(SigmoidCEArgs, "input", "mask")
+    _options = _span(SigmoidCEArgs, "label_smoothing", "reduction")
+    reduction = _at(SigmoidCEArgs, "reduction")
+    grad = 1  # the output (loss, grad)
 
-    @staticmethod
-    def saved(a, output):
-        return a.input, a.target, a.weight, a.pos_weight, a.mask
+    @classmethod
+    def saved(cls, inputs, output):
+        return inputs[cls._tensors]
 
-    @staticmethod
-    def options(a):
-        return a.label_smoothing, a.reduction
-
-    @staticmethod
-    def fused_grad(output):
-        return output[1]
-
-    @staticmethod
-    def dtype(a):
-        return a.input.dtype
+    @classmethod
+    def options(cls, inputs):
+        """label_smoothing, reduction, as the backward op takes them."""
+        return inputs[cls._options]
 
     @staticmethod
     def backward_kernel(lib, grad_loss, saved, options):
@@ -172,22 +181,21 @@ def _register_loss_autograd(namespace, lib, op, spec):
     """Registers the autograd of a loss op; returns its eager form (_eager_function)."""
 
     def setup(ctx, inputs, output):
-        a = spec.args(*inputs)
         # Only the loss is differentiable: no zero-filled N x C gradient for the other outputs.
         ctx.set_materialize_grads(False)
         ctx.n_inputs = len(inputs)
-        ctx.reduction = a.reduction
+        reduction = ctx.reduction = inputs[spec.reduction]
         # Saved by reference (no copy); read only by a second or double backward and by the
         # gradients of the non-logit inputs. Like PyTorch's own losses, which keep an N x C
         # log-softmax for their backward, this holds the logits until the backward has run.
-        ctx.save_for_backward(*spec.saved(a, output))
-        ctx.options = spec.options(a)
-        if a.reduction == NONE:
+        ctx.save_for_backward(*spec.saved(inputs, output))
+        ctx.options = spec.options(inputs)
+        if reduction == NONE:
             return  # the backward kernel, with each row's grad_output
-        if _handover.defers(spec.dtype(a)):
+        if _handover.defers(inputs[0].dtype):
             _handover.defer(ctx)
         else:
-            grad = spec.fused_grad(output)
+            grad = output[spec.grad]
             _handover.keep(ctx, grad if grad.numel() else None)
 
     def backward(ctx, grad_loss, *_grads_of_other_outputs):

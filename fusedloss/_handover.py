@@ -58,10 +58,13 @@ def defer(ctx):
 def keep(ctx, *grads):
     """Forward: keep the pre-scaled gradients for the backward (None where there is none;
     when there is none at all, the backward recomputes them)."""
-    if all(g is None for g in grads):
-        ctx.handover = None
-    else:
-        ctx.handover = tuple(None if g is None else g.detach() for g in grads)
+    # (loops, not generators: this runs on every eager call, where microseconds count)
+    kept = tuple([g if g is None else g.detach() for g in grads])
+    ctx.handover = None
+    for g in kept:
+        if g is not None:
+            ctx.handover = kept
+            break
 
 
 def take(ctx, lib, grad_loss, recompute, write=None):
@@ -72,7 +75,7 @@ def take(ctx, lib, grad_loss, recompute, write=None):
     if grads is _DEFERRED:
         return write(grad_loss)
     if grads is not None and is_traced(grad_loss):
-        return tuple(None if g is None else g * grad_loss for g in grads)
+        return tuple([g if g is None else g * grad_loss for g in grads])
     ctx.handover = None
     if grads is None:
         grads = recompute()

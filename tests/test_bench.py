@@ -121,14 +121,14 @@ def test_noisy_comes_from_the_spread_of_the_repetitions(floor_iqr, noisy):
 
 
 def test_per_call_runs_every_cell():
-    """bench/per_call.py: one row per (size, mode, loss) with both contenders' times."""
+    """bench/per_call.py: one row per (size, dtype, mode, loss) with both contenders' times."""
     cmd = [sys.executable, os.path.join(ROOT, "bench", "per_call.py"), "--sizes", "4x3", "9x17",
-           "--calls", "5", "--rounds", "2"]
+           "--calls", "5", "--rounds", "2", "--dtypes", "float32", "bfloat16"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 4x3") or
             line.startswith("| 9x17")]
-    assert len(rows) == 2 * 2 * 2  # sizes x modes x losses
+    assert len(rows) == 2 * 2 * 2 * 2  # sizes x dtypes x modes x losses
     for line in rows:
         ratio = float(line.rstrip(" |").split("|")[-1])
         assert math.isfinite(ratio) and ratio > 0
