@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "common/dtype.h"
 #include "common/params.h"
 
 namespace fusedloss {
@@ -16,16 +17,20 @@ inline at::ScalarType acc_dtype_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// torch's dtype of a kernel dtype.
+inline at::ScalarType torch_dtype_of(ScalarType dtype) {
+  return common::visit_dtype(dtype, at::ScalarType::Undefined, [](auto d) {
+    return c10::CppTypeToScalarType<
+        common::storage_of<decltype(d)::value, c10::Half, c10::BFloat16>>::value;
+  });
+}
+
 inline ScalarType kernel_dtype_of(const at::Tensor& t, const char* op, const char* arg) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return ScalarType::Float16;
-    case at::kBFloat16: return ScalarType::BFloat16;
-    case at::kFloat: return ScalarType::Float32;
-    case at::kDouble: return ScalarType::Float64;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float16, bfloat16, float32 or float64, got ",
-                       t.scalar_type());
+  for (ScalarType dtype : common::kDtypes) {
+    if (torch_dtype_of(dtype) == t.scalar_type()) return dtype;
   }
+  TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float16, bfloat16, float32 or float64, got ",
+                   t.scalar_type());
 }
 
 inline Reduction reduction_of(int64_t r, const char* op) {

@@ -76,7 +76,10 @@ struct Ops {
     const SoftmaxCEPlan plan = plan_softmax_ce(p, x, d);
     at::Tensor ws = P::empty({plan.workspace_bytes}, like.options().dtype(at::kByte));
     x.workspace = ws.data_ptr();
-    P::check(launch_softmax_ce(p, x, d, P::stream(like)), kSoftmaxOp);
+    const int err = common::visit_dtype(p.dtype, -1, [&](auto dtype) {
+      return launch_softmax_ce_of<decltype(dtype)::value>(p, x, d, P::stream(like));
+    });
+    P::check(err, kSoftmaxOp);
   }
 
   // The caller's mean denominators, in the accumulation dtype on the kernels' side, or none.

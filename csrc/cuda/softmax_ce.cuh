@@ -752,5 +752,11 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
   return 0;
 }
 
+template <ScalarType kDtype>
+int launch_softmax_ce_of(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, const DeviceInfo& d,
+                         void* stream) {
+  return launch_softmax_ce_t<storage_t<common::Dtype<kDtype>>>(p, x, d, stream);
+}
+
 }  // namespace cuda
 }  // namespace fusedloss
