@@ -4,7 +4,8 @@
 // Per row, the logits are read from memory once (pass A: the max); passes B (exp, its sum and
 // the loss's sums) and C (the gradient) read the row again from cache, where it still is (a
 // 128256-class float32 row is 513 KB). exp(z - max) is kept in a per-thread scratch row
-// between B and C, so that exp is evaluated once per logit.
+// between B and C, so that exp is evaluated once per logit. What a row writes besides its
+// gradient, and its gradient's constants, are common/softmax_rows.h's, as in the CUDA kernels.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -335,7 +336,9 @@ struct SoftmaxCERowKernel {
         if (!want_grad) continue;
       } else {
         tot.stats = saved_row_stats<acc_t>(p, r);
-        if constexpr (kProb) {  // the whole row's Q, of every slice, when the logits are one
+        // Q: given for the whole row when the logits are a class slice of it, else summed here
+        // (pass B did not run in this call)
+        if constexpr (kProb) {
           tot.sum_w_q = p.row_target_mass ? static_cast<const acc_t*>(p.row_target_mass)[r]
                                           : target_mass_pass(y);
         }

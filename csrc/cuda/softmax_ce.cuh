@@ -1,7 +1,9 @@
 // Softmax cross-entropy kernels: loss, row statistics and gradient in one pass over the logits
 // (the "rows" path), the split-row path for rows too long for one block or too few rows, and
 // the gradient recomputed from the saved row statistics (reduction="none" backward). The
-// formulas are those of csrc/common/losses.h; see launch.h for the paths and their plans.
+// formulas are those of csrc/common/losses.h and the rules of a row (skipped rows, its outputs,
+// its gradient's constants) those of csrc/common/softmax_rows.h, as in the CPU kernel; see
+// launch.h for the paths and their plans.
 #pragma once
 
 #include "../common/softmax_merge.h"
