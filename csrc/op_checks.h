@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "common/dtype.h"
 #include "common/params.h"
 
 namespace fusedloss {
@@ -16,16 +17,20 @@ inline at::ScalarType acc_dtype_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// torch's dtype of a kernel dtype.
+inline at::ScalarType torch_dtype_of(ScalarType dtype) {
+  return common::visit_dtype(dtype, at::ScalarType::Undefined, [](auto d) {
+    return c10::CppTypeToScalarType<
+        common::storage_of<decltype(d)::value, c10::Half, c10::BFloat16>>::value;
+  });
+}
+
 inline ScalarType kernel_dtype_of(const at::Tensor& t, const char* op, const char* arg) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return ScalarType::Float16;
-    case at::kBFloat16: return ScalarType::BFloat16;
-    case at::kFloat: return ScalarType::Float32;
-    case at::kDouble: return ScalarType::Float64;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float16, bfloat16, float32 or float64, got ",
-                       t.scalar_type());
+  for (ScalarType dtype : common::kDtypes) {
+    if (torch_dtype_of(dtype) == t.scalar_type()) return dtype;
   }
+  TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float16, bfloat16, float32 or float64, got ",
+                   t.scalar_type());
 }
 
 inline Reduction reduction_of(int64_t r, const char* op) {
@@ -215,6 +220,32 @@ inline at::Tensor check_row_target_mass(const SoftmaxTensors& c,
   return row_target_mass->to(c.acc).contiguous();
 }
 
+// softmax_ce_shard_stats: the logits are a slice of rows of global_classes classes.
+inline void check_global_classes(int64_t global_classes) {
+  TORCH_CHECK_VALUE(global_classes > 0, "fusedloss.softmax_ce_shard_stats: global_classes must be "
+                    "positive, got ", global_classes);
+}
+
+// softmax_ce_backward's saved statistics: (max, log_sum) of each row.
+inline void check_row_stats(const at::Tensor& row_stats, int64_t rows, const char* op) {
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == rows && row_stats.size(1) == 2,
+                    op, ": row_stats must have shape (", rows, ", 2), got ", row_stats.sizes());
+}
+
+// softmax_ce_backward's incoming gradient in the accumulation dtype: (rows,) for reduction none,
+// else the reduced loss's one value as (1,).
+inline at::Tensor softmax_grad_loss(const at::Tensor& grad_loss, const SoftmaxTensors& c,
+                                    const char* op) {
+  if (c.reduction == Reduction::None) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == c.shape.rows, op,
+                      ": grad_loss must have shape (", c.shape.rows, ",), got ", grad_loss.sizes());
+    return grad_loss.to(c.acc).contiguous();
+  }
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op,
+                    ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
+  return grad_loss.to(c.acc).reshape({1}).contiguous();
+}
+
 // The kernel parameters every softmax call shares (outputs and mode are the caller's).
 inline SoftmaxCEParams softmax_params_of(const SoftmaxTensors& c, int64_t ignore_index,
                                          double label_smoothing, double z_loss, double softcap,
@@ -243,23 +274,6 @@ inline SoftmaxCEParams softmax_params_of(const SoftmaxTensors& c, int64_t ignore
   p.softcap = softcap;
   p.dtype = kernel_dtype_of(c.logits, op, "logits");
   return p;
-}
-
-// The forward's outputs in softmax_ce's parameters: the gradient (null: loss only) and the
-// per-row buffers, `row_extras` (2, rows) holding each row's z-loss part and correct, written
-// only when asked (the z-loss part when z_loss != 0, correct for class indices when
-// want_accuracy): the caller zeroes it.
-inline void set_softmax_forward_outputs(SoftmaxCEParams& p, const SoftmaxTensors& c, void* grad,
-                                        int64_t grad_row_stride, const at::Tensor& row_loss,
-                                        const at::Tensor& row_stats, const at::Tensor& row_extras,
-                                        bool want_accuracy) {
-  p.grad = grad;
-  p.grad_row_stride = grad_row_stride;
-  p.row_loss = row_loss.data_ptr();
-  p.row_z_loss = p.z_loss != 0 ? row_extras[0].data_ptr() : nullptr;
-  p.row_correct = want_accuracy && !c.shape.prob_target ? row_extras[1].data_ptr() : nullptr;
-  p.row_stats = row_stats.data_ptr();
-  p.mode = grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
 }
 
 // The same for the sigmoid cross-entropy over a (rows, cols) view.
@@ -304,6 +318,26 @@ inline SigmoidCEParams sigmoid_params_of(const SigmoidTensors& c, double label_s
   p.label_smoothing = label_smoothing;
   p.dtype = kernel_dtype_of(c.input, op, "input");
   return p;
+}
+
+// sigmoid_ce_backward's incoming gradient: the input's shape for reduction none, else one value.
+inline void check_sigmoid_grad_loss(const at::Tensor& grad_loss, const SigmoidTensors& c,
+                                    const char* op) {
+  if (c.reduction == Reduction::None) {
+    TORCH_CHECK_VALUE(grad_loss.sizes() == c.input.sizes(), op,
+                      ": grad_loss must have the input's shape ", c.input.sizes(), ", got ",
+                      grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, op,
+                      ": grad_loss of a reduced loss must have one element, got ",
+                      grad_loss.sizes());
+  }
+}
+
+// scale_grad_'s factor.
+inline void check_grad_scale(const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(scale.numel() == 1, "fusedloss.scale_grad_: scale must have one element, got ",
+                    scale.sizes());
 }
 
 // Elements per chunk of the sigmoid cross-entropy's flat index: fixed, so that the chunked

@@ -4,6 +4,7 @@
 
 #include <c10/util/Exception.h>
 
+#include "../common/dtype.h"
 #include "sigmoid_ce_kernel.h"
 #include "softmax_ce_kernel.h"
 
@@ -20,36 +21,28 @@ namespace fusedloss {
 namespace cpu {
 namespace {
 
-template <template <typename> class Fn, typename... Args>
-void dispatch_dtype(ScalarType dtype, Args&&... args) {
-  switch (dtype) {
-    case ScalarType::Float16: return Fn<c10::Half>::run(args...);
-    case ScalarType::BFloat16: return Fn<c10::BFloat16>::run(args...);
-    case ScalarType::Float32: return Fn<float>::run(args...);
-    case ScalarType::Float64: return Fn<double>::run(args...);
-  }
-  TORCH_CHECK(false, "fusedloss: unsupported dtype code ", static_cast<int>(dtype));
+// The kernels' storage type of a dtype (common/dtype.h) on the CPU.
+template <class D>
+using storage_t = common::storage_of<D::value, c10::Half, c10::BFloat16>;
+
+// fn(common::Dtype<dtype>{}).
+template <typename Fn>
+void on_dtype(ScalarType dtype, Fn&& fn) {
+  const bool known = common::visit_dtype(dtype, false, [&](auto d) {
+    fn(d);
+    return true;
+  });
+  TORCH_CHECK(known, "fusedloss: unsupported dtype code ", static_cast<int>(dtype));
 }
 
-template <typename scalar_t>
-struct SoftmaxFn {
-  static void run(const SoftmaxCEParams& p) { softmax_ce_dispatch_flags<scalar_t>(p); }
-};
-template <typename scalar_t>
-struct SigmoidFn {
-  static void run(const SigmoidCEParams& p) { sigmoid_ce_dispatch_flags<scalar_t>(p); }
-};
-template <typename scalar_t>
-struct ScaleFn {
-  static void run(void* data, int64_t numel, double scale) {
-    scale_inplace<scalar_t>(data, numel, scale);
-  }
-};
-
-void softmax_ce_entry(const SoftmaxCEParams& p) { dispatch_dtype<SoftmaxFn>(p.dtype, p); }
-void sigmoid_ce_entry(const SigmoidCEParams& p) { dispatch_dtype<SigmoidFn>(p.dtype, p); }
+void softmax_ce_entry(const SoftmaxCEParams& p) {
+  on_dtype(p.dtype, [&](auto d) { softmax_ce_dispatch_flags<storage_t<decltype(d)>>(p); });
+}
+void sigmoid_ce_entry(const SigmoidCEParams& p) {
+  on_dtype(p.dtype, [&](auto d) { sigmoid_ce_dispatch_flags<storage_t<decltype(d)>>(p); });
+}
 void scale_entry(void* data, int64_t numel, ScalarType dtype, double scale) {
-  dispatch_dtype<ScaleFn>(dtype, data, numel, scale);
+  on_dtype(dtype, [&](auto d) { scale_inplace<storage_t<decltype(d)>>(data, numel, scale); });
 }
 
 }  // namespace

@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "../op_checks.h"
+#include "../op_outputs.h"
 #include "kernels.h"
 #include "output_buffer.h"
 
@@ -82,6 +82,11 @@ namespace {
 
 constexpr const char* kSoftmaxOp = "fusedloss.softmax_ce";
 constexpr const char* kSigmoidOp = "fusedloss.sigmoid_ce";
+
+// The small buffers of a call (per-row losses and statistics): plain allocations.
+const auto kEmpty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+};
 
 // A compensated (Neumaier) running sum: its error does not grow with the number of terms, so
 // that a float64 loss summed over thousands of rows stays within an ulp or two.
@@ -228,24 +233,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
     bool want_accuracy) {
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
   const int64_t rows = c.shape.rows;
-  const bool per_row = c.reduction == Reduction::None;
-  at::Tensor row_loss = at::empty({rows}, acc_opts);
-  at::Tensor row_stats = at::empty({rows, 2}, acc_opts);
-  // (z-loss part, correct) per row; for none they are the extra outputs themselves.
-  at::Tensor row_extras = at::zeros({2, rows}, acc_opts);
-  set_softmax_forward_outputs(p, c, grad, grad_row_stride, row_loss, row_stats, row_extras,
-                              want_accuracy);
+  // for none, the per-row extras are the extra outputs themselves
+  const SoftmaxRowBuffers row = softmax_row_buffers(rows, acc_opts, kEmpty);
+  set_softmax_forward_outputs(p, c, grad, grad_row_stride, row, want_accuracy);
   p.grad_scale = c.grad_scale.data_ptr();
   if (rows > 0) kernels().softmax_ce(p);
-  if (per_row) return {at::add(row_loss, row_extras[0]), row_stats, row_extras};
-  const double z_part = p.row_z_loss ? deterministic_sum(row_extras[0]) : 0.0;
-  double ce_part = deterministic_sum(row_loss), z_scaled = z_part;
+  if (c.reduction == Reduction::None) return {at::add(row.loss, row.extras[0]), row.stats, row.extras};
+  const double z_part = p.row_z_loss ? deterministic_sum(row.extras[0]) : 0.0;
+  double ce_part = deterministic_sum(row.loss), z_scaled = z_part;
   if (c.reduction == Reduction::Mean) {
     ce_part = divide_or_zero(ce_part, c.denominator);
     z_scaled = divide_or_zero(z_scaled, c.valid_count);
   }
-  const double correct = p.row_correct ? deterministic_sum(row_extras[1]) : 0.0;
-  return {at::scalar_tensor(ce_part + z_scaled, acc_opts), row_stats,
+  const double correct = p.row_correct ? deterministic_sum(row.extras[1]) : 0.0;
+  return {at::scalar_tensor(ce_part + z_scaled, acc_opts), row.stats,
           acc_values({z_scaled, divide_or_zero(correct, c.valid_count)}, c.acc)};
 }
 
@@ -256,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
     bool want_accuracy, const c10::optional<at::Tensor>& denominators) {
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
                                   denominators);
-  at::Tensor grad = compute_grad ? new_output({c.shape.rows, c.shape.classes}, logits.options())
-                                 : at::empty({0}, logits.options());
+  at::Tensor grad =
+      gradient_or_empty(compute_grad, {c.shape.rows, c.shape.classes}, logits.options(), new_output);
   auto [loss, row_stats, extras] = run_softmax_forward(
       c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
       compute_grad ? grad.data_ptr() : nullptr, c.shape.classes, want_accuracy);
@@ -282,22 +283,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_shard_stats_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
     double softcap, int64_t class_offset, int64_t global_classes, bool want_accuracy) {
-  TORCH_CHECK_VALUE(global_classes > 0, "fusedloss.softmax_ce_shard_stats: global_classes must be "
-                    "positive, got ", global_classes);
+  check_global_classes(global_classes);
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, /*reduction=*/0, 0.0,
                                   c10::nullopt, class_offset, global_classes);
   const int64_t rows = c.shape.rows, classes = c.shape.classes;
   c.weight_sum = c.weight.has_value() ? deterministic_sum(c.weight->narrow(0, class_offset, classes))
                                       : double(classes);
-  const auto acc_opts = at::TensorOptions().dtype(c.acc);
-  at::Tensor row_loss = at::empty({rows}, acc_opts);
-  at::Tensor row_stats = at::empty({rows, 2}, acc_opts);
-  at::Tensor row_extras = at::zeros({2, rows}, acc_opts);
+  const SoftmaxRowBuffers row = softmax_row_buffers(rows, at::TensorOptions().dtype(c.acc), kEmpty);
   SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, 0.0, softcap);
-  set_softmax_forward_outputs(p, c, nullptr, 0, row_loss, row_stats, row_extras, want_accuracy);
-  p.row_target_mass = c.shape.prob_target ? row_extras[0].data_ptr() : nullptr;
+  set_shard_stats_outputs(p, c, row, want_accuracy);
   if (rows > 0) kernels().softmax_ce(p);
-  return {row_loss, row_stats, row_extras};
+  return {row.loss, row.stats, row.extras};
 }
 
 at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -312,30 +308,15 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
                                   denominators, class_offset, global_classes);
   const at::Tensor target_mass = check_row_target_mass(c, row_target_mass, kSoftmaxOp);
-  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == c.shape.rows &&
-                        row_stats.size(1) == 2,
-                    kSoftmaxOp, ": row_stats must have shape (", c.shape.rows, ", 2), got ",
-                    row_stats.sizes());
-  at::Tensor go;
-  if (c.reduction == Reduction::None) {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == c.shape.rows, kSoftmaxOp,
-                      ": grad_loss must have shape (", c.shape.rows, ",), got ", grad_loss.sizes());
-    go = grad_loss.to(c.acc).contiguous();
-  } else {
-    TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSoftmaxOp,
-                      ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
-    go = grad_loss.to(c.acc).reshape({1}).expand({c.shape.rows}).contiguous();
-  }
+  check_row_stats(row_stats, c.shape.rows, kSoftmaxOp);
+  at::Tensor go = softmax_grad_loss(grad_loss, c, kSoftmaxOp);
+  // the kernel reads one value per row: a reduced loss's one value is repeated
+  if (c.reduction != Reduction::None) go = go.expand({c.shape.rows}).contiguous();
   at::Tensor stats_acc = row_stats.to(c.acc).contiguous();
   at::Tensor grad = new_output({c.shape.rows, c.shape.classes}, logits.options());
   SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
-  p.grad = grad.data_ptr();
-  p.grad_row_stride = c.shape.classes;
-  p.grad_loss = go.data_ptr();
-  p.row_stats = stats_acc.data_ptr();
+  set_softmax_backward_outputs(p, grad, go, stats_acc, target_mass);
   p.grad_scale = c.grad_scale.data_ptr();  // (1, 1) for none: grad_loss is per row
-  p.row_target_mass = target_mass.defined() ? target_mass.data_ptr() : nullptr;
-  p.mode = SoftmaxCEMode::GradFromLse;
   if (c.shape.rows > 0) kernels().softmax_ce(p);
   return grad;
 }
@@ -372,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
   // mean: the gradient is divided by the denominator (grad_divisor); 0 when it is 0
   at::Tensor grad_scale = at::full({1}, denominator != 0 ? 1.0 : 0.0, acc_opts);
   const bool per_element = c.reduction == Reduction::None;
-  at::Tensor grad = compute_grad && !per_element ? new_output(input.sizes(), input.options())
-                                                 : at::empty({0}, input.options());
+  at::Tensor grad =
+      gradient_or_empty(compute_grad && !per_element, input.sizes(), input.options(), new_output);
   at::Tensor loss_elems = per_element ? new_output(input.sizes(), input.options().dtype(c.acc))
                                       : at::empty({0}, acc_opts);
   const int64_t chunks = (numel + kSigmoidChunkElems - 1) / kSigmoidChunkElems;
@@ -385,8 +366,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_ce_cpu(
   p.loss = per_element ? loss_elems.data_ptr() : nullptr;
   p.grad = grad.numel() ? grad.data_ptr() : nullptr;
   p.chunk_loss = per_element ? nullptr : chunk_loss.data_ptr();
-  p.mode = per_element ? SigmoidCEMode::LossElements
-                       : (grad.numel() ? SigmoidCEMode::LossSumAndGrad : SigmoidCEMode::LossSum);
+  p.mode = sigmoid_forward_mode(per_element, grad.numel() != 0);
   if (numel > 0) kernels().sigmoid_ce(p);
   if (per_element) return {loss_elems, grad};
   return {at::scalar_tensor(divide_or_zero(deterministic_sum(chunk_loss), denominator), acc_opts),
@@ -401,17 +381,13 @@ at::Tensor sigmoid_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
   at::Tensor grad = new_output(input.sizes(), input.options());
   SigmoidCEParams p = sigmoid_params(c, label_smoothing);
+  check_sigmoid_grad_loss(grad_loss, c, kSigmoidOp);
   at::Tensor go, factor;
   if (c.reduction == Reduction::None) {
-    TORCH_CHECK_VALUE(grad_loss.sizes() == input.sizes(), kSigmoidOp,
-                      ": grad_loss must have the input's shape ", input.sizes(), ", got ",
-                      grad_loss.sizes());
     go = unit_stride_rows(grad_loss.to(input.scalar_type()));
     p.grad_loss = go.data_ptr();
     p.grad_loss_row_stride = go.stride(0);
   } else {
-    TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSigmoidOp,
-                      ": grad_loss of a reduced loss must have one element, got ", grad_loss.sizes());
     const double denominator = sigmoid_denominator(c, input.numel());
     factor = grad_loss.to(c.acc).reshape({1}).mul(denominator != 0 ? 1.0 : 0.0);
     p.grad_scale = factor.data_ptr();
@@ -424,8 +400,7 @@ at::Tensor sigmoid_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK_VALUE(scale.numel() == 1, "fusedloss.scale_grad_: scale must have one element, got ",
-                    scale.sizes());
+  check_grad_scale(scale);
   const double s = scale.item<double>();  // a CPU tensor: no device synchronisation
   if (s == 1.0 || grad.numel() == 0) return;
   if (grad.is_contiguous()) {

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include "../common/dtype.h"
 #include "../common/losses.h"
 #include "../common/params.h"
 
@@ -64,6 +65,10 @@ struct AccType<double> {
 };
 template <typename T>
 using acc_of = typename AccType<T>::type;
+
+// The storage type of a dtype (common/dtype.h) in the kernels.
+template <class D>
+using storage_t = common::storage_of<D::value, __half, __nv_bfloat16>;
 
 FL_DEVICE float to_acc(__half v) { return __half2float(v); }
 FL_DEVICE float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/dtype.h"
 #include "../common/params.h"
 
 namespace fusedloss {
@@ -49,15 +50,6 @@ constexpr int kPartialWords = 6;
 // Workspace bytes of the device-side scalars of softmax_ce (4 acc_t).
 constexpr int64_t kScalarBytes = 32;
 
-inline int elem_size(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float16:
-    case ScalarType::BFloat16: return 2;
-    case ScalarType::Float32: return 4;
-    case ScalarType::Float64: return 8;
-  }
-  return 4;
-}
 inline int acc_size(ScalarType t) { return t == ScalarType::Float64 ? 8 : 4; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -145,7 +137,7 @@ struct SoftmaxCEPlan {
 inline SoftmaxCEPlan plan_softmax_ce(const SoftmaxCEParams& p, const SoftmaxCEExtras& x,
                                      const DeviceInfo& d) {
   SoftmaxCEPlan plan;
-  const int es = elem_size(p.dtype);
+  const int es = common::dtype_bytes(p.dtype);
   const int n = 16 / es;  // elements per 16-byte pack
   const bool prob = p.target == nullptr;
   const int64_t C = p.classes;
@@ -241,7 +233,7 @@ inline int64_t broadcast_sum_terms(const BroadcastOperand& op, int64_t rows, int
 
 inline SigmoidCEPlan plan_sigmoid_ce(const SigmoidCEParams& p, const SigmoidCEExtras& x) {
   SigmoidCEPlan plan;
-  const int es = elem_size(p.dtype);
+  const int es = common::dtype_bytes(p.dtype);
   const int64_t numel = p.rows * p.cols;
   const bool contiguous_in = (p.rows <= 1 || p.input_row_stride == p.cols) &&
                              (p.rows <= 1 || p.target_row_stride == p.cols);
@@ -266,26 +258,17 @@ inline SigmoidCEPlan plan_sigmoid_ce(const SigmoidCEParams& p, const SigmoidCEEx
 }
 
 // Each returns 0 or the CUDA error of its first failed launch (the SIMT harness throws).
-int launch_softmax_ce_f16(const SoftmaxCEParams&, const SoftmaxCEExtras&, const DeviceInfo&, void*);
-int launch_softmax_ce_bf16(const SoftmaxCEParams&, const SoftmaxCEExtras&, const DeviceInfo&, void*);
-int launch_softmax_ce_f32(const SoftmaxCEParams&, const SoftmaxCEExtras&, const DeviceInfo&, void*);
-int launch_softmax_ce_f64(const SoftmaxCEParams&, const SoftmaxCEExtras&, const DeviceInfo&, void*);
+// Defined in softmax_ce.cuh and instantiated once per dtype, each in its own .cu file
+// (softmax_ce_<dtype>.cu), so that they compile in parallel. The op entries choose the dtype's
+// (ops_impl.h): a choice made here, in a header every .cu file includes, would instantiate every
+// dtype's kernels in each of them.
+template <ScalarType kDtype>
+int launch_softmax_ce_of(const SoftmaxCEParams&, const SoftmaxCEExtras&, const DeviceInfo&, void*);
 int launch_sigmoid_ce(const SigmoidCEParams&, const SigmoidCEExtras&, void* stream);
 // grad[r, c] *= *scale over (rows, cols) with the given row stride (elements); the kernel
 // reads the scale on the device and does nothing when it is exactly 1.
 int launch_scale_grad(void* grad, ScalarType dtype, int64_t rows, int64_t cols,
                       int64_t row_stride, const void* scale, void* stream);
-
-inline int launch_softmax_ce(const SoftmaxCEParams& p, const SoftmaxCEExtras& x,
-                             const DeviceInfo& d, void* stream) {
-  switch (p.dtype) {
-    case ScalarType::Float16: return launch_softmax_ce_f16(p, x, d, stream);
-    case ScalarType::BFloat16: return launch_softmax_ce_bf16(p, x, d, stream);
-    case ScalarType::Float32: return launch_softmax_ce_f32(p, x, d, stream);
-    case ScalarType::Float64: return launch_softmax_ce_f64(p, x, d, stream);
-  }
-  return -1;
-}
 
 }  // namespace cuda
 }  // namespace fusedloss

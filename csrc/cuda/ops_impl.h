@@ -26,7 +26,7 @@
 #include <limits>
 #include <tuple>
 
-#include "../op_checks.h"
+#include "../op_outputs.h"
 #include "launch.h"
 
 namespace fusedloss {
@@ -76,7 +76,10 @@ struct Ops {
     const SoftmaxCEPlan plan = plan_softmax_ce(p, x, d);
     at::Tensor ws = P::empty({plan.workspace_bytes}, like.options().dtype(at::kByte));
     x.workspace = ws.data_ptr();
-    P::check(launch_softmax_ce(p, x, d, P::stream(like)), kSoftmaxOp);
+    const int err = common::visit_dtype(p.dtype, -1, [&](auto dtype) {
+      return launch_softmax_ce_of<decltype(dtype)::value>(p, x, d, P::stream(like));
+    });
+    P::check(err, kSoftmaxOp);
   }
 
   // The caller's mean denominators, in the accumulation dtype on the kernels' side, or none.
@@ -101,18 +104,13 @@ struct Ops {
     const auto acc_opts = like.options().dtype(c.acc);
     const int64_t rows = c.shape.rows;
     const bool per_row = c.reduction == Reduction::None;
-    at::Tensor row_loss = P::empty({rows}, acc_opts);
-    at::Tensor row_stats = P::empty({rows, 2}, acc_opts);
-    // (z-loss part, correct) per row; zero where the kernel does not write them.
-    at::Tensor row_extras = P::empty({2, rows}, acc_opts);
-    row_extras.zero_();
+    const SoftmaxRowBuffers row = softmax_row_buffers(rows, acc_opts, P::empty);
     at::Tensor loss, extras;
     if (!per_row) {
       loss = P::empty({}, acc_opts);
       extras = P::empty({2}, acc_opts);
     }
-    set_softmax_forward_outputs(p, c, grad, grad_row_stride, row_loss, row_stats, row_extras,
-                                want_accuracy);
+    set_softmax_forward_outputs(p, c, grad, grad_row_stride, row, want_accuracy);
     if (rows > 0) {
       SoftmaxCEExtras x{};
       x.reduction = c.reduction;
@@ -127,10 +125,10 @@ struct Ops {
       extras.zero_();
     }
     if (per_row) {
-      return {p.row_z_loss != nullptr ? row_loss.add(row_extras[0]) : row_loss, row_stats,
-              row_extras};
+      return {p.row_z_loss != nullptr ? row.loss.add(row.extras[0]) : row.loss, row.stats,
+              row.extras};
     }
-    return {loss, row_stats, extras};
+    return {loss, row.stats, extras};
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce(
@@ -141,8 +139,8 @@ struct Ops {
     typename P::Guard guard(logits);
     const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction);
     const at::Tensor dens = stage_denominators(denominators, c, logits);
-    at::Tensor grad = compute_grad ? P::empty({c.shape.rows, c.shape.classes}, logits.options())
-                                   : at::empty({0}, logits.options());
+    at::Tensor grad =
+        gradient_or_empty(compute_grad, {c.shape.rows, c.shape.classes}, logits.options(), P::empty);
     auto [loss, row_stats, extras] = run_softmax_forward(
         c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
         compute_grad ? grad.data_ptr() : nullptr, c.shape.classes, mean_eps, want_accuracy, dens,
@@ -173,28 +171,23 @@ struct Ops {
       const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
       const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
       double softcap, int64_t class_offset, int64_t global_classes, bool want_accuracy) {
-    TORCH_CHECK_VALUE(global_classes > 0, "fusedloss.softmax_ce_shard_stats: global_classes must "
-                      "be positive, got ", global_classes);
+    check_global_classes(global_classes);
     typename P::Guard guard(logits);
     const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, /*reduction=*/0, true,
                                           class_offset, global_classes);
-    const auto acc_opts = c.logits.options().dtype(c.acc);
     const int64_t rows = c.shape.rows;
-    at::Tensor row_loss = P::empty({rows}, acc_opts);
-    at::Tensor row_stats = P::empty({rows, 2}, acc_opts);
-    at::Tensor row_extras = P::empty({2, rows}, acc_opts);
-    row_extras.zero_();
+    const SoftmaxRowBuffers row =
+        softmax_row_buffers(rows, c.logits.options().dtype(c.acc), P::empty);
     SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, 0.0, softcap);
     p.weight_sum = static_cast<double>(c.shape.classes);  // the slice's (weights: on the device)
-    set_softmax_forward_outputs(p, c, nullptr, 0, row_loss, row_stats, row_extras, want_accuracy);
-    p.row_target_mass = c.shape.prob_target ? row_extras[0].data_ptr() : nullptr;
+    set_shard_stats_outputs(p, c, row, want_accuracy);
     if (rows > 0) {
       SoftmaxCEExtras x{};
       x.reduction = Reduction::None;
       x.grad_loss_stride = 1;
       run_softmax(p, x, c.logits);
     }
-    return {row_loss, row_stats, row_extras};
+    return {row.loss, row.stats, row.extras};
   }
 
   static at::Tensor softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -213,36 +206,17 @@ struct Ops {
     const at::Tensor dens = stage_denominators(denominators, c, logits);
     const at::Tensor target_mass = check_row_target_mass(c, row_target_mass, kSoftmaxOp);
     const at::Tensor staged_mass = target_mass.defined() ? P::stage(target_mass) : target_mass;
-    TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == c.shape.rows &&
-                          row_stats.size(1) == 2,
-                      kSoftmaxOp, ": row_stats must have shape (", c.shape.rows, ", 2), got ",
-                      row_stats.sizes());
+    check_row_stats(row_stats, c.shape.rows, kSoftmaxOp);
     TORCH_CHECK(grad_loss.device() == logits.device() && row_stats.device() == logits.device(),
                 kSoftmaxOp, ": grad_loss and row_stats must be on the logits' device ",
                 logits.device());
-    at::Tensor go;
-    int64_t go_stride = 1;
-    if (c.reduction == Reduction::None) {
-      TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == c.shape.rows, kSoftmaxOp,
-                        ": grad_loss must have shape (", c.shape.rows, ",), got ", grad_loss.sizes());
-      go = P::stage(grad_loss.to(c.acc).contiguous());
-    } else {
-      TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSoftmaxOp,
-                        ": grad_loss of a reduced loss must have one element, got ",
-                        grad_loss.sizes());
-      // one value for every row, times the mean's scales (computed on the device)
-      go = P::stage(grad_loss.to(c.acc).reshape({1}).contiguous());
-      go_stride = 0;
-    }
+    const at::Tensor go = P::stage(softmax_grad_loss(grad_loss, c, kSoftmaxOp));
+    // a reduced loss: one value for every row, times the mean's scales (computed on the device)
+    const int64_t go_stride = c.reduction == Reduction::None ? 1 : 0;
     const at::Tensor stats = P::stage(row_stats.to(c.acc).contiguous());
     at::Tensor grad = P::empty({c.shape.rows, c.shape.classes}, logits.options());
     SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
-    p.grad = grad.data_ptr();
-    p.grad_row_stride = c.shape.classes;
-    p.grad_loss = go.data_ptr();
-    p.row_stats = stats.data_ptr();
-    p.row_target_mass = staged_mass.defined() ? staged_mass.data_ptr() : nullptr;
-    p.mode = SoftmaxCEMode::GradFromLse;
+    set_softmax_backward_outputs(p, grad, go, stats, staged_mass);
     if (c.shape.rows > 0) {
       SoftmaxCEExtras x{};
       x.reduction = c.reduction;
@@ -287,15 +261,14 @@ struct Ops {
     typename P::Guard guard(input);
     const SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
     const bool per_element = c.reduction == Reduction::None;
-    at::Tensor grad = compute_grad && !per_element ? P::empty(input.sizes(), input.options())
-                                                   : at::empty({0}, input.options());
+    at::Tensor grad =
+        gradient_or_empty(compute_grad && !per_element, input.sizes(), input.options(), P::empty);
     const auto acc_opts = input.options().dtype(c.acc);
     at::Tensor loss = per_element ? P::empty(input.sizes(), acc_opts) : P::empty({}, acc_opts);
     SigmoidCEParams p = sigmoid_params(c, label_smoothing);
     p.loss = per_element ? loss.data_ptr() : nullptr;
     p.grad = grad.numel() ? grad.data_ptr() : nullptr;
-    p.mode = per_element ? SigmoidCEMode::LossElements
-                         : (grad.numel() ? SigmoidCEMode::LossSumAndGrad : SigmoidCEMode::LossSum);
+    p.mode = sigmoid_forward_mode(per_element, grad.numel() != 0);
     if (input.numel() > 0) {
       run_sigmoid(p, {c.reduction, per_element ? nullptr : loss.data_ptr(), nullptr, nullptr}, c.input);
     } else if (!per_element) {
@@ -314,13 +287,11 @@ struct Ops {
     const SigmoidCall c = prepare_sigmoid(input, target, weight, pos_weight, mask, reduction);
     TORCH_CHECK(grad_loss.device() == input.device(), kSigmoidOp, ": grad_loss is on ",
                 grad_loss.device(), " but the input is on ", input.device());
+    check_sigmoid_grad_loss(grad_loss, c, kSigmoidOp);
     at::Tensor grad = P::empty(input.sizes(), input.options());
     SigmoidCEParams p = sigmoid_params(c, label_smoothing);
     at::Tensor go, factor;
     if (c.reduction == Reduction::None) {
-      TORCH_CHECK_VALUE(grad_loss.sizes() == input.sizes(), kSigmoidOp,
-                        ": grad_loss must have the input's shape ", input.sizes(), ", got ",
-                        grad_loss.sizes());
       // Read as it is when in the accumulation dtype (the loss's): no conversion pass.
       const bool in_acc = grad_loss.scalar_type() == c.acc;
       go = P::stage(unit_stride_rows(in_acc ? grad_loss : grad_loss.to(input.scalar_type())));
@@ -328,9 +299,6 @@ struct Ops {
       p.grad_loss = go.data_ptr();
       p.grad_loss_row_stride = go.stride(0);
     } else {
-      TORCH_CHECK_VALUE(grad_loss.numel() == 1, kSigmoidOp,
-                        ": grad_loss of a reduced loss must have one element, got ",
-                        grad_loss.sizes());
       factor = P::stage(grad_loss.to(c.acc).reshape({1}).contiguous());
     }
     p.grad = grad.data_ptr();
@@ -342,8 +310,7 @@ struct Ops {
   }
 
   static void scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
-    TORCH_CHECK_VALUE(scale.numel() == 1,
-                      "fusedloss.scale_grad_: scale must have one element, got ", scale.sizes());
+    check_grad_scale(scale);
     if (grad.numel() == 0) return;
     typename P::Guard guard(grad);
     const at::ScalarType acc = acc_dtype_of(grad.scalar_type());

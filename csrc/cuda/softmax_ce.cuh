@@ -1,10 +1,13 @@
 // Softmax cross-entropy kernels: loss, row statistics and gradient in one pass over the logits
 // (the "rows" path), the split-row path for rows too long for one block or too few rows, and
 // the gradient recomputed from the saved row statistics (reduction="none" backward). The
-// formulas are those of csrc/common/losses.h; see launch.h for the paths and their plans.
+// formulas are those of csrc/common/losses.h and the rules of a row (skipped rows, its outputs,
+// its gradient's constants) those of csrc/common/softmax_rows.h, as in the CPU kernel; see
+// launch.h for the paths and their plans.
 #pragma once
 
 #include "../common/softmax_merge.h"
+#include "../common/softmax_rows.h"
 #include "device.cuh"
 #include "launch.h"
 #include "reduce.cuh"
@@ -12,6 +15,8 @@
 namespace fusedloss {
 namespace cuda {
 
+using common::RowCase;
+using common::RowKind;
 using common::SoftmaxCEOptions;
 using common::SoftmaxCERowGrad;
 using common::SoftmaxRowStats;
@@ -36,36 +41,6 @@ struct SoftmaxCEArgs {
   int splits;                // split path: chunks per row
   void* partials;            // split path: acc_t[rows of the launch][splits][kPartialWords]
 };
-
-enum RowKind : int { kActive = 0, kSkipped = 1, kBadTarget = 2 };
-
-template <typename acc_t>
-struct RowCase {
-  int kind;
-  int64_t target;  // the target's index in this row of logits (a class slice: maybe outside it)
-  acc_t mask;
-  // Whether this row of logits holds the (class-index) target. Derived where used rather than
-  // kept: one register more across the split kernels cost them a spill.
-  FL_DEVICE bool here(int64_t classes) const {
-    return static_cast<uint64_t>(target) < static_cast<uint64_t>(classes);
-  }
-  // The target's index as the gradient loops compare it (32-bit, as indices inside a row are),
-  // -1 when this row of logits does not hold it.
-  FL_DEVICE int target_index(int64_t classes) const {
-    return here(classes) ? static_cast<int>(target) : -1;
-  }
-};
-
-// Padding (mask 0) and ignored rows are never read: loss 0, gradient 0. A target outside
-// [0, global classes) is never used as an index: the row's loss and gradient are NaN.
-template <typename acc_t, bool kProb>
-FL_DEVICE RowCase<acc_t> row_case(const SoftmaxCEParams& p, int64_t r) {
-  const acc_t m = p.mask != nullptr ? static_cast<const acc_t*>(p.mask)[r] : acc_t(1);
-  const int64_t t = kProb ? 0 : p.target[r];
-  if (m == acc_t(0) || (!kProb && t == p.ignore_index)) return {kSkipped, 0, m};
-  if (!kProb && (t < 0 || t >= p.global_classes)) return {kBadTarget, 0, m};
-  return {kActive, kProb ? -1 : t - p.class_offset, m};
-}
 
 // Per-call constants in the accumulation type.
 template <typename acc_t>
@@ -98,7 +73,7 @@ struct SoftmaxCEConsts {
     return softcap ? common::softcap_apply(z, cap, inv_cap) : z;
   }
   FL_DEVICE acc_t z_of(acc_t z) const { return softcap ? common::softcap_apply(z, cap, inv_cap) : z; }
-  FL_DEVICE acc_t w_of(int64_t c) const { return weight != nullptr ? weight[c] : acc_t(1); }
+  FL_DEVICE acc_t w_of(int64_t c) const { return common::class_weight_at(weight, c); }
 };
 
 // The sums of a row (or of a part of it), relative to a max m: sum exp(z - m),
@@ -312,74 +287,16 @@ FL_DEVICE const void* target_row(const SoftmaxCEParams& p, int64_t r) {
   return static_cast<const char*>(p.target_probs) + r * p.target_row_stride * bytes;
 }
 
-// The gradient's constants of a row: d(total)/d(row loss) times the mask (the forward's
-// reduction scales, or the backward's incoming gradient: per row, or one value times the
-// mean's scales), split into the factors of the cross-entropy and the z-loss parts.
+// The gradient's constants of an active row (common/softmax_rows.h), from the launch's scales
+// and incoming gradient.
 template <typename acc_t, bool kProb, bool kFromStats>
-FL_DEVICE SoftmaxCERowGrad<acc_t> row_grad_coefs(const SoftmaxCEArgs& a,
-                                                 const SoftmaxCEConsts<acc_t>& c,
-                                                 const SoftmaxRowStats<acc_t>& st, acc_t sum_w_q,
-                                                 int64_t r, int64_t t, acc_t m) {
-  const auto* scales = static_cast<const acc_t*>(a.grad_scale);
-  acc_t factor = m;
-  if constexpr (kFromStats) factor *= static_cast<const acc_t*>(a.p.grad_loss)[r * a.grad_loss_stride];
-  const acc_t ce_scale = scales != nullptr ? factor * scales[0] : factor;
-  const acc_t z_scale = scales != nullptr ? factor * scales[1] : factor;
-  const acc_t lse = common::softmax_row_lse(st);
-  if constexpr (kProb)
-    return common::softmax_ce_prob_row_grad(c.opts, lse, sum_w_q, ce_scale, z_scale);
-  return common::softmax_ce_index_row_grad(c.opts, lse, c.w_of(t), ce_scale, z_scale);
-}
-
-// The cross-entropy part of a row's loss (before the mask); of a class slice that does not
-// hold the target, only the smoothing term.
-template <typename acc_t, bool kProb>
-FL_DEVICE acc_t row_loss_of(const SoftmaxCEConsts<acc_t>& c, const SoftmaxRowStats<acc_t>& st,
-                            const RowSums<acc_t>& s, const RowCase<acc_t>& rc, acc_t z_t,
-                            int64_t classes) {
-  if constexpr (kProb) return common::softmax_ce_prob_loss(st, s.b, s.a);
-  const bool here = rc.here(classes);
-  return common::softmax_ce_index_loss(c.opts, st, here ? z_t : st.max,
-                                       here ? c.w_of(rc.target) : acc_t(0), s.a);
-}
-
-// A row's per-row outputs besides the statistics: the cross-entropy part, the z-loss part
-// (when asked) and whether its argmax is the target (when asked). Skipped rows: 0; rows with a
-// bad target: NaN losses, not correct.
-template <typename acc_t>
-struct RowOutputs {
-  acc_t loss, z_loss, correct;
-  acc_t target_mass;  // probability targets: Q = sum w q (row_target_mass, when asked)
-};
-
-template <typename acc_t>
-FL_DEVICE void store_row_outputs(const SoftmaxCEParams& p, int64_t r, const RowOutputs<acc_t>& o,
-                                 bool prob,
-                                 acc_t smax, acc_t slog) {
-  static_cast<acc_t*>(p.row_loss)[r] = o.loss;
-  if (p.row_z_loss != nullptr) static_cast<acc_t*>(p.row_z_loss)[r] = o.z_loss;
-  if (p.row_correct != nullptr) static_cast<acc_t*>(p.row_correct)[r] = o.correct;
-  if (prob && p.row_target_mass != nullptr)
-    static_cast<acc_t*>(p.row_target_mass)[r] = o.target_mass;
-  static_cast<acc_t*>(p.row_stats)[2 * r] = smax;
-  static_cast<acc_t*>(p.row_stats)[2 * r + 1] = slog;
-}
-
-// The outputs of a row that is not active (skipped: zeros; bad target: NaN).
-template <typename acc_t>
-FL_DEVICE void store_inactive_row(const SoftmaxCEParams& p, int64_t r, int kind, bool prob) {
-  const acc_t v = kind == kSkipped ? acc_t(0) : fl_quiet_nan<acc_t>();
-  store_row_outputs(p, r, RowOutputs<acc_t>{v, v, acc_t(0), v}, prob, v, v);
-}
-
-template <typename acc_t, bool kProb>
-FL_DEVICE RowOutputs<acc_t> active_row_outputs(const SoftmaxCEConsts<acc_t>& c,
-                                               const SoftmaxRowStats<acc_t>& st,
-                                               const RowSums<acc_t>& s, const RowCase<acc_t>& rc,
-                                               acc_t z_t, bool correct, int64_t classes) {
-  return {rc.mask * row_loss_of<acc_t, kProb>(c, st, s, rc, z_t, classes),
-          rc.mask * common::softmax_ce_z_loss(c.opts, st), correct ? rc.mask : acc_t(0),
-          kProb ? s.b : acc_t(0)};
+FL_DEVICE SoftmaxCERowGrad<acc_t> grad_coefs_of(const SoftmaxCEArgs& a,
+                                                const SoftmaxCEConsts<acc_t>& c,
+                                                const SoftmaxRowStats<acc_t>& st, acc_t sum_w_q,
+                                                int64_t r, const RowCase<acc_t>& rc) {
+  return common::row_grad_coefs<acc_t, kProb>(
+      c.opts, c.weight, static_cast<const acc_t*>(a.grad_scale), st, sum_w_q, rc.target,
+      common::row_grad_factor(a.p, kFromStats, a.grad_loss_stride, r, rc.mask));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,8 +318,9 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
   const int lane = static_cast<int>(threadIdx.x) & (tpr - 1);
   const int64_t r = a.row_begin + int64_t(blockIdx.x) * a.rows_per_block + threadIdx.x / tpr;
   const bool live = r < a.row_end;
-  const RowCase<acc_t> rc = live ? row_case<acc_t, kProb>(p, r) : RowCase<acc_t>{kSkipped, 0, acc_t(0)};
-  const bool active = live && rc.kind == kActive;
+  const RowCase<acc_t> rc = live ? common::softmax_row_case<acc_t, kProb>(p, r)
+                                 : RowCase<acc_t>{RowKind::Skipped, 0, acc_t(0)};
+  const bool active = live && rc.kind == RowKind::Active;
   const SoftmaxCEConsts<acc_t> c(a, kProb);
   const int64_t C = p.classes;
   const T* x = static_cast<const T*>(p.logits) + (live ? r : 0) * p.logits_row_stride;
@@ -441,10 +359,12 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     }
     if (live && lane == 0) {
       if (active) {
-        store_row_outputs(p, r, active_row_outputs<acc_t, kProb>(c, st, s, rc, z_t, correct, C), kProb,
-                          st.max, st.log_sum);
+        common::store_row_outputs(p, r,
+                                  common::active_row_outputs<acc_t, kProb>(
+                                      c.opts, c.weight, st, s.a, s.b, rc, z_t, correct, C),
+                                  kProb, st.max, st.log_sum);
       } else {
-        store_inactive_row<acc_t>(p, r, rc.kind, kProb);
+        common::store_inactive_row<acc_t>(p, r, rc.kind, kProb);
       }
     }
     if (p.mode == SoftmaxCEMode::Loss) return;
@@ -459,21 +379,17 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
         s.b = static_cast<const acc_t*>(p.row_target_mass)[r];
       }
     }
-    if (active) {
-      st.max = static_cast<const acc_t*>(p.row_stats)[2 * r];
-      st.log_sum = static_cast<const acc_t*>(p.row_stats)[2 * r + 1];
-    }
+    if (active) st = common::saved_row_stats<acc_t>(p, r);
   }
   // No barrier or shuffle below: threads of dead rows may leave.
   if (!live) return;
   T* g = static_cast<T*>(p.grad) + r * p.grad_row_stride;
   if (!active) {
-    const T fill = from_acc<T>(rc.kind == kSkipped ? acc_t(0) : fl_quiet_nan<acc_t>());
+    const T fill = from_acc<T>(common::inactive_row_value<acc_t>(rc.kind));
     fill_range(g, 0, C, fill, lane, tpr);
     return;
   }
-  const SoftmaxCERowGrad<acc_t> rg =
-      row_grad_coefs<acc_t, kProb, kFromStats>(a, c, st, s.b, r, rc.target, rc.mask);
+  const SoftmaxCERowGrad<acc_t> rg = grad_coefs_of<acc_t, kProb, kFromStats>(a, c, st, s.b, r, rc);
   slice.grad(c, st, rg, rc.target_index(C), x, g);
 }
 
@@ -488,9 +404,9 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
   const int64_t local = blockIdx.x / a.splits;
   const int64_t chunk = blockIdx.x - local * a.splits;
   const int64_t r = a.row_begin + local;
-  const RowCase<acc_t> rc = row_case<acc_t, kProb>(p, r);
+  const RowCase<acc_t> rc = common::softmax_row_case<acc_t, kProb>(p, r);
   acc_t* part = static_cast<acc_t*>(a.partials) + (local * a.splits + chunk) * kPartialWords;
-  if (rc.kind != kActive) {  // the whole block agrees: no barrier is skipped by some only
+  if (rc.kind != RowKind::Active) {  // the whole block agrees: no barrier is skipped by some only
     if (threadIdx.x == 0) {
       part[0] = fl_neg_infinity<acc_t>();
       part[1] = part[2] = part[3] = part[4] = part[5] = acc_t(0);
@@ -548,14 +464,14 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
   const int64_t r = a.row_begin + local;
   const bool want_grad = p.mode != SoftmaxCEMode::Loss;
   if (!want_grad && chunk != 0) return;  // the loss alone: chunk 0 of each row writes it
-  const RowCase<acc_t> rc = row_case<acc_t, kProb>(p, r);
+  const RowCase<acc_t> rc = common::softmax_row_case<acc_t, kProb>(p, r);
   const int64_t lo = chunk * a.chunk;
   const int64_t hi = lo + a.chunk < p.classes ? lo + a.chunk : p.classes;
   const int tid = static_cast<int>(threadIdx.x);
   T* g = want_grad ? static_cast<T*>(p.grad) + r * p.grad_row_stride : nullptr;
-  if (rc.kind != kActive) {
-    if (!kFromStats && chunk == 0 && tid == 0) store_inactive_row<acc_t>(p, r, rc.kind, kProb);
-    const acc_t v = rc.kind == kSkipped ? acc_t(0) : fl_quiet_nan<acc_t>();
+  if (rc.kind != RowKind::Active) {
+    if (!kFromStats && chunk == 0 && tid == 0) common::store_inactive_row<acc_t>(p, r, rc.kind, kProb);
+    const acc_t v = common::inactive_row_value<acc_t>(rc.kind);
     if (want_grad) fill_range(g, lo, hi, from_acc<T>(v), tid, kSplitThreads);
     return;
   }
@@ -605,15 +521,16 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
                   j0 * a.chunk + static_cast<int64_t>(parts[j0 * kPartialWords + 5]) == rc.target;
       }
       if (tid == 0) {
-        store_row_outputs(p, r, active_row_outputs<acc_t, kProb>(c, st, rp.s, rc, z_t, correct,
-                                                                   p.classes),
-                          kProb, st.max, st.log_sum);
+        common::store_row_outputs(p, r,
+                                  common::active_row_outputs<acc_t, kProb>(
+                                      c.opts, c.weight, st, rp.s.a, rp.s.b, rc, z_t, correct,
+                                      p.classes),
+                                  kProb, st.max, st.log_sum);
       }
     }
     if (!want_grad) return;
   } else {
-    st.max = static_cast<const acc_t*>(p.row_stats)[2 * r];
-    st.log_sum = static_cast<const acc_t*>(p.row_stats)[2 * r + 1];
+    st = common::saved_row_stats<acc_t>(p, r);
   }
   const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
   const void* y = kProb ? target_row<T>(p, r) : nullptr;
@@ -621,7 +538,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
                                        kSplitThreads);
   slice.load(x, y, p.target_in_acc);
   const SoftmaxCERowGrad<acc_t> rg =
-      row_grad_coefs<acc_t, kProb, kFromStats>(a, c, st, rp.s.b, r, rc.target, rc.mask);
+      grad_coefs_of<acc_t, kProb, kFromStats>(a, c, st, rp.s.b, r, rc);
   slice.grad(c, st, rg, rc.target_index(p.classes), x, g);
 }
 
@@ -835,6 +752,12 @@ int launch_softmax_ce_t(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, cons
     return launch_sum(term, p.rows, finish, scratch, stream);
   }
   return 0;
+}
+
+template <ScalarType kDtype>
+int launch_softmax_ce_of(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, const DeviceInfo& d,
+                         void* stream) {
+  return launch_softmax_ce_t<storage_t<common::Dtype<kDtype>>>(p, x, d, stream);
 }
 
 }  // namespace cuda

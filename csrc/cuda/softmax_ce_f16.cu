@@ -5,10 +5,9 @@
 namespace fusedloss {
 namespace cuda {
 
-int launch_softmax_ce_f16(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, const DeviceInfo& d,
-                            void* stream) {
-  return launch_softmax_ce_t<__half>(p, x, d, stream);
-}
+template int launch_softmax_ce_of<ScalarType::Float16>(const SoftmaxCEParams&,
+                                                       const SoftmaxCEExtras&, const DeviceInfo&,
+                                                       void*);
 
 }  // namespace cuda
 }  // namespace fusedloss

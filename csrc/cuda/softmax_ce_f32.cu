@@ -5,10 +5,9 @@
 namespace fusedloss {
 namespace cuda {
 
-int launch_softmax_ce_f32(const SoftmaxCEParams& p, const SoftmaxCEExtras& x, const DeviceInfo& d,
-                            void* stream) {
-  return launch_softmax_ce_t<float>(p, x, d, stream);
-}
+template int launch_softmax_ce_of<ScalarType::Float32>(const SoftmaxCEParams&,
+                                                       const SoftmaxCEExtras&, const DeviceInfo&,
+                                                       void*);
 
 }  // namespace cuda
 }  // namespace fusedloss
