@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <tuple>
@@ -290,14 +291,18 @@ struct Grads {
       const at::Tensor x_rows = c.rows_for_weight(xk, k);
       if (chunk_grad.scalar_type() == weight_acc.scalar_type()) {
         weight_acc.addmm_(chunk_grad.t(), x_rows);
-      } else if (chunk_grad.is_cuda()) {
+      } else if (chunk_grad.is_cuda() && addmm_has_out_dtype.load(std::memory_order_relaxed)) {
         // 16-bit chunks: the GEMM reads 16-bit operands and accumulates into the float32 buffer
-        at::addmm_out(weight_acc, weight_acc, chunk_grad.t(), x_rows, weight_acc.scalar_type());
+        try {
+          at::addmm_out(weight_acc, weight_acc, chunk_grad.t(), x_rows, weight_acc.scalar_type());
+        } catch (const c10::NotImplementedError&) {
+          addmm_has_out_dtype.store(false);  // a torch without it for these dtypes: as below
+          accumulate_converted(chunk_grad, x_rows);
+        }
       } else {
         // (the CPU has no addmm with a float32 output of 16-bit operands: the operands are
         // converted to float32 first, exactly, for the same arithmetic)
-        weight_acc.addmm_(chunk_grad.t().to(weight_acc.scalar_type()),
-                          x_rows.to(weight_acc.scalar_type()));
+        accumulate_converted(chunk_grad, x_rows);
       }
     }
     if (bias_acc.defined()) bias_acc.add_(chunk_grad.sum(0, false, bias_acc.scalar_type()));
@@ -307,6 +312,17 @@ struct Grads {
   // Called once the
   // chunk buffer and a converted weight are freed, so that a 16-bit gradient made here never
   // coexists with them (on the CPU that lowers a 16-bit step's peak by the gradient's size).
+  // weight_acc += chunk_grad.T @ x_rows with the 16-bit operands converted to float32 first
+  // (exact): the arithmetic of a GEMM of 16-bit operands accumulating in float32.
+  void accumulate_converted(const at::Tensor& chunk_grad, const at::Tensor& x_rows) {
+    weight_acc.addmm_(chunk_grad.t().to(weight_acc.scalar_type()),
+                      x_rows.to(weight_acc.scalar_type()));
+  }
+
+  // Whether at::addmm_out with a float32 output accepts 16-bit operands on CUDA (every torch
+  // from 2.11 has addmm.dtype_out there; a build without it falls back, once, to the above).
+  static inline std::atomic<bool> addmm_has_out_dtype{true};
+
   // The accumulators divided by `scale` (a power of two, for float16 chunks; exact).
   void unscale(const at::Tensor& scale) {
     for (at::Tensor* g : {&input_grad, &weight_acc, &bias_acc}) {

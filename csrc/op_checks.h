@@ -117,7 +117,7 @@ inline at::Tensor check_denominators(const at::Tensor& d, const at::Device& devi
                     ": denominators must be a floating tensor of 2 values (weighted "
                     "denominator, count of valid positions), got ", d.scalar_type(), " of shape ",
                     d.sizes());
-  TORCH_CHECK(d.device().type() == device.type(), op, ": denominators is on ", d.device(),
+  TORCH_CHECK(d.device() == device, op, ": denominators is on ", d.device(),
               " but the logits are on ", device);
   return d.reshape({2}).contiguous();
 }

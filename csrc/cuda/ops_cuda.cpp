@@ -11,7 +11,12 @@
 #include <atomic>
 #include <mutex>
 
+#include "common/cuda_archs.h"
 #include "ops_impl.h"
+
+#ifndef FUSEDLOSS_CUDA_ARCHS
+#define FUSEDLOSS_CUDA_ARCHS ""
+#endif
 
 namespace fusedloss {
 namespace cuda {
@@ -21,10 +26,30 @@ namespace {
 // and the second read cost more than the idle SMs).
 constexpr int64_t kMinSplitClasses = 16384;
 
+// A device the build compiled no kernel for (an sm_70 GPU with the default 8.0;9.0+PTX build)
+// gets this error on its first call, not a launch failure ("no kernel image is available").
+// Asked of the driver once per device.
+void check_device_supported(int dev) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<bool>, kMaxDevices> checked{};
+  if (dev < 0 || dev >= kMaxDevices || checked[dev].load(std::memory_order_acquire)) return;
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  TORCH_CHECK(cuda_archs_cover(FUSEDLOSS_CUDA_ARCHS, major, minor),
+              "fusedloss: cuda:", dev, " has compute capability ", major, ".", minor,
+              ", and this build compiled its CUDA kernels for ", FUSEDLOSS_CUDA_ARCHS,
+              " only. Rebuild for this GPU: TORCH_CUDA_ARCH_LIST=\"", major, ".", minor,
+              "\" pip install --no-build-isolation -e . (docs/building.md)");
+  checked[dev].store(true, std::memory_order_release);
+}
+
 struct CudaPlatform {
   struct Guard {
     c10::cuda::CUDAGuard guard;
-    explicit Guard(const at::Tensor& t) : guard(t.device()) {}
+    explicit Guard(const at::Tensor& t) : guard(t.device()) {
+      check_device_supported(t.device().index());
+    }
   };
 
   static void* stream(const at::Tensor& t) {

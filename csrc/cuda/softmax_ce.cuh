@@ -381,6 +381,11 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     }
     if (active) st = common::saved_row_stats<acc_t>(p, r);
   }
+  // In place, the read of z_target above and the other lanes' gradient stores below touch the
+  // same logits. A group of more than 32 threads is ordered by the block reductions'
+  // __syncthreads; a group of 32 or fewer only by warp shuffles, which order no memory access
+  // in CUDA's memory model: __syncwarp does. (Every thread of the block is still here.)
+  if (tpr <= kWarp) __syncwarp();
   // No barrier or shuffle below: threads of dead rows may leave.
   if (!live) return;
   T* g = static_cast<T*>(p.grad) + r * p.grad_row_stride;
