@@ -28,8 +28,8 @@
 #   memcheck     compute-sanitizer memcheck on bench/sanitizer_paths.py (every kernel path)
 #   racecheck    compute-sanitizer racecheck on the same
 #   bench        bench/run.py --device cuda: fusedloss, PyTorch eager, torch.compile, Liger-Kernel
-#   summary      summary.md: each stage's result and time, one line per question of issue 18's
-#                item 8, the tables, measured times beside the byte model's
+#   summary      summary.md: each stage's result and time, one line per question of the GPU
+#                paths, the tables, measured times beside the byte model's
 # OUT_DIR then holds summary.md, stages.tsv, the bench table and JSON, and results.tar.gz with
 # every log (the device tool returns at most 8 files).
 #
@@ -174,7 +174,7 @@ else
   run_stage build $(( DRY ? 1200 : 150 )) build
 fi
 
-# The questions of issue 18's item 8, each a short stage. Without a GPU the scripts run on the
+# The GPU paths' questions, each a short stage. Without a GPU the scripts run on the
 # CPU at small sizes (--quick), so that each is exercised; their numbers then say nothing about
 # a GPU.
 if (( DRY )); then

@@ -1,5 +1,5 @@
 """The one-page summary of a bench/gpu_check.sh run: each stage's result and time, one line per
-question of issue 18's item 8 (no host sync, the float16 autocast table, bit-for-bit runs, the
+question the GPU paths raise (no host sync, the float16 autocast table, bit-for-bit runs, the
 addmm dtype check, NaN padding, each kernel's bandwidth, the rows kernels' registers and
 occupancy) with the tables behind them, the test counts (JUnit XML), the sanitizer verdicts,
 and every benchmark time beside the time the byte model of bench/ROOFLINE.md predicts for it.
@@ -292,12 +292,12 @@ def answer_resources(work):
 
 
 def item8(work):
-    """Issue 18's item 8: one line per question, then the tables behind the lines."""
+    """The GPU paths' questions: one line per question, then the tables behind the lines."""
     mixed, mixed_table = answer_mixed(work)
     addmm, nan, probe_table = answer_probes(work)
     bw, bw_table = answer_bandwidth(work)
     res, res_table = answer_resources(work)
-    lines = ["## Issue 18, item 8: the answers", "",
+    lines = ["## The GPU paths' questions, answered", "",
              f"- No host sync (sync-debug tests): {answer_sync(work)}",
              f"- float16 autocast accuracy: {mixed}",
              f"- Bit for bit: {answer_determinism(work)}",

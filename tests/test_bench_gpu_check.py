@@ -1,5 +1,5 @@
 """The device check's scripts in their CPU modes (what bench/gpu_check.sh --dry-run runs), and
-bench/gpu_summary.py's answers to issue 18's item 8 from their outputs: each script runs,
+bench/gpu_summary.py's answers to the GPU paths' questions from their outputs: each script runs,
 writes its JSON, and the summary has a line for every question. No number is judged."""
 
 import os
@@ -105,6 +105,6 @@ def test_resources_parser():
         "fusedloss::cuda::SoftmaxCEArgs)")
     assert threads == 512 and kind.startswith("rows kernel, __nv_bfloat16, 8 packs")
     occ = kr.occupancy(116, 1664, 512, kr.NOMINAL_SM90)
-    # issue 18: the bf16 8-vector rows kernel, 116 registers on sm_90: one 512-thread block/SM
+    # the bf16 8-vector rows kernel, 116 registers on sm_90: one 512-thread block/SM
     assert occ["blocks_per_sm"] == 1 and occ["limited_by"] == "registers"
     assert occ["occupancy"] == 0.25

@@ -24,7 +24,7 @@ from fusedloss.integrations.transformers import (  # noqa: E402
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
 VOCAB = 1000  # ~1000 classes: large enough for softmax rows to be non-trivial, fast on 2 cores
-REL = 1e-5  # the parity bound for loss and every parameter gradient (float32)
+REL = 1e-5  # the parity bound for loss and every parameter gradient (float32)
 MODES = [pytest.param(True, id="linear_ce"), pytest.param(False, id="logits")]
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
