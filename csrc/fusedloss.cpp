@@ -22,7 +22,7 @@
 // softmax_ce_backward: the gradient recomputed from the logits and the row statistics; grad_loss is
 // per row for reduction=0, a scalar otherwise (reduction=0 always, and a second backward of
 // mean/sum, take this path).
-// Vocab-parallel rows (a class slice per device, combined by fusedloss/distributed.py):
+// Vocab-parallel rows (a class slice per device, combined by fusedloss/parallel/combine.py):
 // softmax_ce_shard_stats reads a slice once and returns its part of each row, accumulation
 // dtype: the loss's cross-entropy part (masked; the target term only where the slice holds the
 // target, smoothing over global_classes), the slice's statistics (rows, 2), and (2, rows)
@@ -38,7 +38,8 @@
 // implementation for every device): input (rows, H) @ weight (V, H).T (+ bias), then softmax_ce;
 // returns (loss, row_stats, grad_input, grad_weight, grad_bias, extras), the gradients
 // pre-scaled for mean/sum (empty when not asked for, and always for reduction=0);
-// denominators (mean/sum): the whole loss's two, as softmax_ce's (linear_cross_entropy.py).
+// denominators (mean/sum): the whole loss's two, as softmax_ce's (fusedloss/_common.py,
+// mean_denominators).
 // linear_ce_backward: reduction=0's gradients for a per-row grad_loss, the chunks recomputed.
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
 // build_info / empty_cache / cached_bytes: what was compiled; the CPU output buffers kept

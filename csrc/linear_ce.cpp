@@ -1,5 +1,5 @@
 // linear_ce / linear_ce_backward: fused linear + softmax cross-entropy, the chunk loop of
-// fusedloss/linear_cross_entropy.py (its module docstring has the algorithm). One
+// fusedloss/linear.py (its module docstring has the algorithm). One
 // implementation for every device, registered as CompositeExplicitAutograd: the GEMMs are
 // ATen's (MKL/oneDNN on the CPU, cuBLAS on CUDA, on the caller's stream), and each chunk's
 // cross-entropy is this library's own softmax_ce kernel called through the dispatcher, so CPU
