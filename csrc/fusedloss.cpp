@@ -37,7 +37,8 @@
 // linear_ce: fused linear + softmax cross-entropy over row chunks (csrc/linear_ce.cpp, one
 // implementation for every device): input (rows, H) @ weight (V, H).T (+ bias), then softmax_ce;
 // returns (loss, row_stats, grad_input, grad_weight, grad_bias, extras), the gradients
-// pre-scaled for mean/sum (empty when not asked for, and always for reduction=0);
+// pre-scaled for mean/sum (empty when not asked for, and always for reduction=0; float16's
+// in float32, for the caller to round once after grad_output);
 // denominators (mean/sum): the whole loss's two, as softmax_ce's (fusedloss/_common.py,
 // mean_denominators).
 // linear_ce_backward: reduction=0's gradients for a per-row grad_loss, the chunks recomputed.
