@@ -134,7 +134,10 @@ def test_split_path_long_rows_in_l2_groups(kind, dtype, probs, reduction):
     the recompute of class-index targets needs no stage 1)."""
     ce_case(kind, 3, 40000, dtype, reduction=reduction, probs=probs, cfg=SMALL_L2,
             expect=("softmax_ce_split_finish",), **every_option(3, 40000, probs))
-    stage1 = 6 if probs and reduction == "none" else 3  # forward and recompute, or forward
+    # forward and recompute, or forward: the backward recomputes for reduction none, and for
+    # float16, whose gradient the backward writes once grad_output is known (_handover.defers)
+    recompute = reduction == "none" or dtype == torch.float16
+    stage1 = 6 if probs and recompute else 3
     kind.expect("softmax_ce_split_stats", "softmax_ce_split_finish", count=stage1)
 
 
