@@ -356,9 +356,7 @@ def _register_linear_ce_autograd(ns, lib):
                                      *ctx.options, ctx.reduction, denominators, ctx.chunk_rows,
                                      *ctx.needs, False)[2:5]
             gi, gw, gb = _handover.take(ctx, lib, grad_loss, recompute)
-        # float16's gradients come wide (_handover.wide_dtype): rounded here, once
-        gi, gw, gb = (g if g is None else g.to(t.dtype)
-                      for g, t in ((gi, input), (gw, weight), (gb, weight)))
+        gi, gw, gb = _handover.narrow((gi, gw, gb), (input, weight, weight))
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
         return (gi if need_input_grad else None, gw if need_weight_grad else None,
                 gb if need_bias_grad and ctx.has_bias else None) + nones

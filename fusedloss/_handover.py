@@ -50,6 +50,13 @@ def wide_dtype(dtype):
     return torch.float32 if defers(dtype) else dtype
 
 
+def narrow(grads, operands):
+    """Each gradient in its operand's dtype: a float16 gradient that came wide (`wide_dtype`)
+    is rounded here, once, after grad_output was applied; the others are returned as they
+    are."""
+    return tuple(g if g is None else g.to(t.dtype) for g, t in zip(grads, operands))
+
+
 def defer(ctx):
     """Forward: keep nothing; every backward writes the gradient (`take`'s `write`)."""
     ctx.handover = _DEFERRED

@@ -230,9 +230,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
                 gi = gi * go.to(gi.dtype)[:, None]
             if need_weight_grad or (need_bias_grad and ctx.has_bias):
                 gw, gb = _recomputed_param_grads(lib, ctx, go)
-        # float16's gradients come wide (_handover.wide_dtype): rounded here, once
-        gi, gw, gb = (g if g is None else g.to(t.dtype)
-                      for g, t in ((gi, x), (gw, weight), (gb, weight)))
+        gi, gw, gb = _handover.narrow((gi, gw, gb), (x, weight, weight))
         return (gi if need_input_grad else None, gw if need_weight_grad else None,
                 gb if need_bias_grad and ctx.has_bias else None) + nones
 
