@@ -42,6 +42,16 @@
 // denominators (mean/sum): the whole loss's two, as softmax_ce's (fusedloss/_common.py,
 // mean_denominators).
 // linear_ce_backward: reduction=0's gradients for a per-row grad_loss, the chunks recomputed.
+// distill: the distillation losses (csrc/common/distill.h) of student logits (rows, classes)
+// against teacher logits (rows, classes), or (rows, K) at teacher_indices (forward_kl only).
+// divergence 0 forward_kl, 1 reverse_kl, 2 jsd (beta in (0, 1)); hard_weight a mixes in the
+// cross-entropy of the student against target (a > 0 needs one). Rows whose target is
+// ignore_index or whose mask is 0 are skipped. Returns the loss in the accumulation dtype (per
+// row for reduction=0; mean divides by `denominator`, the caller's: the mask's sum over the
+// valid rows), the row statistics (rows, 8), and the gradients of the student and the teacher
+// (each when asked, else empty), pre-scaled for the reduction.
+// distill_backward: the gradients recomputed from row_stats, times grad_loss (per row for
+// reduction=0, one value otherwise).
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
 // build_info / empty_cache / cached_bytes: what was compiled; the CPU output buffers kept
 // for reuse (csrc/cpu/output_buffer.h).
@@ -90,6 +100,16 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
       "float label_smoothing, float z_loss, float softcap, int chunk_rows, "
       "bool need_input_grad, bool need_weight_grad, bool need_bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "distill(Tensor student, Tensor teacher, Tensor? teacher_indices, Tensor? target, "
+      "Tensor? mask, int divergence, float temperature, float beta, float hard_weight, "
+      "int ignore_index, int reduction, Tensor? denominator, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor? teacher_indices, Tensor? target, Tensor? mask, Tensor row_stats, int divergence, "
+      "float temperature, float beta, float hard_weight, int ignore_index, int reduction, "
+      "Tensor? denominator, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("build_info() -> str");
   m.def("empty_cache() -> ()");

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include "../common/dtype.h"
+#include "distill_kernel.h"
 #include "sigmoid_ce_kernel.h"
 #include "softmax_ce_kernel.h"
 
@@ -41,6 +42,21 @@ void softmax_ce_entry(const SoftmaxCEParams& p) {
 void sigmoid_ce_entry(const SigmoidCEParams& p) {
   on_dtype(p.dtype, [&](auto d) { sigmoid_ce_dispatch_flags<storage_t<decltype(d)>>(p); });
 }
+// Student and teacher in any pair of 16/32-bit dtypes, or both float64 (one accumulation type).
+void distill_entry(const DistillParams& p) {
+  on_dtype(p.student_dtype, [&](auto ds) {
+    on_dtype(p.teacher_dtype, [&](auto dt) {
+      using student_t = storage_t<decltype(ds)>;
+      using teacher_t = storage_t<decltype(dt)>;
+      if constexpr (std::is_same_v<typename AccTypeOf<student_t>::type,
+                                   typename AccTypeOf<teacher_t>::type>) {
+        distill_launch<student_t, teacher_t>(p);
+      } else {
+        TORCH_CHECK(false, "fusedloss.distill: float64 logits need a float64 teacher");
+      }
+    });
+  });
+}
 void scale_entry(void* data, int64_t numel, ScalarType dtype, double scale) {
   on_dtype(dtype, [&](auto d) { scale_inplace<storage_t<decltype(d)>>(data, numel, scale); });
 }
@@ -49,7 +65,7 @@ void scale_entry(void* data, int64_t numel, ScalarType dtype, double scale) {
 
 const KernelTable& FL_CONCAT(kernels_, CPU_CAPABILITY)() {
   static const KernelTable table{FL_STRINGIFY(CPU_CAPABILITY), &softmax_ce_entry,
-                                 &sigmoid_ce_entry, &scale_entry};
+                                 &sigmoid_ce_entry, &scale_entry, &distill_entry};
   return table;
 }
 

@@ -2,6 +2,7 @@
 // defines one table; the op entries pick the table for the CPU they run on.
 #pragma once
 
+#include "../common/distill.h"
 #include "../common/params.h"
 
 namespace fusedloss {
@@ -12,6 +13,7 @@ struct KernelTable {
   void (*softmax_ce)(const SoftmaxCEParams&);
   void (*sigmoid_ce)(const SigmoidCEParams&);
   void (*scale_inplace)(void* data, int64_t numel, ScalarType dtype, double scale);
+  void (*distill)(const DistillParams&);
 };
 
 const KernelTable& kernels_DEFAULT();

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "../distill_entry.h"
 #include "../op_outputs.h"
 #include "kernels.h"
 #include "output_buffer.h"
@@ -411,9 +412,24 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
   }
 }
 
+// The distillation entries (distill_entry.h) on the CPU.
+struct CpuDistill {
+  static constexpr bool kChecksValues = true;
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+  static at::Tensor stage(const at::Tensor& t) { return t; }
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
+  static void launch(const DistillParams& p, const at::Tensor&) { kernels().distill(p); }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("distill", &DistillOps<CpuDistill>::forward);
+  m.impl("distill_backward", &DistillOps<CpuDistill>::backward);
   m.impl("softmax_ce", &softmax_ce_cpu);
   m.impl("softmax_ce_inplace", &softmax_ce_inplace_cpu);
   m.impl("softmax_ce_backward", &softmax_ce_backward_cpu);

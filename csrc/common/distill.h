@@ -1,0 +1,222 @@
+// Distillation losses: what a student's logits s learn from a teacher's logits t, per position,
+// at temperature T. The one place where fusedloss says what it computes for them; the CPU
+// rows (csrc/cpu/distill_kernel.h), the CUDA rows (csrc/cuda/distill.cuh) and so the SIMT
+// harness call these and restate none of them.
+//
+// With u = s / T, v = t / T, Q = softmax(u) (the student), P = softmax(v) (the teacher),
+// log q = (u - mu) - log Zu and log p = (v - mv) - log Zv (mu, mv the row maxima, Zu, Zv the
+// sums of exp(u - mu), exp(v - mv)):
+//
+//   forward_kl  D = KL(P || Q) = sum p (log p - log q)
+//     dD/du_j = q_j - p_j                       dD/dv_j = p_j (log p_j - log q_j - D)
+//   reverse_kl  D = KL(Q || P) = sum q (log q - log p)
+//     dD/du_j = q_j (log q_j - log p_j - D)     dD/dv_j = p_j - q_j
+//   jsd         D = beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q,
+//               with Dp = KL(P || M), Dq = KL(Q || M):
+//     dD/du_j = (1 - beta) q_j (log q_j - log m_j - Dq)
+//     dD/dv_j = beta p_j (log p_j - log m_j - Dp)
+//   (the log m terms of L = beta sum p log p + (1-beta) sum q log q - sum m log m cancel in
+//   dL/dq, which is why m's own derivative does not appear.)
+//
+// A position's loss is (1 - a) T^2 D + a CE(s, target), a the hard weight, CE at temperature 1
+// (its own statistics ms, log Zs of s itself: the same as mu, log Zu only when T = 1). Since
+// d/ds = (1/T) d/du, the divergence's gradient carries the factor (1 - a) T; the hard part's is
+// a (softmax(s)_j - [j == target]).
+//
+// The sums are written over (v - mv) - (u - mu), never lse_v - lse_u apart: both are exact
+// differences of nearby logits, while an lse of logits around 1e4 carries an ulp of 1e-3
+// (losses.h says the same of cross-entropy). A class whose weight p (or q) is exactly 0 (a
+// logit of -inf: a vocabulary the model may not emit) adds 0, as x log x does at 0, not NaN.
+//
+// Sparse teacher: teacher_logits (rows, K) at classes teacher_indices (rows, K); P is the
+// softmax of those K values at T, 0 elsewhere. Only forward_kl: D = sum_k p_k (log p_k -
+// log q_{i_k}); dD/du_j = q_j - p_j as above, with p_j = 0 off the K classes.
+#pragma once
+
+#include <cstdint>
+
+#include "math.h"
+#include "params.h"
+
+namespace fusedloss {
+
+enum class Divergence : int32_t { ForwardKL = 0, ReverseKL = 1, JSD = 2 };
+
+enum class DistillMode : int32_t {
+  Forward = 0,         // row losses and statistics; the gradients too where their pointers are set
+  GradFromStats = 1,   // the gradients only, recomputed from the saved statistics and grad_loss
+};
+
+// What a row keeps (acc_t[rows][kDistillStats]): enough to write its gradient again without
+// the sums, from one read of each input.
+enum DistillStat : int {
+  kStudentMax = 0,     // mu: max of u = s / T
+  kStudentLogSum = 1,  // log Zu
+  kTeacherMax = 2,     // mv: max of v = t / T
+  kTeacherLogSum = 3,  // log Zv
+  kHardMax = 4,        // ms: max of s (the hard cross-entropy's; hard_weight > 0 only)
+  kHardLogSum = 5,     // log Zs
+  kDivergence = 6,     // forward/reverse: D; jsd: Dp = KL(P || M)
+  kDivergenceQ = 7,    // jsd: Dq = KL(Q || M); else 0
+  kDistillStats = 8,
+};
+
+// The student's logits (rows, classes), the teacher's (rows, classes) or, sparse, (rows, K)
+// at teacher_indices. acc_t is double when the student is float64 (the teacher is then too),
+// float otherwise; every acc_t pointer below points at that type.
+struct DistillParams {
+  const void* student;          // student dtype, row r at student + r * student_row_stride
+  const void* teacher;          // teacher dtype, row r at teacher + r * teacher_row_stride
+  const int64_t* teacher_indices;  // (rows, teacher_classes), row stride indices_row_stride;
+                                   // null: a dense teacher (teacher_classes == classes)
+  const int64_t* target;        // class indices (rows) or null (no hard part, no ignored rows)
+  const void* mask;             // acc_t[rows] or null
+  const void* grad_loss;        // GradFromStats: acc_t, row r's at grad_loss[r * grad_loss_stride]
+  int64_t grad_loss_stride;     // 1 (per row: reduction none) or 0 (one for every row)
+  const void* grad_scale;       // acc_t[1]: mean 1/denominator (0 when it is 0); null: 1
+  void* grad_student;           // student dtype (rows, classes), row stride grad_student_row_stride;
+                                // null: not wanted
+  void* grad_teacher;           // teacher dtype, the teacher's shape, row stride
+                                // grad_teacher_row_stride; null: not wanted
+  void* row_loss;               // acc_t[rows]: each row's loss times its mask (Forward)
+  void* row_stats;              // acc_t[rows][kDistillStats]: written by Forward, read by
+                                // GradFromStats (0 for skipped rows)
+  int64_t rows;
+  int64_t classes;              // the student's
+  int64_t teacher_classes;      // classes (dense) or K (sparse)
+  int64_t student_row_stride;
+  int64_t teacher_row_stride;
+  int64_t indices_row_stride;
+  int64_t grad_student_row_stride;
+  int64_t grad_teacher_row_stride;
+  int64_t ignore_index;
+  double temperature;
+  double beta;                  // jsd only, in (0, 1): 0 and 1 are forward and reverse KL
+  double hard_weight;           // a in [0, 1]; > 0 needs target
+  ScalarType student_dtype;
+  ScalarType teacher_dtype;
+  Divergence divergence;
+  DistillMode mode;
+};
+
+namespace common {
+FL_ISA_NAMESPACE_BEGIN
+
+// The constants of a call, in the accumulation type.
+template <typename T>
+struct DistillOptions {
+  T inv_temperature;   // 1 / T
+  T t_squared;         // T^2
+  T beta, one_minus_beta;
+  T log_beta, log_one_minus_beta;  // jsd
+  T hard_weight;
+  bool hard;           // a > 0 (a target is given)
+  bool separate_hard;  // the hard part needs statistics of its own (T != 1)
+  Divergence divergence;
+};
+
+template <typename T>
+DistillOptions<T> distill_options(const DistillParams& p) {
+  DistillOptions<T> o;
+  o.inv_temperature = T(1.0 / p.temperature);
+  o.t_squared = T(p.temperature * p.temperature);
+  o.beta = T(p.beta);
+  o.one_minus_beta = T(1.0 - p.beta);
+  o.log_beta = p.beta > 0 ? T(::log(p.beta)) : T(0);
+  o.log_one_minus_beta = p.beta < 1 ? T(::log1p(-p.beta)) : T(0);
+  o.hard_weight = T(p.hard_weight);
+  o.hard = p.hard_weight > 0 && p.target != nullptr;
+  o.separate_hard = o.hard && p.temperature != 1.0;
+  o.divergence = p.divergence;
+  return o;
+}
+
+// w * d, and 0 where the weight w is 0 (whatever d: a -inf logit makes d infinite there).
+template <typename V>
+FL_HD V weighted_or_zero(V w, V d) {
+  return fl_select(w == V(0), V(0), w * d);
+}
+
+// log m = log(beta p + (1 - beta) q) from log p and log q, without forming p or q (either may
+// underflow where its log is finite): the larger term factored out, log1p of the other's ratio.
+template <typename V, typename T>
+FL_HD V jsd_log_mixture(const DistillOptions<T>& o, V log_p, V log_q) {
+  const V a = log_p + V(o.log_beta);
+  const V b = log_q + V(o.log_one_minus_beta);
+  const V hi = fl_max(a, b);
+  const V lo = a + b - hi;
+  return hi + fl_log1p(fl_exp(lo - hi));
+}
+
+// A row's divergence from its sums (forward/reverse: sum e (log-ratio) over the exp sum Z of
+// the distribution that weighs, plus the two log sums' difference; jsd: the two KLs).
+template <typename T>
+FL_HD T distill_forward_kl(T sum_ev_ratio, T sum_ev, T log_zu, T log_zv) {
+  // sum p (log p - log q) = sum ev ((v - mv) - (u - mu)) / Zv - log Zv + log Zu
+  return sum_ev_ratio / sum_ev + (log_zu - log_zv);
+}
+template <typename T>
+FL_HD T distill_reverse_kl(T sum_eu_ratio, T sum_eu, T log_zu, T log_zv) {
+  return sum_eu_ratio / sum_eu + (log_zv - log_zu);
+}
+template <typename T>
+FL_HD T distill_divergence(const DistillOptions<T>& o, T d, T dq) {
+  return o.divergence == Divergence::JSD ? o.beta * d + o.one_minus_beta * dq : d;
+}
+
+// The hard part: CE = log Zs - (s_t - ms).
+template <typename T>
+FL_HD T distill_hard_ce(T log_zs, T s_t_minus_max) {
+  return log_zs - s_t_minus_max;
+}
+
+// A row's loss before its mask.
+template <typename T>
+FL_HD T distill_row_loss(const DistillOptions<T>& o, T divergence, T hard_ce) {
+  const T soft = o.t_squared * divergence;
+  return o.hard ? (T(1) - o.hard_weight) * soft + o.hard_weight * hard_ce : soft;
+}
+
+// The factors of a row's gradient: of the divergence's part (with respect to the logits s, t:
+// (1 - a) T times the row factor) and of the hard part (a times it).
+template <typename T>
+struct DistillRowGrad {
+  T soft, hard;
+  T d, dq;  // the row's divergence terms (kDivergence, kDivergenceQ)
+  T log_zu, log_zv;
+};
+
+template <typename T>
+FL_HD DistillRowGrad<T> distill_row_grad(const DistillOptions<T>& o, T factor, T d, T dq,
+                                         T log_zu, T log_zv) {
+  const T temperature = T(1) / o.inv_temperature;
+  const T soft_weight = o.hard ? T(1) - o.hard_weight : T(1);
+  return {factor * soft_weight * temperature, o.hard ? factor * o.hard_weight : T(0), d, dq,
+          log_zu, log_zv};
+}
+
+// The divergence's gradient of one class, given q, p and their logs (log_q = u - mu - log Zu,
+// log_p = v - mv - log Zv), and log m for jsd. Returns (student, teacher).
+template <typename V>
+struct GradPair {
+  V student, teacher;
+};
+
+template <typename V, typename T>
+FL_HD GradPair<V> distill_grad_element(const DistillOptions<T>& o, const DistillRowGrad<T>& g,
+                                       V q, V p, V log_q, V log_p, V log_m) {
+  const V c(g.soft);
+  switch (o.divergence) {
+    case Divergence::ForwardKL:
+      return {c * (q - p), c * weighted_or_zero(p, (log_p - log_q) - V(g.d))};
+    case Divergence::ReverseKL:
+      return {c * weighted_or_zero(q, (log_q - log_p) - V(g.d)), c * (p - q)};
+    default:
+      return {V(g.soft * o.one_minus_beta) * weighted_or_zero(q, (log_q - log_m) - V(g.dq)),
+              V(g.soft * o.beta) * weighted_or_zero(p, (log_p - log_m) - V(g.d))};
+  }
+}
+
+FL_ISA_NAMESPACE_END
+}  // namespace common
+}  // namespace fusedloss
