@@ -447,3 +447,46 @@ def test_linear_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(torch.autograd.grad(compiled, (xs, ws)), torch.autograd.grad(eager, (xs, ws))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("divergence,sparse", [("forward_kl", False), ("reverse_kl", False),
+                                               ("jsd", False), ("forward_kl", True)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inplace_backward_matches(backend, divergence, sparse, reduction):
+    """inplace_backward=True writes the student's gradient over its logits (a non-leaf that
+    no op saved: x @ w) and gives the out-of-place gradient."""
+    for dtype in (torch.float32, torch.bfloat16):
+        rows, hidden, classes, k = 9, 6, 70, 8
+        x = logits((rows, hidden), dtype, backend.device, scale=1.0)
+        w = logits((hidden, classes), dtype, backend.device, scale=1.0).requires_grad_(True)
+        target = torch.randint(0, classes, (rows,), device=backend.device)
+        target[0] = -100
+        indices = (torch.rand(rows, classes).argsort(-1)[:, :k].to(backend.device) if sparse
+                   else None)
+        t = logits((rows, k if sparse else classes), dtype, backend.device)
+        opts = dict(divergence=divergence, temperature=2.0, hard_weight=0.4, reduction=reduction,
+                    teacher_indices=indices)
+        grads, losses = [], []
+        for inplace in (False, True):
+            w.grad = None
+            s = x @ w
+            version = s._version
+            out = fl.distillation_loss(s, t, target, inplace_backward=inplace, **opts)
+            assert (s._version != version) == inplace
+            out.backward(torch.tensor(1.7, dtype=out.dtype, device=backend.device))
+            losses.append(out.detach())
+            grads.append(w.grad.clone())
+        assert torch.equal(losses[0], losses[1])
+        torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_inplace_backward_where_unsafe_or_consumed():
+    s = torch.randn(5, 12, requires_grad=True)  # a leaf: never overwritten
+    t = torch.randn(5, 12)
+    before = s.detach().clone()
+    fl.distillation_loss(s, t, inplace_backward=True).backward()
+    assert torch.equal(s.detach(), before)
+    h = torch.randn(5, 12, requires_grad=True) * 2
+    out = fl.distillation_loss(h, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="can be differentiated once only"):
+        torch.autograd.grad(out, h, create_graph=True)
