@@ -93,9 +93,10 @@ def reference_rows(s, t, idx, target, mask, divergence, temperature, hard_weight
         lp = F.log_softmax(t / temperature, -1)
     p, q = lp.exp(), lq.exp()
 
-    def kl(w, lw, lo):  # sum w (log w - lo), 0 where w is 0
-        safe = torch.where(w > 0, lw, torch.zeros_like(lw))
-        return torch.where(w > 0, w * (safe - lo), torch.zeros_like(w)).sum(-1)
+    def kl(w, lw, lo):  # sum w (log w - lo), 0 where w is 0 (and NaN where w is)
+        zero = w == 0
+        safe = torch.where(zero, torch.zeros_like(lw), lw)
+        return torch.where(zero, torch.zeros_like(w), w * (safe - lo)).sum(-1)
 
     if divergence == FORWARD_KL:
         d = kl(p, lp, lq)
@@ -383,3 +384,39 @@ def test_kernels_ran(kernels):
                               BETA, 0.4, IGNORE, NONE, None, True, False)
     log = simt.ctl.launches()
     assert log.get("distill_rows") == 1 and log.get("distill_grad_rows") == 1, log
+
+
+@pytest.mark.parametrize("divergence", [FORWARD_KL, REVERSE_KL, JSD],
+                         ids=["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("case", ["strided", "logits_1e4", "nan"])
+def test_edge_inputs(kernels, case, divergence):
+    """Rows further apart than their length (slices of wider tensors: the kernels index rows
+    by their strides), logits of size 1e4 (every difference is taken after the max is
+    subtracted), and a NaN logit on each side (its row is NaN, as PyTorch's; nothing hides it)."""
+    pair = (torch.float32, torch.float32)
+    rows, C = 5, 300
+    s, t, _, target, m = make_case(rows, C, pair, divergence, False, 0.4)
+    if case == "strided":
+        s = torch.cat([torch.randn(rows, 3), s, torch.randn(rows, 5)], 1)[:, 3:3 + C]
+        t = torch.cat([t, torch.randn(rows, 11)], 1)[:, :C]
+        assert s.stride(0) == C + 8 and t.stride(0) == C + 11
+    elif case == "logits_1e4":
+        s, t = s * 3e3, t * 3e3
+    else:
+        s, t = s.clone(), t.clone()
+        s[0, 5] = math.nan
+        t[4, 17] = math.nan
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    ref_rows, ref_den = reference_rows(s64, t64, None, target, m, divergence, 2.0, 0.4)
+    gs, gt = torch.autograd.grad(ref_rows.sum(), (s64, t64))
+    out = kernels.distill(s, t, None, target, m, divergence, 2.0, BETA, 0.4, IGNORE, NONE, None,
+                          True, True)
+    cpu = torch.ops.fusedloss.distill(s, t, None, target, m, divergence, 2.0, BETA, 0.4, IGNORE,
+                                      NONE, None, True, True)
+    for ours, theirs, ref in zip((out[0], out[2], out[3]), (cpu[0], cpu[2], cpu[3]),
+                                 (ref_rows, gs, gt)):
+        assert torch.equal(ours.isnan(), ref.isnan())
+        assert_close(ours, ref, torch.float32)
+        assert_close(ours, theirs, torch.float32)
+    if case == "nan":
+        assert out[0][0].isnan() and out[0][4].isnan() and out[0][1].isfinite()
