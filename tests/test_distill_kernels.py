@@ -300,10 +300,20 @@ def test_bad_target_row_is_nan(kernels, sparse):
     for r in (0, 3):
         assert torch.equal(out[0][r], good[0][r]) and torch.equal(out[2][r], good[2][r])
         assert torch.equal(out[3][r], good[3][r])
-    back = kernels.distill_backward(torch.ones(rows), s, t, idx, bad_target, m, good[1],
-                                     FORWARD_KL, 2.0, BETA, 0.4, IGNORE, NONE, None, True, True)
+    # the backward from the forward's statistics: NaN again
+    back = kernels.distill_backward(torch.ones(rows), s, t, idx, bad_target, m, out[1],
+                                    FORWARD_KL, 2.0, BETA, 0.4, IGNORE, NONE, None, True, True)
     assert back[0][1:3].isnan().all() and back[1][1:3].isnan().all()
     assert back[0][0].isfinite().all() and back[0][3].isfinite().all()
+    # from finite statistics, a target outside the row's classes is another slice's (class
+    # offsets): no target term, as on the CPU
+    back = kernels.distill_backward(torch.ones(rows), s, t, idx, bad_target, m, good[1],
+                                    FORWARD_KL, 2.0, BETA, 0.4, IGNORE, NONE, None, True, True)
+    back_cpu = torch.ops.fusedloss.distill_backward(
+        torch.ones(rows), s, t, idx, bad_target, m, good[1], FORWARD_KL, 2.0, BETA, 0.4, IGNORE,
+        NONE, None, True, True)
+    assert_close(back[0], back_cpu[0], torch.float32)
+    assert_close(back[1], back_cpu[1], torch.float32)
     with pytest.raises(IndexError, match="out of range"):
         torch.ops.fusedloss.distill(s, t, idx, bad_target, m, FORWARD_KL, 2.0, BETA, 0.4, IGNORE,
                                     NONE, None, True, True)
@@ -420,3 +430,28 @@ def test_edge_inputs(kernels, case, divergence):
         assert_close(ours, theirs, torch.float32)
     if case == "nan":
         assert out[0][0].isnan() and out[0][4].isnan() and out[0][1].isfinite()
+
+
+@pytest.mark.parametrize("divergence", [FORWARD_KL, REVERSE_KL, JSD],
+                         ids=["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("pair", [PAIRS[0], PAIRS[1]], ids=["f32", "bf16"])
+def test_class_slices(kernels, divergence, pair):
+    """The backward of vocab-parallel rows: each class slice's gradients from the whole rows'
+    statistics with its class_offset (targets global: a slice holds some rows' targets, and
+    the others have no target term there) are the whole rows' gradients, cut."""
+    sd, td = pair
+    rows, C, cut = 6, 700, 300  # slices of 300 and 400 classes; targets at 0 and C-1 included
+    s, t, _, target, m = make_case(rows, C, pair, divergence, False, 0.4)
+    den = (m * (target != IGNORE)).sum().reshape(1)
+    whole = torch.ops.fusedloss.distill(s, t, None, target, m, divergence, 2.0, BETA, 0.4, IGNORE,
+                                        MEAN, den, True, True)
+    go = torch.tensor(1.5)
+    for lo, hi in ((0, cut), (cut, C)):
+        args = (go, s[:, lo:hi], t[:, lo:hi], None, target, m, whole[1], divergence, 2.0, BETA,
+                0.4, IGNORE, MEAN, den, True, True, lo)
+        ours = kernels.distill_backward(*args)
+        cpu = torch.ops.fusedloss.distill_backward(*args)
+        assert_close(ours[0], whole[2][:, lo:hi].double() * 1.5, sd)
+        assert_close(ours[1], whole[3][:, lo:hi].double() * 1.5, td)
+        assert_close(ours[0], cpu[0], sd)
+        assert_close(ours[1], cpu[1], td)

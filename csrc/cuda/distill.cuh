@@ -206,6 +206,9 @@ __global__ void __launch_bounds__(kDistillThreads)
   const DistillRowGrad<acc_t> g =
       common::distill_row_grad(o, factor, st[kDivergence], st[kDivergenceQ],
                                st[kStudentLogSum], st[kTeacherLogSum]);
+  // The target's index in this row (a class slice's: maybe none of its classes, and then no
+  // class below is the target).
+  const int64_t t_index = o.hard ? target - p.class_offset : -1;
   const acc_t mu = st[kStudentMax], mv = st[kTeacherMax];
   const acc_t hard_max = st[kHardMax], log_zs = st[kHardLogSum];
   const bool dense_teacher_grad = gt != nullptr && !sparse;
@@ -215,7 +218,7 @@ __global__ void __launch_bounds__(kDistillThreads)
       const acc_t v = sparse ? acc_t(0) : to_acc(y[j]) * o.inv_temperature;
       const GradPair<acc_t> e =
           common::distill_grad_at(o, g, s * o.inv_temperature, v, !sparse, mu, mv, s, hard_max,
-                                  log_zs, o.hard && j == target);
+                                  log_zs, j == t_index);
       if (gs != nullptr) gs[j] = from_acc<S>(e.student);
       if (dense_teacher_grad) gt[j] = from_acc<Tt>(e.teacher);
     }
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(kDistillThreads)
       const acc_t s = to_acc(x[j]);
       const GradPair<acc_t> e = common::distill_grad_at(
           o, g, s * o.inv_temperature, to_acc(y[k]) * o.inv_temperature, true, mu, mv, s,
-          hard_max, log_zs, o.hard && j == target);
+          hard_max, log_zs, j == t_index);
       if (gs != nullptr) gs[j] = from_acc<S>(e.student);
       if (gt != nullptr) gt[k] = from_acc<Tt>(e.teacher);
     }
