@@ -194,12 +194,6 @@ __global__ void __launch_bounds__(kDistillThreads)
       for (int i = 0; i < kDistillStats; ++i) stats[i] = st[i];
     }
     if (gs == nullptr && gt == nullptr) return;  // the same for the whole block
-    // Pass C reads the statistics back as the backward does (thread 0's stores, which the
-    // barrier makes visible): kept in registers from the passes above instead, they cost the
-    // float64 kernel a stack frame and spills around log1p's division (ptxas).
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kDistillStats; ++i) st[i] = stats[i];
   }
 
   // Pass C: the gradients.
