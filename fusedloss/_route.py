@@ -164,7 +164,8 @@ def distill(student, teacher, teacher_indices, target, mask, divergence, tempera
     deferred = _handover.defers(student.dtype) or _handover.defers(teacher.dtype)
     student_grad = not deferred and forward_writes_grad(student, reduction)
     teacher_grad = not deferred and forward_writes_grad(teacher, reduction)
-    if (inplace_backward and student_grad and not needs_grad(teacher, mask)
+    if (inplace_backward and student_grad and teacher_indices is None
+            and not needs_grad(teacher, mask)
             and not torch.compiler.is_compiling()
             and inplace_is_safe(student if input is None else input, student)):
         return _ops.current().DistillInplace.apply(student, teacher, teacher_indices, target,

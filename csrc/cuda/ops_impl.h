@@ -26,6 +26,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../distill_entry.h"
 #include "../op_outputs.h"
 #include "launch.h"
 
@@ -337,10 +338,33 @@ struct Ops {
   }
 };
 
+// The backend of the distillation entries (distill_entry.h) over a Platform: its buffers, and
+// the launcher of the student's dtype on the platform's stream. Targets and teacher indices
+// stay on the device (kChecksValues false): a bad target makes its row NaN in the kernel.
+template <class P>
+struct DistillBackend {
+  static constexpr bool kChecksValues = false;
+  using Guard = typename P::Guard;
+  static at::Tensor stage(const at::Tensor& t) { return P::stage(t); }
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return P::empty(sizes, options);
+  }
+  static void launch(const DistillParams& p, const at::Tensor& like) {
+    const int err = common::visit_dtype(p.student_dtype, -1, [&](auto student) {
+      return launch_distill_of<decltype(student)::value>(p, P::stream(like));
+    });
+    P::check(err, DistillOps<DistillBackend>::kOp);
+  }
+  static void writeback(const at::Tensor& dst, const at::Tensor& staged) {
+    P::writeback(dst, staged);
+  }
+};
+
 }  // namespace cuda
 }  // namespace fusedloss
 
-// Registers the entries of Ops<P> for one library namespace and dispatch key.
+// Registers the entries of Ops<P> and the distillation entries over P for one library
+// namespace and dispatch key.
 #define FUSEDLOSS_REGISTER_CUDA_OPS(ns, key, P)                                   \
   TORCH_LIBRARY_IMPL(ns, key, m) {                                               \
     m.impl("softmax_ce", &::fusedloss::cuda::Ops<P>::softmax_ce);                \
@@ -350,4 +374,10 @@ struct Ops {
     m.impl("sigmoid_ce", &::fusedloss::cuda::Ops<P>::sigmoid_ce);                \
     m.impl("sigmoid_ce_backward", &::fusedloss::cuda::Ops<P>::sigmoid_ce_backward); \
     m.impl("scale_grad_", &::fusedloss::cuda::Ops<P>::scale_grad_);              \
+    m.impl("distill",                                                            \
+           &::fusedloss::DistillOps<::fusedloss::cuda::DistillBackend<P>>::forward); \
+    m.impl("distill_backward",                                                   \
+           &::fusedloss::DistillOps<::fusedloss::cuda::DistillBackend<P>>::backward); \
+    m.impl("distill_inplace",                                                    \
+           &::fusedloss::DistillOps<::fusedloss::cuda::DistillBackend<P>>::inplace); \
   }
