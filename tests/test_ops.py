@@ -80,7 +80,7 @@ def test_opcheck_backward_ops(backend, reduction):
                   torch.randint(0, 9, (6,), device=backend.device),
                   torch.rand(9, dtype=torch.float64, device=backend.device),
                   torch.rand(6, dtype=torch.float64, device=backend.device))
-    _, stats, _, _ = ops.softmax_ce(x, t, w, m, -100, 0.1, 1e-3, 0.0, reduction, 0.0, False)
+    _, stats, _, _, _ = ops.softmax_ce(x, t, w, m, -100, 0.1, 1e-3, 0.0, reduction, 0.0, False)
     go = torch.rand(6 if reduction == 0 else (), dtype=torch.float64, device=backend.device)
     opcheck(ops.softmax_ce_backward, (go, x, t, w, m, stats, -100, 0.1, 1e-3, 0.0, reduction, 0.0))
     y = torch.rand(6, 9, dtype=torch.float64, device=backend.device)

@@ -33,7 +33,7 @@ from .._handover import wide_dtype
 from .._common import MEAN, NONE, acc_dtype, auto_chunk_rows, compute_dtype
 from .combine import (Combined, Options, combine, mean_denominators, reduce_rows, shard_payload,
                       slice_grad, slice_tables)
-from .protocol import Local, agree, all_gather, refuse_unsupported
+from .protocol import Local, agree, all_gather, refuse_token_scaling, refuse_unsupported
 
 _DOUBLE_BACKWARD = (
     "fusedloss: double backward (create_graph=True) through linear_cross_entropy with "
@@ -274,14 +274,21 @@ def _recomputed_param_grads(lib, ctx, grad_loss):
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=-100, label_smoothing=0.0, mask=None,
                          z_loss=0.0, softcap=None, chunk_size=None, return_z_loss=False,
-                         return_token_accuracy=False, process_group):
+                         return_token_accuracy=False, return_predicted_tokens=False,
+                         token_scaling=False, process_group):
     """fusedloss.linear_cross_entropy(..., process_group=...) (see its docstring)."""
 
     def prepare():
         a = _args.linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
                                  ignore_index, label_smoothing, mask, z_loss, softcap,
-                                 chunk_size, return_token_accuracy, vocab_parallel=True)
+                                 chunk_size, return_token_accuracy, vocab_parallel=True,
+                                 token_scaling=token_scaling,
+                                 return_predicted_tokens=return_predicted_tokens)
         refuse_unsupported(None, None, None, "linear_cross_entropy")
+        refuse_token_scaling(a.token_scaling, "linear_cross_entropy")
+        if return_predicted_tokens:
+            raise NotImplementedError("linear_cross_entropy: return_predicted_tokens=True is "
+                                      "not supported with process_group (vocab-parallel)")
         rows = a.x.shape[0]
         slice_logits = torch.empty((rows, linear_weight.shape[0]), dtype=input.dtype,
                                    device="meta")  # the header reads its shape and dtype only

@@ -220,6 +220,15 @@ def _check_headers(headers, rank, local, who):
                              f"global class ids, the same on every rank")
 
 
+def refuse_token_scaling(token_scaling, who):
+    """token_scaling needs each row's target logit beside the global statistics, which the
+    vocab-parallel payload does not carry: a clear error (raised inside every rank's prepare(),
+    so that every rank raises it)."""
+    if token_scaling:
+        raise NotImplementedError(f"{who}: token_scaling=True is not supported with "
+                                  f"process_group (vocab-parallel logits) or a sharded DTensor")
+
+
 def refuse_unsupported(target, weight, mask, who):
     """The vocab-parallel paths differentiate the logits only and run no torch.func
     transform: a clear error, naming the argument, where a call asks for more."""
