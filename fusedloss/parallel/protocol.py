@@ -161,8 +161,8 @@ def agree(group, prepare, who, device=None):
         if error is not None:
             raise error
         kind, message = messages[failed[0]]
-        exc = {"TypeError": TypeError, "IndexError": IndexError,
-               "ValueError": ValueError}.get(kind, RuntimeError)
+        exc = {"TypeError": TypeError, "IndexError": IndexError, "ValueError": ValueError,
+               "NotImplementedError": NotImplementedError}.get(kind, RuntimeError)
         raise exc(f"{who}(process_group=...): rank {failed[0]} raised {kind}: {message}")
     _check_headers(headers, rank, local, who)
     sizes = tuple(h[_CLASSES] for h in headers)
