@@ -194,6 +194,48 @@ def case_cross_entropy(ctx, seed, rows, classes, dtype, option, reduction, uneve
                 accuracy=None if accuracy is None else bits(accuracy))
 
 
+def case_predicted_tokens(ctx, seed, classes, dtype, reduction, kernels="cpu"):
+    """return_predicted_tokens through the vocab-parallel path: each row's first argmax over
+    the whole vocabulary, the same on every rank and equal to the single-process call's, with
+    maxima tied across two ranks' slices (the lower rank's wins, as torch.argmax's first
+    maximum), a NaN row, an ignored row and a masked one (-1); and token_scaling refused on
+    every rank with a clear error."""
+    if kernels == "simt":
+        from fusedloss import _ops
+        from simt import load_simt_opset
+
+        with _ops.use(load_simt_opset()):
+            return case_predicted_tokens(ctx, seed, classes, dtype, reduction)
+    slices = class_slices(classes, ctx.world_size, uneven=True)
+    g = _generator(seed)
+    x = (torch.randn(7, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x[0, 1] = x[0, classes - 1] = 50  # tied in the first and the last rank's slices
+    x[1, classes - 1] = 50  # in the last slice only
+    x[2] = 1  # every class tied: class 0
+    x[3, slices[-1][0]] = float("nan")  # a NaN row: its first NaN
+    target = torch.randint(0, classes, (7,), generator=g)
+    target[4] = IGNORE
+    mask = torch.ones(7)
+    mask[5] = 0
+    kw = dict(ignore_index=IGNORE, mask=mask, softcap=20.0, reduction=reduction,
+              return_predicted_tokens=True)
+    x_local = local_slice(x, slices, ctx.rank).to(ctx.device).requires_grad_()
+    out = fl.cross_entropy(x_local, target.to(ctx.device), process_group=ctx.group,
+                           **on_device(kw, ctx.device))
+    out.loss.sum().backward()
+    single = fl.cross_entropy(x, target, **kw)
+    predicted = out.predicted_tokens.cpu()
+    assert predicted.dtype == torch.int64 and predicted.shape == (7,)
+    assert torch.equal(predicted, single.predicted_tokens)
+    assert predicted[:6].tolist() == [1, classes - 1, 0, slices[-1][0], -1, -1]
+    assert_close(out.loss.detach().cpu(), single.loss, dtype)
+    with pytest.raises(NotImplementedError, match="token_scaling=True is not supported with "
+                                                  "process_group"):
+        fl.cross_entropy(x_local, target.to(ctx.device), process_group=ctx.group,
+                         token_scaling=True)
+    return bits(predicted)
+
+
 def case_gradcheck(ctx, seed, rows, classes, option, reduction):
     """gradcheck (default settings, float64) of the distributed loss as a function of the full
     logits: each rank's loss reads its slice (SliceOfReplicated), so the finite differences
@@ -596,6 +638,17 @@ def test_spatial_dims(pools, request, world_size):
 def test_gradcheck(pools, request, world_size, option, reduction):
     pools(world_size).run(case_gradcheck, seed=seed_for(request), rows=5, classes=9,
                           option=option, reduction=reduction, timeout=120)
+
+
+@pytest.mark.parametrize("kernels", ["cpu"] + (["simt"] if HAVE_SIMT else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_predicted_tokens(pools, request, world_size, dtype, kernels):
+    for reduction in ("mean", "none"):
+        results = pools(world_size).run(case_predicted_tokens, seed=seed_for(request),
+                                        classes=37, dtype=dtype, reduction=reduction,
+                                        kernels=kernels)
+        assert_same_on_every_rank(results)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
