@@ -49,6 +49,8 @@ OPTIONS = {
                                   "z_loss": 1e-2, "softcap": 5.0, "mask": "float"},
     "extra_outputs": {"ignore": True, "mask": "float", "z_loss": 1e-2, "return_z_loss": True,
                       "return_token_accuracy": True},
+    "predicted_tokens": {"ignore": True, "mask": "float", "softcap": 5.0,
+                         "return_predicted_tokens": True},
 }
 REDUCTIONS = ["mean", "sum", "none"]
 WORLD_SIZES = [2, 4]
@@ -96,7 +98,8 @@ def make_problem(seed, rows, classes, dtype, option, targets="random", slices=No
         kw["mask"] = m.to(acc_dtype(dtype))
     elif option.get("mask") == "bool":
         kw["mask"] = torch.rand(positions, generator=g) < 0.7
-    for k in ("label_smoothing", "z_loss", "softcap", "return_z_loss", "return_token_accuracy"):
+    for k in ("label_smoothing", "z_loss", "softcap", "return_z_loss", "return_token_accuracy",
+              "return_predicted_tokens"):
         if k in option:
             kw[k] = option[k]
     return x, target, kw
@@ -127,6 +130,14 @@ def split(out):
     if isinstance(out, tuple):
         return out.loss, out.z_loss, out.token_accuracy
     return out, None, None
+
+
+def assert_same_predicted_tokens(out, single):
+    """The predicted tokens of a distributed call are the single-process call's, exactly."""
+    got, want = (getattr(o, "predicted_tokens", None) for o in (out, single))
+    assert (got is None) == (want is None)
+    if want is not None:
+        assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
 
 
 def bits(t):
@@ -163,12 +174,13 @@ def case_cross_entropy(ctx, seed, rows, classes, dtype, option, reduction, uneve
         loss, z_part, accuracy = split(out)
         g = grad_output(seed, loss)
         loss.backward(g)
-        return loss.detach().cpu(), z_part, accuracy, x.grad.cpu()
+        return loss.detach().cpu(), z_part, accuracy, x.grad.cpu(), out
 
-    loss, z_part, accuracy, grad = distributed()
+    loss, z_part, accuracy, grad, out = distributed()
 
     xs = x_full.clone().requires_grad_()
     single = fl.cross_entropy(xs, target, reduction=reduction, **kw)
+    assert_same_predicted_tokens(out, single)
     s_loss, s_z, s_accuracy = split(single)
     s_loss.backward(grad_output(seed, s_loss))
     xr = x_full.detach().double().clone().requires_grad_()
@@ -339,6 +351,7 @@ def case_linear_cross_entropy(ctx, seed, rows, hidden, classes, dtype, option, r
 
     assert loss.shape == s_loss.shape and loss.dtype == s_loss.dtype
     assert_close(loss, s_loss, dtype)
+    assert_same_predicted_tokens(out, single)
     assert_close(xa.grad, xs.grad, dtype)  # every rank: the full input gradient
     assert_close(wa.grad, local_slice(ws.grad, slices, ctx.rank, dim=0), dtype)
     if bias:
@@ -672,7 +685,8 @@ def test_cross_entropy_loss_module(pools, request, world_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("option", ["plain", "everything", "probabilities", "extra_outputs"])
+@pytest.mark.parametrize("option", ["plain", "everything", "probabilities", "extra_outputs",
+                                    "predicted_tokens"])
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_linear_cross_entropy(pools, request, world_size, option, dtype):
     for reduction in REDUCTIONS:
