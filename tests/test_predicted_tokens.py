@@ -334,3 +334,53 @@ def test_errors():
                                     return_predicted_tokens=bad)
         with pytest.raises(TypeError, match=r"return_predicted_tokens must be True or False"):
             fl.sequence_loss(x[None], t[None], torch.ones(1, 3), return_predicted_tokens=bad)
+
+
+FLAGS = ["return_z_loss", "return_token_accuracy", "return_predicted_tokens"]
+FLAG_SETS = [dict(zip(FLAGS, bits)) for bits in
+             [(False, False, False), (True, False, False), (False, True, False),
+              (False, False, True), (True, True, True)]]
+
+
+@pytest.mark.parametrize("flags", FLAG_SETS,
+                         ids=["+".join(k[7:] for k, v in f.items() if v) or "none"
+                              for f in FLAG_SETS])
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy", "module"])
+def test_structured_output(entry, flags):
+    """The loss alone without a flag; with flags a CrossEntropyOutput whose fields are None
+    exactly where not asked for, carry no gradient, and leave the loss as it is."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 8, requires_grad=True)
+    w = torch.randn(13, 8)
+    t = torch.randint(0, 13, (7,))
+    t[2] = -100
+    kw = dict(z_loss=1e-3)
+    if entry == "cross_entropy":
+        def call(**f):
+            return fl.cross_entropy(x @ w.t(), t, **kw, **f)
+    elif entry == "linear_cross_entropy":
+        def call(**f):
+            return fl.linear_cross_entropy(x, w, t, **kw, **f)
+    else:
+        def call(**f):
+            module = fl.LinearCrossEntropyLoss(8, 13, **kw, **f)
+            module.linear.weight.data.copy_(w)
+            return module(x, t)
+    plain = call()
+    out = call(**flags)
+    if not any(flags.values()):
+        assert isinstance(out, torch.Tensor)
+        assert torch.equal(out, plain)
+        return
+    assert isinstance(out, fl.CrossEntropyOutput)
+    assert torch.equal(out.loss, plain)
+    assert out.lse is None
+    for field, flag in zip(("z_loss", "token_accuracy", "predicted_tokens"), FLAGS):
+        value = getattr(out, field)
+        assert (value is None) == (not flags[flag]), field
+        assert value is None or not value.requires_grad
+    out.loss.backward()
+    assert x.grad is not None
+    if flags["return_predicted_tokens"]:
+        logits_ = (x @ w.t()).detach()
+        assert torch.equal(out.predicted_tokens, torch.where(t != -100, logits_.argmax(1), -1))

@@ -241,3 +241,14 @@ def test_reference_scales_by_detached_target_probability():
     p_t = torch.softmax(x, 1)[torch.arange(5), t]
     torch.testing.assert_close(per, -torch.log(p_t) * p_t)
     assert_close(ref.cross_entropy(x, t, token_scaling=True), per.mean(), torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_linear_targets_at_both_ends_and_ignored(backend, reduction):
+    """Targets 0 and V - 1 beside ignored ones, through the fused linear cross-entropy: the
+    loss and gradients are finite and the reference's (the ignored rows contribute 0)."""
+    x, w, b, _, kw = make_linear_case(6, 8, 1000, torch.float32, backend.device,
+                                      OPTIONS["plain"])
+    target = torch.tensor([0, 100, -100, 500, -100, 999], device=backend.device)
+    check_parity(x, w, b, target, dict(kw, token_scaling=True), reduction, torch.float32,
+                 backend.device)
