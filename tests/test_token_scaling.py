@@ -123,12 +123,15 @@ def test_inplace_backward(backend, dtype, reduction):
     assert torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("chunk_loop", ["host", "device"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", ["plain", "everything"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_linear_cross_entropy(backend, dtype, option, reduction):
-    """Through the fused linear cross-entropy's chunks (several, a short last one): loss and the
-    gradients of input, weight and bias against the reference on the materialised logits."""
+def test_linear_cross_entropy(backend, dtype, option, reduction, chunk_loop, monkeypatch):
+    """Through the fused linear cross-entropy's chunks (several, a short last one; the chunk
+    loop as on the CPU, or as on a GPU: FUSEDLOSS_TEST_DEVICE_CHUNKS): loss and the gradients
+    of input, weight and bias against the reference on the materialised logits."""
+    monkeypatch.setenv("FUSEDLOSS_TEST_DEVICE_CHUNKS", "1" if chunk_loop == "device" else "0")
     x, w, b, target, kw = make_linear_case(37, 16, 50, dtype, backend.device, OPTIONS[option])
     check_parity(x, w, b, target, dict(kw, token_scaling=True), reduction, dtype,
                  backend.device, chunk_size=8)
