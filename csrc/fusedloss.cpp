@@ -47,8 +47,10 @@
 // pre-scaled for mean/sum (empty when not asked for, and always for reduction=0; float16's
 // in float32, for the caller to round once after grad_output);
 // denominators (mean/sum): the whole loss's two, as softmax_ce's (fusedloss/_common.py,
-// mean_denominators).
-// linear_ce_backward: reduction=0's gradients for a per-row grad_loss, the chunks recomputed.
+// mean_denominators); token_scaling and want_argmax as softmax_ce's (argmax: -1 for the rows
+// no chunk reads).
+// linear_ce_backward: reduction=0's gradients for a per-row grad_loss, the chunks recomputed
+// (token_scaling: the forward's).
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
 // build_info / empty_cache / cached_bytes: what was compiled; the CPU output buffers kept
 // for reuse (csrc/cpu/output_buffer.h).

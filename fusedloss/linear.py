@@ -59,13 +59,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     of shape ``input.shape[:-1]`` or class probabilities ``(..., V)``. ``weight``,
     ``reduction``, ``ignore_index``, ``label_smoothing``, ``mask``, ``z_loss`` and ``softcap``
     are fusedloss.cross_entropy's. ``chunk_size``: rows per chunk (default
-    :func:`auto_chunk_rows`). With ``return_z_loss`` or ``return_token_accuracy`` the result is
-    a ``CrossEntropyOutput(loss, z_loss, token_accuracy, lse=None)``, as cross_entropy's: the
-    z-loss part of the loss and the (mask-weighted) share of valid positions where argmax of
-    the logits == target, both per position for reduction="none"; from the same pass.
-    ``return_predicted_tokens`` adds each position's argmax of the logits (int64, -1 where not
-    read) and ``token_scaling`` scales each position's loss by its target's detached
-    probability, both as in cross_entropy and from the same pass.
+    :func:`auto_chunk_rows`). With ``return_z_loss``, ``return_token_accuracy`` or
+    ``return_predicted_tokens`` the result is a ``CrossEntropyOutput(loss, z_loss,
+    token_accuracy, lse=None, predicted_tokens)``, as cross_entropy's: the z-loss part of the
+    loss and the (mask-weighted) share of valid positions where argmax of the logits == target,
+    both per position for reduction="none", and each position's argmax (int64, -1 where not
+    read); from the same pass. ``token_scaling`` scales each position's loss by its target's
+    detached probability, as in cross_entropy, in the same pass.
 
     The gradients go to input, linear_weight and linear_bias; the target, mask and class weight
     must not require grad. The forward computes the gradients, so a frozen weight or an input
