@@ -390,6 +390,14 @@ def case_dtensor_loss_parallel(ctx, seed, rows, classes, reduction, option, targ
     assert_close(loss.full_tensor(), expected.full_tensor().double(), torch.float32)
     assert isinstance(ours.grad, DTensor) and ours.grad.placements == theirs.grad.placements
     assert_close(ours.grad.to_local(), theirs.grad.to_local().double(), torch.float32)
+    # the predicted tokens come back as a DTensor of the positions, the single process's
+    out = fl.cross_entropy(ours.detach(), target, reduction=reduction,
+                           return_predicted_tokens=True, **kw)
+    assert isinstance(out.predicted_tokens, DTensor)
+    full_target = target.full_tensor() if isinstance(target, DTensor) else target
+    single = fl.cross_entropy(x_full, full_target, reduction=reduction,
+                              return_predicted_tokens=True, **kw)
+    assert torch.equal(out.predicted_tokens.full_tensor(), single.predicted_tokens)
     return bits(loss.full_tensor())
 
 
