@@ -255,3 +255,25 @@ def test_linear_targets_at_both_ends_and_ignored(backend, reduction):
     target = torch.tensor([0, 100, -100, 500, -100, 999], device=backend.device)
     check_parity(x, w, b, target, dict(kw, token_scaling=True), reduction, torch.float32,
                  backend.device)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mask_that_requires_grad(backend, reduction):
+    """A floating mask that requires grad gets d loss / d mask_i, p_t times position i's loss
+    term (a masked-out position's too), beside the logits' gradient."""
+    x = logits((6, 11), torch.float64, backend.device).requires_grad_()
+    t = torch.randint(0, 11, (6,), device=backend.device)
+    t[1] = -100
+    m = torch.rand(6, dtype=torch.float64, device=backend.device)
+    m[2] = 0
+    m.requires_grad_()
+    w = torch.rand(11, dtype=torch.float64, device=backend.device) + 0.5
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, token_scaling=True)
+    out = fl.cross_entropy(x, t, w, mask=m, **kw)
+    grads = torch.autograd.grad(out.sum(), (x, m))
+    xr, mr = (v.detach().cpu().requires_grad_() for v in (x, m))
+    expected = ref.cross_entropy(xr, t.cpu(), w.cpu(), mask=mr, read_masked=True, **kw)
+    expected_grads = torch.autograd.grad(expected.sum(), (xr, mr))
+    assert_close(out, expected, torch.float64)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, torch.float64)
