@@ -119,6 +119,10 @@ FL_DEVICE acc_of<S> distill_row_stats(const DistillArgs<acc_of<S>>& a, const S* 
       sums.ratio += common::distill_ratio_term(o, acc_t(0), ev, u, v);  // forward_kl: eu unused
     }
   }
+  // The target's logit, read before the block's last barrier: written in place
+  // (distill_inplace), pass C overwrites it, and a thread may start pass C as soon as every
+  // thread has passed that barrier.
+  const acc_t s_target = o.hard ? to_acc(x[target]) : acc_t(0);
   sums = block_group_allreduce(sums, kDistillThreads, DistillSumsAdd<acc_t>(), red_sums);
 
   // Pass B2 (jsd; dense only): the two KLs against the mixture.
@@ -137,7 +141,6 @@ FL_DEVICE acc_of<S> distill_row_stats(const DistillArgs<acc_of<S>>& a, const S* 
     sums.dp = js.dp;
     sums.dq = js.dq;
   }
-  const acc_t s_target = o.hard ? to_acc(x[target]) : acc_t(0);
   return common::distill_row_finish(o, sums, mu, mv, m.s, s_target, mask, st);
 }
 
