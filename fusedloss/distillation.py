@@ -196,6 +196,8 @@ def _chunk_loop(lib, a, operands, needs, denominator, grad_loss, with_grads=Fals
         else:
             gs, gt = lib.distill_backward(grad_loss.reshape(-1)[start:end], zs, zt, None, t, m,
                                           stats[start:end], *options, None, want_s, want_t)
+        # freed now, not when the next chunk's replace them: one chunk's logits at a time
+        del zs, zt
         if not grads_now:
             continue
         for g, x_c, w_c, gx, gw, gb in ((gs, xs_c, ws_c, gxs, gws, gbs),
@@ -206,6 +208,7 @@ def _chunk_loop(lib, a, operands, needs, denominator, grad_loss, with_grads=Fals
                 gw.addmm_(g.t().to(wide), x_c.to(wide))
             if gb is not None:
                 gb += g.sum(0, dtype=wide)
+        del gs, gt
     grads = (gxs, gws, gbs, gxt, gwt, gbt)
     if grad_loss is not None:
         return None, None, grads
