@@ -206,4 +206,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(0 if result["final"]["distilled"] < result["final"]["hard labels"] else 1)
