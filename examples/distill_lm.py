@@ -197,7 +197,8 @@ def main(argv=None):
     report(args, "distill_lm",
            {"distilled (fl.linear_distillation_loss)": curves["distilled"],
             "hard labels (fl.linear_cross_entropy)": curves["hard labels"],
-            "teacher": [teacher_ce] * args.steps, "entropy rate": [entropy] * args.steps},
+            "teacher": [teacher_ce] * args.steps,
+            "entropy rate (the best possible)": [entropy] * args.steps},
            "Distilling an LSTM language model", "held-out cross-entropy (nats/token)", started,
            teacher=f"{teacher_ce:.3f}", distilled=f"{final['distilled']:.3f}",
            hard_labels=f"{final['hard labels']:.3f}", entropy_rate=f"{entropy:.3f}")
