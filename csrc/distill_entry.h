@@ -249,7 +249,7 @@ struct DistillOps {
       const c10::optional<at::Tensor>& mask, const at::Tensor& row_stats, int64_t divergence,
       double temperature, double beta, double hard_weight, int64_t ignore_index,
       int64_t reduction, const c10::optional<at::Tensor>& denominator, bool student_grad,
-      bool teacher_grad) {
+      bool teacher_grad, int64_t class_offset) {
     typename B::Guard guard(student);
     Call c = prepare(student, teacher, indices, target, mask, divergence, temperature, beta,
                      hard_weight, reduction, denominator);
@@ -276,6 +276,10 @@ struct DistillOps {
     p.row_stats = const_cast<void*>(stats.data_ptr());
     p.grad_loss = go.data_ptr();
     p.grad_loss_stride = per_row ? 1 : 0;
+    TORCH_CHECK_VALUE(class_offset >= 0 && (class_offset == 0 || !c.indices.defined()), kOp,
+                      "_backward: class_offset must be >= 0, and 0 for a sparse teacher, got ",
+                      class_offset);
+    p.class_offset = class_offset;
     set_gradients(p, gs, gt, student_grad, teacher_grad);
     if (c.rows > 0 && (student_grad || teacher_grad)) B::launch(p, student);
     return {gs, gt};

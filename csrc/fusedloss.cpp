@@ -51,7 +51,9 @@
 // valid rows), the row statistics (rows, 8), and the gradients of the student and the teacher
 // (each when asked, else empty), pre-scaled for the reduction.
 // distill_backward: the gradients recomputed from row_stats, times grad_loss (per row for
-// reduction=0, one value otherwise).
+// reduction=0, one value otherwise). With class_offset (vocab-parallel, dense teacher): the
+// logits are the classes [class_offset, class_offset + classes) of the rows, row_stats the
+// whole rows' (fusedloss/parallel/distillation.py), targets global class ids.
 // scale_grad_: grad *= scale in place, no pass at all when scale is exactly 1.
 // build_info / empty_cache / cached_bytes: what was compiled; the CPU output buffers kept
 // for reuse (csrc/cpu/output_buffer.h).
@@ -109,7 +111,8 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
       "distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
       "Tensor? teacher_indices, Tensor? target, Tensor? mask, Tensor row_stats, int divergence, "
       "float temperature, float beta, float hard_weight, int ignore_index, int reduction, "
-      "Tensor? denominator, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+      "Tensor? denominator, bool student_grad, bool teacher_grad, int class_offset=0) "
+      "-> (Tensor, Tensor)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("build_info() -> str");
   m.def("empty_cache() -> ()");

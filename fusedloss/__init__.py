@@ -29,8 +29,10 @@ from .functional import (
     sigmoid_cross_entropy_with_logits,
     sparse_softmax_cross_entropy_with_logits,
 )
+from .distillation import distillation_loss, linear_distillation_loss
 from .linear import linear_cross_entropy
-from .nn import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, SequenceLoss
+from .nn import (BCEWithLogitsLoss, CrossEntropyLoss, DistillationLoss, LinearCrossEntropyLoss,
+                 LinearDistillationLoss, SequenceLoss)
 
 # The ops' fake kernels and autograd, registered once, at import; the public functions call
 # this OpSet (tests route them through the SIMT-emulated kernels with _ops.use).
@@ -50,6 +52,10 @@ __all__ = [
     "BCEWithLogitsLoss",
     "SequenceLoss",
     "LinearCrossEntropyLoss",
+    "distillation_loss",
+    "linear_distillation_loss",
+    "DistillationLoss",
+    "LinearDistillationLoss",
     "build_info",
     "set_target_validation",
     "empty_cache",

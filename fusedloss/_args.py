@@ -379,11 +379,11 @@ def check_matrix_operand(t, name, input, shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def check_no_grad(t, name):
+def check_no_grad(t, name, function="linear_cross_entropy", on_logits="cross_entropy"):
     if t is not None and t.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(f"linear_cross_entropy does not differentiate with respect to {name}, "
+        raise RuntimeError(f"{function} does not differentiate with respect to {name}, "
                            f"which requires grad: pass {name}.detach(), or use "
-                           f"fusedloss.cross_entropy on the logits")
+                           f"fusedloss.{on_logits} on the logits")
 
 
 def chunk_size_value(chunk_size, rows, hidden, classes, dtype, device):
@@ -553,3 +553,216 @@ def sigmoid_tf_args(labels, logits):
     if labels.shape != logits.shape:
         raise ValueError(f"logits and labels must have the same shape, got logits "
                          f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+
+
+# ---- the distillation losses ----
+
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+
+
+class DistillationArgs(NamedTuple):
+    """distillation_loss's arguments, checked: the logits as (rows, classes) (teacher: (rows,
+    K) for a sparse teacher), flat target, indices and mask (accumulation dtype), and the
+    options as the op takes them (jsd at beta 0 or 1 is the KL it equals)."""
+
+    student: Tensor
+    teacher: Tensor
+    teacher_indices: Optional[Tensor]
+    target: Optional[Tensor]
+    mask: Optional[Tensor]
+    divergence: int
+    temperature: float
+    beta: float
+    hard_weight: float
+    ignore_index: int
+    reduction: int
+    positions: tuple
+
+
+def distillation_options(divergence, temperature, beta, hard_weight, target, sparse):
+    """(divergence code, temperature, beta, hard_weight), checked with the public names."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got "
+                         f"{divergence!r}")
+    if sparse and divergence != "forward_kl":
+        raise ValueError(f"a sparse teacher (teacher_indices) is defined for "
+                         f"divergence='forward_kl' only, got divergence={divergence!r}")
+    temperature = float(temperature)
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    beta = check_fraction(beta, "beta")
+    hard_weight = check_fraction(hard_weight, "hard_weight")
+    if hard_weight > 0 and target is None:
+        raise ValueError(f"hard_weight={hard_weight} needs a target (the hard labels), got "
+                         f"target=None")
+    code = DIVERGENCES[divergence]
+    if code == JSD and beta in (0.0, 1.0):  # the generalised JSD's ends: the two KLs
+        code = FORWARD_KL if beta == 0.0 else REVERSE_KL
+    return code, temperature, beta, hard_weight
+
+
+def distillation_logits(student_logits, teacher_logits, teacher_indices):
+    """(student (rows, C), teacher (rows, C or K), indices (rows, K) or None, positions)."""
+    check_tensor(student_logits, "student_logits")
+    check_tensor(teacher_logits, "teacher_logits")
+    check_logits_dtype(student_logits, "student_logits")
+    check_logits_dtype(teacher_logits, "teacher_logits")
+    check_device(teacher_logits, "teacher_logits", student_logits, "student_logits")
+    if student_logits.dim() == 0:
+        raise ValueError("student_logits must have at least 1 dimension (classes), got a 0-d "
+                         "tensor")
+    positions = tuple(student_logits.shape[:-1])
+    classes = student_logits.shape[-1]
+    if classes == 0:
+        raise ValueError(f"student_logits must have at least one class, got shape "
+                         f"{tuple(student_logits.shape)}")
+    if teacher_indices is None:
+        if tuple(teacher_logits.shape) != tuple(student_logits.shape):
+            raise ValueError(f"teacher_logits must have the student_logits' shape "
+                             f"{tuple(student_logits.shape)}, got "
+                             f"{tuple(teacher_logits.shape)}")
+        indices = None
+    else:
+        check_tensor(teacher_indices, "teacher_indices")
+        check_device(teacher_indices, "teacher_indices", student_logits, "student_logits")
+        if teacher_indices.is_floating_point() or teacher_indices.dtype == torch.bool:
+            raise TypeError(f"teacher_indices must be an integer tensor, got "
+                            f"{teacher_indices.dtype}")
+        if (teacher_indices.dim() != len(positions) + 1
+                or tuple(teacher_indices.shape[:-1]) != positions
+                or tuple(teacher_logits.shape) != tuple(teacher_indices.shape)):
+            raise ValueError(f"teacher_indices and teacher_logits must both have shape "
+                             f"{positions + ('K',)} (the student's positions, K classes), got "
+                             f"{tuple(teacher_indices.shape)} and "
+                             f"{tuple(teacher_logits.shape)}")
+        if teacher_indices.shape[-1] == 0 and student_logits.numel() > 0:
+            raise ValueError("a sparse teacher needs at least one class per position (K >= 1)")
+        indices = teacher_indices.reshape(-1, teacher_indices.shape[-1]).to(torch.int64)
+    student = student_logits.reshape(-1, classes)
+    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    # float64 pairs with float64 only (one accumulation dtype): the other side is widened
+    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        student, teacher = student.to(torch.float64), teacher.to(torch.float64)
+    return student, teacher, indices, positions
+
+
+def check_teacher_indices(indices, classes):
+    """Indices in [0, classes) and no class twice in a row (eagerly: reads the values)."""
+    if indices.numel() == 0:
+        return
+    bad = (indices < 0) | (indices >= classes)
+    if bool(bad.any()):
+        r, k = (int(i) for i in bad.nonzero()[0])
+        raise IndexError(f"teacher_indices[{r}, {k}] = {int(indices[r, k])} is out of bounds "
+                         f"for {classes} classes")
+    ordered = indices.sort(dim=1).values
+    repeats = ordered[:, 1:] == ordered[:, :-1]
+    if bool(repeats.any()):
+        r, k = (int(i) for i in repeats.nonzero()[0])
+        raise IndexError(f"teacher_indices row {r} repeats class {int(ordered[r, k])}")
+
+
+def distillation_args(student_logits, teacher_logits, target, divergence, temperature, beta,
+                      hard_weight, ignore_index, mask, reduction, teacher_indices):
+    red = reduction_code(reduction)
+    code, temperature, beta, hard_weight = distillation_options(
+        divergence, temperature, beta, hard_weight, target, teacher_indices is not None)
+    student, teacher, indices, positions = distillation_logits(student_logits, teacher_logits,
+                                                               teacher_indices)
+    classes = student.shape[1]
+    t = None
+    if target is not None:
+        check_tensor(target, "target")
+        check_device(target, "target", student_logits, "student_logits")
+        t = class_indices(target, positions, student_logits)
+    if indices is not None and not torch.compiler.is_compiling() and (
+            student.device.type == "cpu" or _validate_targets):
+        check_teacher_indices(indices, classes)
+    if (t is not None and hard_weight > 0 and _validate_targets
+            and not torch.compiler.is_compiling()):
+        check_targets_eagerly(t, classes, ignore_index)
+    m = row_vector(mask, "mask", positions, acc_dtype(student.dtype), student_logits)
+    return DistillationArgs(student, teacher, indices, t, m, code, temperature, beta,
+                            hard_weight, int(ignore_index), red, positions)
+
+
+def distillation_result(a, loss):
+    """The loss per position (none) in the positions' shape, else the scalar."""
+    return loss.reshape(a.positions) if a.reduction == NONE else loss
+
+
+class LinearDistillationArgs(NamedTuple):
+    """linear_distillation_loss's arguments, checked: both inputs as (rows, hidden), the flat
+    target and mask, the options as the op takes them, the rows per chunk."""
+
+    xs: Tensor
+    xt: Tensor
+    target: Optional[Tensor]
+    mask: Optional[Tensor]
+    divergence: int
+    temperature: float
+    beta: float
+    hard_weight: float
+    ignore_index: int
+    reduction: int
+    chunk_rows: int
+    positions: tuple
+
+
+def linear_head(input, weight, bias, side):
+    """(input as (rows, hidden), classes) of one model's head; errors name `side`'s arguments."""
+    names = (f"{side}_input", f"{side}_weight", f"{side}_bias")
+    check_tensor(input, names[0])
+    check_logits_dtype(input, names[0])
+    if input.dim() == 0:
+        raise ValueError(f"{names[0]} must have at least 1 dimension (hidden), got a 0-d tensor")
+    check_tensor(weight, names[1])
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"{names[1]} must be 2-D (classes, hidden) with at least one class, "
+                         f"got shape {tuple(weight.shape)}")
+    for t, name, shape in ((weight, names[1], (weight.shape[0], input.shape[-1])),
+                           (bias, names[2], (weight.shape[0],))):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        check_device(t, name, input, names[0])
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name} must have {names[0]}'s dtype {input.dtype}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    return input.reshape(-1, input.shape[-1]), weight.shape[0]
+
+
+def linear_distillation_args(student_input, student_weight, student_bias, teacher_input,
+                             teacher_weight, teacher_bias, target, chunk_size, divergence,
+                             temperature, beta, hard_weight, ignore_index, mask, reduction):
+    red = reduction_code(reduction)
+    code, temperature, beta, hard_weight = distillation_options(
+        divergence, temperature, beta, hard_weight, target, False)
+    xs, classes = linear_head(student_input, student_weight, student_bias, "student")
+    xt, teacher_classes = linear_head(teacher_input, teacher_weight, teacher_bias, "teacher")
+    check_device(teacher_input, "teacher_input", student_input, "student_input")
+    positions = tuple(student_input.shape[:-1])
+    if tuple(teacher_input.shape[:-1]) != positions:
+        raise ValueError(f"teacher_input must have the student_input's positions {positions} "
+                         f"(hidden sizes may differ), got shape {tuple(teacher_input.shape)}")
+    if teacher_classes != classes:
+        raise ValueError(f"teacher_weight has {teacher_classes} classes, student_weight "
+                         f"{classes}: the two heads must predict the same classes")
+    t = None
+    if target is not None:
+        check_tensor(target, "target")
+        check_device(target, "target", student_input, "student_input")
+        t = class_indices(target, positions, student_input)
+        if hard_weight > 0 and _validate_targets and not torch.compiler.is_compiling():
+            check_targets_eagerly(t, classes, ignore_index)
+    check_no_grad(mask, "mask", "linear_distillation_loss", "distillation_loss")
+    acc = torch.float64 if torch.float64 in (student_input.dtype, teacher_input.dtype) \
+        else torch.float32
+    m = row_vector(mask, "mask", positions, acc, student_input)
+    hidden = max(xs.shape[1], xt.shape[1])
+    chunk = chunk_size_value(chunk_size, xs.shape[0], hidden, classes, student_input.dtype,
+                             student_input.device)
+    return LinearDistillationArgs(xs, xt, t, m, code, temperature, beta, hard_weight,
+                                  int(ignore_index), red, chunk, positions)

@@ -39,6 +39,7 @@ def install(namespace):
     opset.eager["sigmoid_ce"] = _register_loss_autograd(namespace, lib, "sigmoid_ce",
                                                         _SigmoidSpec)
     _register_linear_ce_autograd(namespace, lib)
+    opset.eager["distill"] = _register_distill_autograd(namespace, lib)
     opset.SoftmaxCEInplace = _make_inplace_function(lib)
     opset.SoftmaxCECompiled = _compiled.make_function(lib)
     return opset
@@ -378,3 +379,96 @@ def _linear_definition_grads(ctx, grad_loss, x, weight, bias, target, class_weig
         grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True,
                                          allow_unused=True))
     return tuple(next(grads) if need else None for need in ctx.needs)
+
+
+# ---- the distillation losses: distill ---------------------------------------------------------
+
+class DistillArgs(NamedTuple):
+    """distill's schema (csrc/fusedloss.cpp) -> (loss, row_stats, grad_student, grad_teacher)."""
+
+    student: Tensor
+    teacher: Tensor
+    teacher_indices: Optional[Tensor]
+    target: Optional[Tensor]
+    mask: Optional[Tensor]
+    divergence: int
+    temperature: float
+    beta: float
+    hard_weight: float
+    ignore_index: int
+    reduction: int
+    denominator: Optional[Tensor]
+    student_grad: bool
+    teacher_grad: bool
+
+
+_DISTILL_STUDENT = _at(DistillArgs, "student")
+_DISTILL_TEACHER = _at(DistillArgs, "teacher")
+_DISTILL_MASK = _at(DistillArgs, "mask")
+_DISTILL_OPTIONS = _span(DistillArgs, "divergence", "reduction")
+
+
+def _register_distill_autograd(namespace, lib):
+    """The autograd of distill: as the loss ops', with two differentiable logits. The forward
+    computes the gradients it was asked for (the student's; the teacher's when it requires
+    grad), pre-scaled for mean/sum, and the backward hands them over (_handover.py);
+    reduction none and float16 write them in the backward from the saved row statistics. The
+    mask's gradient and second derivatives come from the composition (_composite.distill)."""
+
+    def setup(ctx, inputs, output):
+        a = DistillArgs(*inputs)
+        _loss, stats, gs, gt = output
+        ctx.set_materialize_grads(False)
+        ctx.n_inputs = len(inputs)
+        ctx.options = inputs[_DISTILL_OPTIONS]
+        ctx.reduction = a.reduction
+        ctx.save_for_backward(a.student, a.teacher, a.teacher_indices, a.target, a.mask, stats,
+                              a.denominator)
+        if a.reduction == NONE:
+            return
+        if _handover.defers(a.student.dtype) or _handover.defers(a.teacher.dtype):
+            _handover.defer(ctx)
+        else:
+            _handover.keep(ctx, gs if a.student_grad else None, gt if a.teacher_grad else None)
+
+    def backward(ctx, grad_loss, *_grads_of_other_outputs):
+        grads = [None] * ctx.n_inputs
+        if grad_loss is None:
+            return tuple(grads)
+        needs = ctx.needs_input_grad
+        create_graph = torch.is_grad_enabled() and not is_traced(grad_loss)
+        student, teacher, indices, target, mask, stats, denominator = ctx.saved_tensors
+        composite_for = [i for i in (_DISTILL_STUDENT, _DISTILL_TEACHER, _DISTILL_MASK)
+                         if needs[i] and (i == _DISTILL_MASK or create_graph)]
+        if composite_for:
+            # the mean's denominator from the mask itself when the mask is differentiated
+            args = (student, teacher, indices, target, mask, *ctx.options,
+                    None if needs[_DISTILL_MASK] else denominator)
+            for i, g in _composite_grads(_composite.distill, args, composite_for, grad_loss,
+                                         create_graph).items():
+                grads[i] = g
+        want_s = needs[_DISTILL_STUDENT] and not create_graph
+        want_t = needs[_DISTILL_TEACHER] and not create_graph
+        if not (want_s or want_t):
+            return tuple(grads)
+        tensors = (student, teacher, indices, target, mask)
+
+        def write(g):
+            return lib.distill_backward(g, *tensors, stats, *ctx.options, denominator, want_s,
+                                        want_t)
+
+        if ctx.reduction == NONE:
+            gs, gt = write(grad_loss)
+        else:
+            gs, gt = _handover.take(
+                ctx, lib, grad_loss,
+                lambda: lib.distill(*tensors, *ctx.options, denominator, want_s, want_t)[2:],
+                write)
+        if want_s:
+            grads[_DISTILL_STUDENT] = gs
+        if want_t:
+            grads[_DISTILL_TEACHER] = gt
+        return tuple(grads)
+
+    torch.library.register_autograd(f"{namespace}::distill", backward, setup_context=setup)
+    return _eager_function(lib.distill, setup, backward)

@@ -104,6 +104,17 @@ def mean_denominators(target, class_weight, mask, ignore_index, rows, device):
     return fixed_order_sum(torch.stack([weighted, counted]))
 
 
+def valid_mask_sum(target, mask, ignore_index, rows, device):
+    """The mean's denominator of a loss without class weights (the distillation losses):
+    sum_i mask_i [t_i != ignore_index] (the row count without mask and target), float64 on
+    the device, as mean_denominators' count of valid positions."""
+    if target is not None:
+        return mean_denominators(target, None, mask, ignore_index, rows, device)[1]
+    if mask is not None:
+        return fixed_order_sum(mask.to(torch.float64))
+    return torch.full((), float(rows), dtype=torch.float64, device=device)
+
+
 # ---- the fused linear cross-entropy's chunks of rows ----
 
 # Chunk size rule (auto_chunk_rows): a chunk holds 1/16 of the rows, so that its logits buffer

@@ -13,6 +13,8 @@ Each function takes the op's arguments (the (rows, classes) layout, weight and m
 in the accumulation dtype) and returns what the op returns, in the accumulation dtype.
 """
 
+import math
+
 import torch
 
 from ._common import acc_dtype, divide_or_zero
@@ -106,3 +108,53 @@ def sigmoid_ce(input, target, weight, pos_weight, mask, label_smoothing, reducti
     # new_full fills on the device (new_tensor would copy from the host: a synchronisation)
     denominator = mask.sum() if mask is not None else x.new_full((), float(x.numel()))
     return divide_or_zero(total, denominator)
+
+
+def distill(student, teacher, teacher_indices, target, mask, divergence, temperature, beta,
+            hard_weight, ignore_index, reduction, denominator=None):
+    """distill's loss (csrc/common/distill.h), differentiably: (rows, classes) student logits,
+    the teacher's (rows, classes) or (rows, K) at teacher_indices, the mask in the accumulation
+    dtype. `denominator`: the mean's, or None for the mask's sum over the valid rows (computed
+    here, so that a mask that requires grad gets the mean's whole derivative)."""
+    acc = acc_dtype(student.dtype)
+    s, t = student.to(acc), teacher.to(acc)
+    rows = s.shape[0]
+    m = mask if mask is not None else s.new_ones(rows)
+    valid = (target != ignore_index if target is not None
+             else torch.ones(rows, dtype=torch.bool, device=s.device))
+    # As softmax_ce: skipped rows are not read (their logits may be NaN), except under a mask
+    # that requires grad, whose derivative at 0 is the row's loss.
+    kept = valid if m.requires_grad else valid & (m != 0)
+    s = torch.where(kept[:, None], s, 0)
+    t = torch.where(kept[:, None], t, 0)
+    log_q = torch.log_softmax(s / temperature, dim=1)
+    log_p = torch.log_softmax(t / temperature, dim=1)
+    p = log_p.exp()
+    zero = s.new_zeros(())
+
+    def weighted(w, d):  # w * d, 0 where w is 0 (x log x at 0)
+        return torch.where(w == 0, zero, w * d).sum(dim=1)
+
+    if teacher_indices is not None:
+        d = weighted(p, log_p - log_q.gather(1, teacher_indices))
+    elif divergence == 0:
+        d = weighted(p, log_p - log_q)
+    elif divergence == 1:
+        d = weighted(log_q.exp(), log_q - log_p)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        d = beta * weighted(p, log_p - log_m) + (1 - beta) * weighted(log_q.exp(), log_q - log_m)
+    row = temperature * temperature * d
+    if hard_weight > 0:
+        safe_t = torch.where(valid, target, 0)
+        ce = -torch.log_softmax(s, dim=1).gather(1, safe_t[:, None])[:, 0]
+        row = (1 - hard_weight) * row + hard_weight * ce
+    row = torch.where(kept, m * row, zero)
+    if reduction == 0:
+        return row
+    total = row.sum()
+    if reduction == 2:
+        return total
+    if denominator is None:
+        denominator = torch.where(valid, m, zero).sum()
+    return divide_or_zero(total, denominator.reshape(()).to(acc))

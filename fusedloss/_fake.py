@@ -13,6 +13,7 @@ def register(namespace):
     _register_softmax(namespace)
     _register_sigmoid(namespace)
     _register_linear(namespace)
+    _register_distill(namespace)
 
     @torch.library.register_fake(f"{namespace}::scale_grad_")
     def _scale_grad_fake(grad, scale):
@@ -109,3 +110,30 @@ def _register_linear(namespace):
         gb = weight.new_empty((weight.shape[0],) if need_bias_grad else (0,),
                               dtype=wide_dtype(weight.dtype))
         return gi, gw, gb
+
+
+# The row statistics a distillation forward keeps per row (csrc/common/distill.h DistillStat).
+DISTILL_STATS = 8
+
+
+def _register_distill(namespace):
+    @torch.library.register_fake(f"{namespace}::distill")
+    def _distill_fake(student, teacher, teacher_indices, target, mask, divergence, temperature,
+                      beta, hard_weight, ignore_index, reduction, denominator, student_grad,
+                      teacher_grad):
+        torch._check(student.dim() == 2, lambda: f"student must be 2-D, got {student.dim()}-D")
+        rows = student.shape[0]
+        acc = acc_dtype(student.dtype)
+        loss = student.new_empty((rows,) if reduction == NONE else (), dtype=acc)
+        stats = student.new_empty((rows, DISTILL_STATS), dtype=acc)
+        gs = student.new_empty(student.shape if student_grad else (0,))
+        gt = teacher.new_empty(teacher.shape if teacher_grad else (0,))
+        return loss, stats, gs, gt
+
+    @torch.library.register_fake(f"{namespace}::distill_backward")
+    def _distill_backward_fake(grad_loss, student, teacher, teacher_indices, target, mask,
+                               row_stats, divergence, temperature, beta, hard_weight,
+                               ignore_index, reduction, denominator, student_grad,
+                               teacher_grad, class_offset=0):
+        return (student.new_empty(student.shape if student_grad else (0,)),
+                teacher.new_empty(teacher.shape if teacher_grad else (0,)))

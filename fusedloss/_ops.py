@@ -14,7 +14,7 @@ import torch
 # The ops every namespace defines (csrc/fusedloss.cpp).
 OP_NAMES = ("softmax_ce", "softmax_ce_inplace", "softmax_ce_backward", "softmax_ce_shard_stats",
             "sigmoid_ce", "sigmoid_ce_backward", "scale_grad_", "linear_ce",
-            "linear_ce_backward")
+            "linear_ce_backward", "distill", "distill_backward")
 
 
 class DefaultOverloads:

@@ -19,7 +19,7 @@ from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _args, _compiled, _composite, _handover, _ops
-from ._common import NONE, is_traced
+from ._common import MEAN, NONE, is_traced, valid_mask_sum
 
 
 def saved_by_producer(t):
@@ -142,6 +142,29 @@ def sigmoid_ce(x, y, weight, pos_weight, mask, label_smoothing, reduction, input
     compute_grad = forward_writes_grad(input, reduction)
     op = loss_op("sigmoid_ce", x, needs_grad(x, y, weight, pos_weight, mask))
     loss, _grad = op(x, y, weight, pos_weight, mask, label_smoothing, reduction, compute_grad)
+    return loss
+
+
+def distill(student, teacher, teacher_indices, target, mask, divergence, temperature, beta,
+            hard_weight, ignore_index, reduction, denominator=None):
+    """The distillation op on (rows, classes) logits, with its autograd path chosen. Returns
+    the loss in the accumulation dtype. `denominator`: the mean's, when the rows are part of a
+    larger loss (the chunks of the fused linear variant); else the mask's sum over the valid
+    rows."""
+    options = (divergence, temperature, beta, hard_weight, ignore_index, reduction)
+    if compositions_needed():
+        return _composite.distill(student, teacher, teacher_indices, target, mask, *options,
+                                  denominator)
+    if reduction == MEAN and denominator is None:
+        denominator = valid_mask_sum(target, None if mask is None else mask.detach(),
+                                     ignore_index, student.shape[0], student.device)
+    # float16 on either side: every gradient is written in the backward (_handover.defers)
+    deferred = _handover.defers(student.dtype) or _handover.defers(teacher.dtype)
+    student_grad = not deferred and forward_writes_grad(student, reduction)
+    teacher_grad = not deferred and forward_writes_grad(teacher, reduction)
+    op = loss_op("distill", student, needs_grad(student, teacher, mask))
+    loss, _stats, _gs, _gt = op(student, teacher, teacher_indices, target, mask, *options,
+                                denominator, student_grad, teacher_grad)
     return loss
 
 

@@ -7,9 +7,11 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .distillation import distillation_loss, linear_distillation_loss
 from .linear import linear_cross_entropy
 
-__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss", "LinearCrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss", "LinearCrossEntropyLoss",
+           "DistillationLoss", "LinearDistillationLoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -168,3 +170,60 @@ class SequenceLoss(torch.nn.Module):
                 f"average_across_batch={self.average_across_batch}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}")
+
+
+class _DistillationOptions(torch.nn.Module):
+    """The options of the distillation losses (fusedloss.distillation_loss), kept as
+    attributes; no parameters or buffers."""
+
+    def __init__(self, *, divergence: str = "forward_kl", temperature: float = 1.0,
+                 beta: float = 0.5, hard_weight: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "mean", process_group=None) -> None:
+        super().__init__()
+        self.divergence = divergence
+        self.temperature = temperature
+        self.beta = beta
+        self.hard_weight = hard_weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.process_group = process_group
+
+    def _options(self, mask):
+        return dict(divergence=self.divergence, temperature=self.temperature, beta=self.beta,
+                    hard_weight=self.hard_weight, ignore_index=self.ignore_index, mask=mask,
+                    reduction=self.reduction, process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return (f"divergence={self.divergence!r}, temperature={self.temperature}, "
+                f"beta={self.beta}, hard_weight={self.hard_weight}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+class DistillationLoss(_DistillationOptions):
+    """fusedloss.distillation_loss as a module: DistillationLoss(**options)(student_logits,
+    teacher_logits, target=None, mask=None, teacher_indices=None)."""
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
+                target: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                teacher_indices: Optional[Tensor] = None) -> Tensor:
+        return distillation_loss(student_logits, teacher_logits, target,
+                                 teacher_indices=teacher_indices, **self._options(mask))
+
+
+class LinearDistillationLoss(_DistillationOptions):
+    """fusedloss.linear_distillation_loss as a module: LinearDistillationLoss(**options,
+    chunk_size=None)(student_input, student_weight, teacher_input, teacher_weight,
+    target=None, mask=None, student_bias=None, teacher_bias=None)."""
+
+    def __init__(self, *, chunk_size: Optional[int] = None, **options) -> None:
+        super().__init__(**options)
+        self.chunk_size = chunk_size
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor,
+                teacher_weight: Tensor, target: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None) -> Tensor:
+        return linear_distillation_loss(student_input, student_weight, teacher_input,
+                                        teacher_weight, target, student_bias=student_bias,
+                                        teacher_bias=teacher_bias, chunk_size=self.chunk_size,
+                                        **self._options(mask))

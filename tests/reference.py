@@ -1,6 +1,8 @@
 """float64 references, written from PyTorch's ops and the formulas of DESIGN.md, never from
 fusedloss's kernels."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -93,3 +95,54 @@ def tolerances(dtype):
         torch.bfloat16: (2e-2, 1e-3),
         torch.float16: (4e-3, 2e-4),
     }[dtype]
+
+
+def distillation(student, teacher, target=None, divergence="forward_kl", temperature=1.0,
+                 beta=0.5, hard_weight=0.0, ignore_index=-100, mask=None, reduction="mean",
+                 teacher_indices=None, read_masked=False):
+    """fusedloss.distillation_loss in float64, from PyTorch's kl_div, log_softmax and
+    cross_entropy: T^2 KL(P || Q), T^2 KL(Q || P), or the generalised JSD (beta 0 and 1 are
+    the two KLs), mixed with the hard cross-entropy; masked and ignored positions contribute
+    exactly 0 (unless read_masked, as cross_entropy's); mean over the mask's sum of valid
+    positions, 0 over none."""
+    classes = student.shape[-1]
+    positions = student.shape[:-1]
+    s = student.double().reshape(-1, classes)
+    t = teacher.double().reshape(s.shape[0], teacher.shape[-1])
+    temp = temperature
+    log_q = F.log_softmax(s / temp, dim=-1)
+    if teacher_indices is not None:
+        idx = teacher_indices.reshape(s.shape[0], -1).long()
+        p = torch.zeros_like(s).scatter(1, idx, F.softmax(t / temp, dim=-1))
+        d = F.kl_div(log_q, p, reduction="none").sum(-1)  # target p, 0 log 0 = 0
+    else:
+        log_p = F.log_softmax(t / temp, dim=-1)
+        forward = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        reverse = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+        if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+            d = forward
+        elif divergence == "reverse_kl" or beta == 1:
+            d = reverse
+        else:
+            log_m = torch.logsumexp(torch.stack([log_p + math.log(beta),
+                                                 log_q + math.log(1 - beta)]), dim=0)
+            d = (beta * F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
+                 + (1 - beta) * F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1))
+    row = temp * temp * d
+    rows = s.shape[0]
+    valid = torch.ones(rows, dtype=torch.bool)
+    if target is not None:
+        tg = target.reshape(-1).long()
+        valid = tg != ignore_index
+        if hard_weight > 0:
+            ce = F.cross_entropy(s, torch.where(valid, tg, 0), reduction="none")
+            row = (1 - hard_weight) * row + hard_weight * ce
+    m = mask.reshape(-1).double() if mask is not None else torch.ones(rows, dtype=torch.float64)
+    kept = valid if read_masked else valid & (m != 0)
+    row = torch.where(kept, row * m, torch.zeros_like(row))
+    if reduction == "none":
+        return row.reshape(positions)
+    if reduction == "sum":
+        return row.sum()
+    denominator = torch.where(valid, m, torch.zeros_like(m)).sum()
+    return row.sum() / denominator if denominator != 0 else row.sum() * 0

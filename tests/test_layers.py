@@ -31,9 +31,11 @@ LAYERS = (
     "parallel.combine",
     "parallel.cross_entropy",
     "parallel.linear",
+    "parallel.distillation",
     "parallel.dtensor",
     "functional",                # the public API
     "linear",
+    "distillation",              # the distillation losses, plain and fused-linear
     "nn",
     "__init__",                  # the package: loads _C, registers, re-exports
     "integrations",              # optional integrations, each importing only the package

@@ -84,6 +84,11 @@ struct DistillParams {
   int64_t rows;
   int64_t classes;              // the student's
   int64_t teacher_classes;      // classes (dense) or K (sparse)
+  // Vocab-parallel rows (GradFromStats, dense teacher): both logits hold classes
+  // [class_offset, class_offset + classes) of the rows, the statistics are the whole rows' and
+  // targets global ids; a row whose target another slice holds has no target term here. 0
+  // otherwise.
+  int64_t class_offset;
   int64_t student_row_stride;
   int64_t teacher_row_stride;
   int64_t indices_row_stride;
@@ -108,7 +113,6 @@ struct DistillOptions {
   T inv_temperature;   // 1 / T
   T t_squared;         // T^2
   T beta, one_minus_beta;
-  T log_beta, log_one_minus_beta;  // jsd
   T hard_weight;
   bool hard;           // a > 0 (a target is given)
   bool separate_hard;  // the hard part needs statistics of its own (T != 1)
@@ -122,8 +126,6 @@ DistillOptions<T> distill_options(const DistillParams& p) {
   o.t_squared = T(p.temperature * p.temperature);
   o.beta = T(p.beta);
   o.one_minus_beta = T(1.0 - p.beta);
-  o.log_beta = p.beta > 0 ? T(::log(p.beta)) : T(0);
-  o.log_one_minus_beta = p.beta < 1 ? T(::log1p(-p.beta)) : T(0);
   o.hard_weight = T(p.hard_weight);
   o.hard = p.hard_weight > 0 && p.target != nullptr;
   o.separate_hard = o.hard && p.temperature != 1.0;
@@ -138,14 +140,17 @@ FL_HD V weighted_or_zero(V w, V d) {
 }
 
 // log m = log(beta p + (1 - beta) q) from log p and log q, without forming p or q (either may
-// underflow where its log is finite): the larger term factored out, log1p of the other's ratio.
+// underflow where its log is finite): the larger side factored out, log m = log p +
+// log1p((1 - beta) expm1(log q - log p)) where p >= q (the other way round otherwise). Where
+// p == q it is log p exactly, so that a student that matches its teacher has a jsd of exactly 0
+// rather than the rounding of log(beta) + log(1 + (1 - beta) / beta), terms of size 1.
 template <typename V, typename T>
 FL_HD V jsd_log_mixture(const DistillOptions<T>& o, V log_p, V log_q) {
-  const V a = log_p + V(o.log_beta);
-  const V b = log_q + V(o.log_one_minus_beta);
-  const V hi = fl_max(a, b);
-  const V lo = a + b - hi;
-  return hi + fl_log1p(fl_exp(lo - hi));
+  const V diff = log_p - log_q;
+  const auto p_larger = fl_ge(diff, V(T(0)));
+  const V larger = fl_select(p_larger, log_p, log_q);
+  const V other_weight = fl_select(p_larger, V(o.one_minus_beta), V(o.beta));
+  return larger + fl_log1p(other_weight * fl_expm1(-fl_abs(diff)));
 }
 
 // A row's divergence from its sums (forward/reverse: sum e (log-ratio) over the exp sum Z of

@@ -381,7 +381,8 @@ struct DistillRowKernel {
         if (gt != nullptr) gt[k] = teacher_t(e.teacher);
       }
     }
-    if (o.hard && gs != nullptr) {
+    const bool t_here = t_index >= 0 && t_index < p.classes;  // a slice may not hold it
+    if (o.hard && gs != nullptr && t_here) {
       bool in_sparse = false;
       if (sparse)
         for (int64_t k = 0; k < p.teacher_classes; ++k) in_sparse |= idx[k] == t_index;
@@ -427,7 +428,7 @@ struct DistillRowKernel {
       if (!want_student && !want_teacher) continue;
       acc_t factor = m * (scale != nullptr ? scale[0] : acc_t(1));
       if (from_stats) factor *= grad_loss[r * p.grad_loss_stride];
-      grad_row(r, factor, t, from_stats);
+      grad_row(r, factor, t - p.class_offset, from_stats);
     }
   }
 };

@@ -50,6 +50,8 @@ template <typename T>
 inline Vectorized<T> fl_log(const Vectorized<T>& x) { return x.log(); }
 template <typename T>
 inline Vectorized<T> fl_log1p(const Vectorized<T>& x) { return x.log1p(); }
+template <typename T>
+inline Vectorized<T> fl_expm1(const Vectorized<T>& x) { return x.expm1(); }
 // log1p(x) for 0 <= x <= 1, in float: log1p(x) = 2 atanh(u), u = x / (2 + x) in [0, 1/3], and
 // atanh(u) = u (1 + u^2/3 + u^4/5 + ... + u^12/13) to within 2e-8 relative there. Several
 // times faster than the general log1p (which here costs ~9 ns a value); double keeps it.
