@@ -467,6 +467,47 @@ def case_bad_input(ctx, seed, rows, classes, fault, faulty_rank):
 GLOO_SUBGROUP = (1, 3)
 
 
+def case_distillation(ctx, seed, rows, classes, dtype, divergence, reduction, hard_weight,
+                      teacher_trained):
+    """fl.distillation_loss(process_group=) on both models' logits sliced by the same uneven
+    class ranges: the loss (the same bits on every rank) and this rank's slices of the
+    gradients against the single-process loss and the float64 reference on the whole logits."""
+    slices = class_slices(classes, ctx.world_size, uneven=True)
+    g = _generator(seed)
+    s_full = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t_full = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+    target = torch.randint(0, classes, (rows,), generator=g)
+    target[1] = -100
+    mask = torch.rand(rows, generator=g)
+    mask[2] = 0
+    opts = dict(divergence=divergence, temperature=2.0, beta=0.3, hard_weight=hard_weight,
+                mask=mask, reduction=reduction)
+    s = local_slice(s_full, slices, ctx.rank).requires_grad_()
+    t = local_slice(t_full, slices, ctx.rank).requires_grad_(teacher_trained)
+    out = fl.distillation_loss(s, t, target, process_group=ctx.group, **opts)
+    single_s = s_full.clone().requires_grad_()
+    single_t = t_full.clone().requires_grad_(teacher_trained)
+    single = fl.distillation_loss(single_s, single_t, target, **opts)
+    ref_s = s_full.double().requires_grad_()
+    ref_t = t_full.double().requires_grad_(teacher_trained)
+    expected = ref.distillation(ref_s, ref_t, target, **opts)
+    grad_out = torch.rand(out.shape, generator=g, dtype=torch.float64).to(out.dtype) + 0.5
+    for o, leaves in ((out, (s, t)), (single, (single_s, single_t)), (expected, (ref_s, ref_t))):
+        o.backward(grad_out.to(o.dtype))
+    assert_close(out, expected, dtype)
+    assert_close(out, single, dtype)
+    for mine, whole, want in ((s, ref_s, True), (t, ref_t, teacher_trained)):
+        if want:
+            assert mine.grad.dtype == mine.dtype
+            assert_close(mine.grad, local_slice(whole.grad, slices, ctx.rank), dtype)
+        else:
+            assert mine.grad is None
+    again = fl.distillation_loss(s.detach(), t.detach(), target, process_group=ctx.group,
+                                 **opts)
+    assert torch.equal(again, out.detach())
+    return out.detach()
+
+
 @pytest.fixture(scope="module")
 def pools():
     """pools(world_size, backend).run(case, **kw): the case on a process group of that size."""
@@ -690,4 +731,19 @@ def test_nccl(pools, request, option, dtype):
     for reduction in REDUCTIONS:
         results = pool.run(case_cross_entropy, seed=seed_for(request), rows=64, classes=1001,
                            dtype=dtype, option=option, reduction=reduction, uneven=True)
+        assert_same_on_every_rank(results)
+
+
+@pytest.mark.parametrize("divergence,hard_weight,teacher_trained",
+                         [("forward_kl", 0.5, False), ("reverse_kl", 0.0, True),
+                          ("jsd", 0.25, False)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_distillation(pools, request, world_size, reduction, divergence, hard_weight,
+                      teacher_trained):
+    for dtype in (torch.float32, torch.bfloat16):
+        results = pools(world_size).run(case_distillation, seed=seed_for(request), rows=11,
+                                        classes=41, dtype=dtype, divergence=divergence,
+                                        reduction=reduction, hard_weight=hard_weight,
+                                        teacher_trained=teacher_trained)
         assert_same_on_every_rank(results)

@@ -62,6 +62,24 @@ struct PairIO {
   static Vec lanes_below(int64_t n, int k) {
     return Vec::arange(acc_t(k * kLanes), acc_t(1)) < Vec(acc_t(n));
   }
+  // A gradient row written once and not read soon goes past the cache (non-temporal stores,
+  // no read-for-ownership: half the memory traffic), when its start is aligned to a step.
+  static bool stream_aligned(const scalar_t* p) {
+    return reinterpret_cast<uintptr_t>(p) % (kStep * sizeof(scalar_t)) == 0;
+  }
+  static void stream(scalar_t* p, const Vec* v) {
+    if constexpr (IO::K == 2) {
+      IO::stream(p, v);
+    } else {
+      IO::stream(p, v);
+      IO::stream(p + kLanes, v + 1);
+    }
+  }
+  // n elements of a step at p (streamed when `streamed`: a full step of an aligned row)
+  static void write(scalar_t* p, int64_t n, const Vec* v, bool streamed) {
+    if (streamed && n == kStep) stream(p, v);
+    else store(p, n, v);
+  }
 };
 
 // A step into a scratch row (padded to whole steps).
@@ -81,6 +99,9 @@ struct DistillRowKernel {
   const DistillParams& p;
   DistillOptions<acc_t> o;
   bool sparse, want_student, want_teacher, jsd;
+  // T = 2 (the usual distillation temperature) with a hard part: exp(s - ms) = exp(u - mu)^2,
+  // a product instead of a third exp per logit, and no scratch row for it
+  bool square_hard;
   std::vector<acc_t> eu_row, ev_row, es_row, lm_row;  // exp(u - mu), exp(v - mv), exp(s - ms),
                                                        // log m (jsd), between the passes
 
@@ -90,13 +111,14 @@ struct DistillRowKernel {
     want_student = p.grad_student != nullptr;
     want_teacher = p.grad_teacher != nullptr;
     jsd = o.divergence == Divergence::JSD;
+    square_hard = o.separate_hard && p.temperature == 2.0;
     if (p.mode == DistillMode::Forward) {
       // Rounded up to whole steps: full-step stores past the row's end stay inside the buffer.
       const int64_t padded = (p.classes + kStep - 1) / kStep * kStep;
       const bool grads = want_student || want_teacher;
       eu_row.resize(padded);
       if (!sparse) ev_row.resize(padded);
-      if (o.separate_hard && grads) es_row.resize(padded);
+      if (o.separate_hard && !square_hard && grads) es_row.resize(padded);
       if (jsd && grads) lm_row.resize(padded);
     }
   }
@@ -181,8 +203,12 @@ struct DistillRowKernel {
       }
       if (o.separate_hard) {
         for (int k = 0; k < 2; ++k) {
-          es[k] = fl_exp(st.s[k] - Vec(ms));
-          if (n != kStep) es[k] = es[k] & S::lanes_below(n, k);
+          if (square_hard) {
+            es[k] = eu[k] * eu[k];  // lanes past the end are 0 already
+          } else {
+            es[k] = fl_exp(st.s[k] - Vec(ms));
+            if (n != kStep) es[k] = es[k] & S::lanes_below(n, k);
+          }
         }
         zs.add(es);
         if (!es_row.empty()) store_scratch(es_row.data() + j, es);
@@ -333,15 +359,33 @@ struct DistillRowKernel {
                    ? static_cast<teacher_t*>(p.grad_teacher) + r * p.grad_teacher_row_stride
                    : nullptr;
     const bool dense_teacher_grad = gt != nullptr && !sparse;
+    // forward KL's student gradient from the kept exps alone: the logits are not read again
+    const bool exps_suffice = !from_stats && o.divergence == Divergence::ForwardKL &&
+                              !dense_teacher_grad;
+    const bool stream_s = gs != nullptr && S::stream_aligned(gs);
+    const bool stream_t = dense_teacher_grad && Tch::stream_aligned(gt);
     if (gs != nullptr || dense_teacher_grad) {
       const Vec inv_zu(fl_exp(-log_zu)), inv_zv(fl_exp(-log_zv)), inv_zs(fl_exp(-log_zs));
       for (int64_t j = 0; j < p.classes; j += kStep) {
         const int64_t n = std::min<int64_t>(kStep, p.classes - j);
         Step st;
-        load_step(x, y, j, n, mu, mv, st);
+        if (!exps_suffice) load_step(x, y, j, n, mu, mv, st);
         Vec out_s[2], out_t[2];
         for (int k = 0; k < 2; ++k) {
           const int64_t at = j + k * S::kLanes;
+          if (exps_suffice) {
+            const Vec eu = Vec::loadu(eu_row.data() + at);
+            const Vec q = eu * inv_zu;
+            const Vec pp = sparse ? Vec(acc_t(0)) : Vec::loadu(ev_row.data() + at) * inv_zv;
+            out_s[k] = Vec(g.soft) * (q - pp);
+            if (o.hard) {
+              Vec soft_s = q;
+              if (square_hard) soft_s = (eu * eu) * inv_zs;
+              else if (o.separate_hard) soft_s = Vec::loadu(es_row.data() + at) * inv_zs;
+              out_s[k] = out_s[k] + Vec(g.hard) * soft_s;
+            }
+            continue;
+          }
           const Vec log_q = st.u[k] - Vec(log_zu);
           const Vec log_p = sparse ? Vec(fl_neg_infinity<acc_t>()) : st.v[k] - Vec(log_zv);
           Vec q, pp, lm(acc_t(0));
@@ -361,13 +405,15 @@ struct DistillRowKernel {
             Vec soft_s;
             if (!o.separate_hard) soft_s = q;
             else if (from_stats) soft_s = fl_exp((st.s[k] - Vec(hard_max)) - Vec(log_zs));
+            else if (square_hard) soft_s = (q * q) * Vec(fl_exp(acc_t(2) * log_zu - log_zs));
             else soft_s = Vec::loadu(es_row.data() + at) * inv_zs;
             out_s[k] = out_s[k] + Vec(g.hard) * soft_s;
           }
         }
-        if (gs != nullptr) S::store(gs + j, n, out_s);
-        if (dense_teacher_grad) Tch::store(gt + j, n, out_t);
+        if (gs != nullptr) S::write(gs + j, n, out_s, stream_s);
+        if (dense_teacher_grad) Tch::write(gt + j, n, out_t, stream_t);
       }
+      if (stream_s || stream_t) stream_fence();  // the rows are complete before the fix-ups
     }
     // The elements the vector loop left unfinished, written whole in scalar arithmetic.
     const auto u_at = [&](int64_t j) { return acc_t(x[j]) * o.inv_temperature; };
