@@ -5,6 +5,8 @@
 //   stage(tensor) -> tensor       the tensor as a kernel may read it
 //   empty(sizes, options)         a buffer a kernel writes
 //   launch(params, like)          run the rows kernel on like's device
+//   writeback(dst, staged)        after a kernel wrote `staged` (from stage(dst)): make dst
+//                                 hold it (distill_inplace)
 //   kChecksValues                 whether targets and teacher indices are checked here (the
 //                                 CPU: their values are on the host); on a GPU the Python
 //                                 layer checks them when asked, and the kernels make a row
@@ -202,11 +204,44 @@ struct DistillOps {
                      hard_weight, reduction, denominator);
     check_targets(c, ignore_index, hard_weight);
     stage(c);
+    at::Tensor gs = gradient(student_grad, student);
+    at::Tensor gt = gradient(teacher_grad, teacher);
+    auto [loss, row_stats] = run_forward(c, divergence, temperature, beta, hard_weight,
+                                         ignore_index, student, gs, gt, student_grad,
+                                         teacher_grad);
+    return {loss, row_stats, gs, gt};
+  }
+
+  // distill_inplace: the student's gradient (mean/sum) written over the student's logits,
+  // which must have unit-stride rows (nothing is copied).
+  static std::tuple<at::Tensor, at::Tensor> inplace(
+      at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& indices,
+      const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
+      int64_t divergence, double temperature, double beta, double hard_weight,
+      int64_t ignore_index, int64_t reduction, const c10::optional<at::Tensor>& denominator) {
+    typename B::Guard guard(student);
+    TORCH_CHECK_VALUE(reduction != 0, kOp, "_inplace: reduction must be mean or sum");
+    TORCH_CHECK_VALUE(student.dim() == 2 && (student.size(1) <= 1 || student.stride(1) == 1),
+                      kOp, "_inplace: student logits must be 2-D with unit-stride rows, got "
+                      "sizes ", student.sizes(), " strides ", student.strides());
+    Call c = prepare(student, teacher, indices, target, mask, divergence, temperature, beta,
+                     hard_weight, reduction, denominator);
+    check_targets(c, ignore_index, hard_weight);
+    stage(c);
+    at::Tensor gt = at::empty({0}, teacher.options());
+    auto out = run_forward(c, divergence, temperature, beta, hard_weight, ignore_index,
+                           student, c.student, gt, true, false);
+    B::writeback(student, c.student);
+    return out;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> run_forward(
+      const Call& c, int64_t divergence, double temperature, double beta, double hard_weight,
+      int64_t ignore_index, const at::Tensor& student, const at::Tensor& gs,
+      const at::Tensor& gt, bool student_grad, bool teacher_grad) {
     const auto acc_opts = student.options().dtype(c.acc);
     at::Tensor row_loss = B::empty({c.rows}, acc_opts);
     at::Tensor row_stats = B::empty({c.rows, kDistillStats}, acc_opts);
-    at::Tensor gs = gradient(student_grad, student);
-    at::Tensor gt = gradient(teacher_grad, teacher);
     at::Tensor scale;
     DistillParams p = params(c, divergence, temperature, beta, hard_weight, ignore_index,
                              DistillMode::Forward);
@@ -217,7 +252,7 @@ struct DistillOps {
     p.row_loss = row_loss.data_ptr();
     p.row_stats = row_stats.data_ptr();
     set_gradients(p, gs, gt, student_grad, teacher_grad);
-    if (c.rows > 0) B::launch(p, student);
+    if (c.rows > 0) B::launch(p, c.student);
     at::Tensor loss;
     if (c.reduction == Reduction::None) {
       loss = row_loss;
@@ -228,7 +263,7 @@ struct DistillOps {
         loss = at::where(d.ne(0), loss.div(d), at::zeros_like(loss));
       }
     }
-    return {loss, row_stats, gs, gt};
+    return {loss, row_stats};
   }
 
   static void set_gradients(DistillParams& p, const at::Tensor& gs, const at::Tensor& gt,
@@ -281,7 +316,7 @@ struct DistillOps {
                       class_offset);
     p.class_offset = class_offset;
     set_gradients(p, gs, gt, student_grad, teacher_grad);
-    if (c.rows > 0 && (student_grad || teacher_grad)) B::launch(p, student);
+    if (c.rows > 0 && (student_grad || teacher_grad)) B::launch(p, c.student);
     return {gs, gt};
   }
 };

@@ -50,6 +50,8 @@
 // row for reduction=0; mean divides by `denominator`, the caller's: the mask's sum over the
 // valid rows), the row statistics (rows, 8), and the gradients of the student and the teacher
 // (each when asked, else empty), pre-scaled for the reduction.
+// distill_inplace: the same for mean/sum, writing the student's gradient into `student`
+// (the teacher's gradient is not computed); returns (loss, row_stats).
 // distill_backward: the gradients recomputed from row_stats, times grad_loss (per row for
 // reduction=0, one value otherwise). With class_offset (vocab-parallel, dense teacher): the
 // logits are the classes [class_offset, class_offset + classes) of the rows, row_stats the
@@ -107,6 +109,11 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
       "Tensor? mask, int divergence, float temperature, float beta, float hard_weight, "
       "int ignore_index, int reduction, Tensor? denominator, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "distill_inplace(Tensor(a!) student, Tensor teacher, Tensor? teacher_indices, "
+      "Tensor? target, Tensor? mask, int divergence, float temperature, float beta, "
+      "float hard_weight, int ignore_index, int reduction, Tensor? denominator) "
+      "-> (Tensor, Tensor)");
   m.def(
       "distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
       "Tensor? teacher_indices, Tensor? target, Tensor? mask, Tensor row_stats, int divergence, "

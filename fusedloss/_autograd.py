@@ -40,6 +40,7 @@ def install(namespace):
                                                         _SigmoidSpec)
     _register_linear_ce_autograd(namespace, lib)
     opset.eager["distill"] = _register_distill_autograd(namespace, lib)
+    opset.DistillInplace = _make_distill_inplace_function(lib)
     opset.SoftmaxCEInplace = _make_inplace_function(lib)
     opset.SoftmaxCECompiled = _compiled.make_function(lib)
     return opset
@@ -289,8 +290,8 @@ def _make_inplace_function(lib):
     return SoftmaxCEInplace
 
 
-def _inplace_consumed():
-    raise RuntimeError(_INPLACE_CONSUMED.format("cross_entropy"))
+def _inplace_consumed(who="cross_entropy"):
+    raise RuntimeError(_INPLACE_CONSUMED.format(who))
 
 
 # ---- the fused linear cross-entropy: linear_ce -----------------------------------------------
@@ -472,3 +473,37 @@ def _register_distill_autograd(namespace, lib):
 
     torch.library.register_autograd(f"{namespace}::distill", backward, setup_context=setup)
     return _eager_function(lib.distill, setup, backward)
+
+
+def _make_distill_inplace_function(lib):
+    class DistillInplace(torch.autograd.Function):
+        """distillation_loss(inplace_backward=True): the forward writes the student's gradient
+        into the student's logits (no N x C buffer), as SoftmaxCEInplace does; _route takes it
+        only where that is safe and the student's logits are the one input needing a
+        gradient. Returns the loss."""
+
+        @staticmethod
+        def forward(ctx, student, teacher, teacher_indices, target, mask, divergence,
+                    temperature, beta, hard_weight, ignore_index, reduction, denominator):
+            version = student._version
+            loss, _stats = lib.distill_inplace(student, teacher, teacher_indices, target, mask,
+                                               divergence, temperature, beta, hard_weight,
+                                               ignore_index, reduction, denominator)
+            if student._version == version:
+                torch.autograd.graph.increment_version(student)
+            _handover.keep(ctx, student)
+            ctx.set_materialize_grads(False)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            none_for_the_rest = (None,) * 11
+            if grad_loss is None:
+                return (None,) + none_for_the_rest
+            if torch.is_grad_enabled() and not is_traced(grad_loss):
+                _inplace_consumed("distillation_loss")
+            (grad,) = _handover.take(ctx, lib, grad_loss,
+                                     lambda: _inplace_consumed("distillation_loss"))
+            return (grad,) + none_for_the_rest
+
+    return DistillInplace

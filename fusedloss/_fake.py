@@ -130,6 +130,14 @@ def _register_distill(namespace):
         gt = teacher.new_empty(teacher.shape if teacher_grad else (0,))
         return loss, stats, gs, gt
 
+    @torch.library.register_fake(f"{namespace}::distill_inplace")
+    def _distill_inplace_fake(student, teacher, teacher_indices, target, mask, divergence,
+                              temperature, beta, hard_weight, ignore_index, reduction,
+                              denominator):
+        acc = acc_dtype(student.dtype)
+        return (student.new_empty((), dtype=acc),
+                student.new_empty((student.shape[0], DISTILL_STATS), dtype=acc))
+
     @torch.library.register_fake(f"{namespace}::distill_backward")
     def _distill_backward_fake(grad_loss, student, teacher, teacher_indices, target, mask,
                                row_stats, divergence, temperature, beta, hard_weight,

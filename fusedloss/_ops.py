@@ -14,7 +14,7 @@ import torch
 # The ops every namespace defines (csrc/fusedloss.cpp).
 OP_NAMES = ("softmax_ce", "softmax_ce_inplace", "softmax_ce_backward", "softmax_ce_shard_stats",
             "sigmoid_ce", "sigmoid_ce_backward", "scale_grad_", "linear_ce",
-            "linear_ce_backward", "distill", "distill_backward")
+            "linear_ce_backward", "distill", "distill_inplace", "distill_backward")
 
 
 class DefaultOverloads:
@@ -39,7 +39,8 @@ class OpSet:
     - ``eager``: loss op name -> the autograd.Function for eager calls (the registered
       formula, less per-call overhead);
     - ``SoftmaxCEInplace``: cross_entropy(inplace_backward=True)'s Function;
-    - ``SoftmaxCECompiled``: the Function compiled mean/sum cross-entropy takes."""
+    - ``SoftmaxCECompiled``: the Function compiled mean/sum cross-entropy takes;
+    - ``DistillInplace``: distillation_loss(inplace_backward=True)'s Function."""
 
     def __init__(self, namespace):
         self.namespace = namespace
@@ -49,6 +50,7 @@ class OpSet:
         self.eager = {}
         self.SoftmaxCEInplace = None
         self.SoftmaxCECompiled = None
+        self.DistillInplace = None
 
 
 _active = None

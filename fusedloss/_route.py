@@ -146,11 +146,13 @@ def sigmoid_ce(x, y, weight, pos_weight, mask, label_smoothing, reduction, input
 
 
 def distill(student, teacher, teacher_indices, target, mask, divergence, temperature, beta,
-            hard_weight, ignore_index, reduction, denominator=None):
+            hard_weight, ignore_index, reduction, denominator=None, inplace_backward=False,
+            input=None):
     """The distillation op on (rows, classes) logits, with its autograd path chosen. Returns
     the loss in the accumulation dtype. `denominator`: the mean's, when the rows are part of a
     larger loss (the chunks of the fused linear variant); else the mask's sum over the valid
-    rows."""
+    rows. inplace_backward: the student's gradient over its logits where that is safe (as
+    cross_entropy's; `input` is the caller's student tensor)."""
     options = (divergence, temperature, beta, hard_weight, ignore_index, reduction)
     if compositions_needed():
         return _composite.distill(student, teacher, teacher_indices, target, mask, *options,
@@ -162,6 +164,11 @@ def distill(student, teacher, teacher_indices, target, mask, divergence, tempera
     deferred = _handover.defers(student.dtype) or _handover.defers(teacher.dtype)
     student_grad = not deferred and forward_writes_grad(student, reduction)
     teacher_grad = not deferred and forward_writes_grad(teacher, reduction)
+    if (inplace_backward and student_grad and not needs_grad(teacher, mask)
+            and not torch.compiler.is_compiling()
+            and inplace_is_safe(student if input is None else input, student)):
+        return _ops.current().DistillInplace.apply(student, teacher, teacher_indices, target,
+                                                   mask, *options, denominator)
     op = loss_op("distill", student, needs_grad(student, teacher, mask))
     loss, _stats, _gs, _gt = op(student, teacher, teacher_indices, target, mask, *options,
                                 denominator, student_grad, teacher_grad)

@@ -22,7 +22,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor,
                       temperature: float = 1.0, beta: float = 0.5, hard_weight: float = 0.0,
                       ignore_index: int = -100, mask: Optional[Tensor] = None,
                       reduction: str = "mean", teacher_indices: Optional[Tensor] = None,
-                      process_group=None) -> Tensor:
+                      inplace_backward: bool = False, process_group=None) -> Tensor:
     """The distillation loss of ``student_logits`` (..., C) against ``teacher_logits``.
 
     Per position, with P the teacher's and Q the student's softmax of the logits divided by
@@ -44,7 +44,11 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor,
     over the K classes. forward_kl only; indices must be distinct within a position.
 
     Gradients go to the student's logits, the teacher's when they require grad (both models
-    trained), and a floating mask that requires grad. ``process_group`` (vocab parallel,
+    trained), and a floating mask that requires grad. ``inplace_backward`` (as
+    cross_entropy's): the student's gradient is written into its logits' storage where that
+    is safe (mean/sum, only the student's logits need a gradient, not float16, logits that no
+    other op saved), so no N x C buffer is allocated; the logits must not be used after the
+    call. ``process_group`` (vocab parallel,
     fusedloss.parallel.distillation): both logits hold this rank's slice of the classes; dense
     teacher only.
     """
@@ -59,7 +63,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor,
                                 teacher_indices)
     loss = _route.distill(a.student, a.teacher, a.teacher_indices, a.target, a.mask,
                           a.divergence, a.temperature, a.beta, a.hard_weight, a.ignore_index,
-                          a.reduction)
+                          a.reduction, inplace_backward=inplace_backward,
+                          input=student_logits)
     return _args.distillation_result(a, loss)
 
 

@@ -283,7 +283,7 @@ def test_compile_fullgraph_matches_eager(divergence):
         return fl.distillation_loss(s, t, target, divergence=divergence, temperature=2.0,
                                     hard_weight=0.5, mask=mask)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     results = []
     for fn in (step, compiled):
         x = s.clone().requires_grad_(True)
@@ -430,3 +430,63 @@ def test_linear_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="does not differentiate with respect to mask"):
         fl.linear_distillation_loss(xs, ws, xt, torch.randn(10, 6),
                                     mask=torch.rand(4, requires_grad=True))
+
+
+def test_linear_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    xs, ws = torch.randn(37, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    xt, wt = torch.randn(37, 5), torch.randn(11, 5)
+    target = torch.randint(0, 11, (37,))
+
+    def step(xs, ws):
+        return fl.linear_distillation_loss(xs, ws, xt, wt, target, chunk_size=8,
+                                           divergence="jsd", hard_weight=0.3, temperature=2.0)
+
+    eager = step(xs, ws)
+    compiled = torch.compile(step, fullgraph=True)(xs, ws)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled, (xs, ws)), torch.autograd.grad(eager, (xs, ws))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("divergence,sparse", [("forward_kl", False), ("reverse_kl", False),
+                                               ("jsd", False), ("forward_kl", True)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inplace_backward_matches(backend, divergence, sparse, reduction):
+    """inplace_backward=True writes the student's gradient over its logits (a non-leaf that
+    no op saved: x @ w) and gives the out-of-place gradient."""
+    for dtype in (torch.float32, torch.bfloat16):
+        rows, hidden, classes, k = 9, 6, 70, 8
+        x = logits((rows, hidden), dtype, backend.device, scale=1.0)
+        w = logits((hidden, classes), dtype, backend.device, scale=1.0).requires_grad_(True)
+        target = torch.randint(0, classes, (rows,), device=backend.device)
+        target[0] = -100
+        indices = (torch.rand(rows, classes).argsort(-1)[:, :k].to(backend.device) if sparse
+                   else None)
+        t = logits((rows, k if sparse else classes), dtype, backend.device)
+        opts = dict(divergence=divergence, temperature=2.0, hard_weight=0.4, reduction=reduction,
+                    teacher_indices=indices)
+        grads, losses = [], []
+        for inplace in (False, True):
+            w.grad = None
+            s = x @ w
+            version = s._version
+            out = fl.distillation_loss(s, t, target, inplace_backward=inplace, **opts)
+            assert (s._version != version) == inplace
+            out.backward(torch.tensor(1.7, dtype=out.dtype, device=backend.device))
+            losses.append(out.detach())
+            grads.append(w.grad.clone())
+        assert torch.equal(losses[0], losses[1])
+        torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_inplace_backward_where_unsafe_or_consumed():
+    s = torch.randn(5, 12, requires_grad=True)  # a leaf: never overwritten
+    t = torch.randn(5, 12)
+    before = s.detach().clone()
+    fl.distillation_loss(s, t, inplace_backward=True).backward()
+    assert torch.equal(s.detach(), before)
+    h = torch.randn(5, 12, requires_grad=True) * 2
+    out = fl.distillation_loss(h, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="can be differentiated once only"):
+        torch.autograd.grad(out, h, create_graph=True)

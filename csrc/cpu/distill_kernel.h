@@ -104,6 +104,7 @@ struct DistillRowKernel {
   bool square_hard;
   std::vector<acc_t> eu_row, ev_row, es_row, lm_row;  // exp(u - mu), exp(v - mv), exp(s - ms),
                                                        // log m (jsd), between the passes
+  std::vector<acc_t> x_at_indices;  // a sparse teacher's classes' student logits (pass C)
 
   explicit DistillRowKernel(const DistillParams& params) : p(params) {
     o = distill_options<acc_t>(p);
@@ -359,10 +360,19 @@ struct DistillRowKernel {
                    ? static_cast<teacher_t*>(p.grad_teacher) + r * p.grad_teacher_row_stride
                    : nullptr;
     const bool dense_teacher_grad = gt != nullptr && !sparse;
+    // The student logits the scalar fix-ups below need, read before the vector loop: written
+    // in place (distill_inplace), the gradient overwrites the logits as the loop goes.
+    const bool t_here = t_index >= 0 && t_index < p.classes;  // a slice may not hold it
+    const acc_t x_t = t_here ? acc_t(x[t_index]) : acc_t(0);
+    if (sparse) {
+      x_at_indices.resize(p.teacher_classes);
+      for (int64_t k = 0; k < p.teacher_classes; ++k) x_at_indices[k] = acc_t(x[idx[k]]);
+    }
     // forward KL's student gradient from the kept exps alone: the logits are not read again
     const bool exps_suffice = !from_stats && o.divergence == Divergence::ForwardKL &&
                               !dense_teacher_grad;
-    const bool stream_s = gs != nullptr && S::stream_aligned(gs);
+    // (in place, the row is in cache already: stored, not streamed)
+    const bool stream_s = gs != nullptr && static_cast<const void*>(gs) != x && S::stream_aligned(gs);
     const bool stream_t = dense_teacher_grad && Tch::stream_aligned(gt);
     if (gs != nullptr || dense_teacher_grad) {
       const Vec inv_zu(fl_exp(-log_zu)), inv_zv(fl_exp(-log_zv)), inv_zs(fl_exp(-log_zs));
@@ -416,25 +426,24 @@ struct DistillRowKernel {
       if (stream_s || stream_t) stream_fence();  // the rows are complete before the fix-ups
     }
     // The elements the vector loop left unfinished, written whole in scalar arithmetic.
-    const auto u_at = [&](int64_t j) { return acc_t(x[j]) * o.inv_temperature; };
     if (sparse) {
       for (int64_t k = 0; k < p.teacher_classes; ++k) {
         const int64_t j = idx[k];
-        const GradPair<acc_t> e = scalar_grad(g, u_at(j), acc_t(y[k]) * o.inv_temperature, mu,
-                                              mv, acc_t(x[j]), hard_max, log_zs,
-                                              o.hard && j == t_index, true);
+        const acc_t x_j = x_at_indices[k];
+        const GradPair<acc_t> e = scalar_grad(g, x_j * o.inv_temperature,
+                                              acc_t(y[k]) * o.inv_temperature, mu, mv, x_j,
+                                              hard_max, log_zs, o.hard && j == t_index, true);
         if (gs != nullptr) gs[j] = student_t(e.student);
         if (gt != nullptr) gt[k] = teacher_t(e.teacher);
       }
     }
-    const bool t_here = t_index >= 0 && t_index < p.classes;  // a slice may not hold it
     if (o.hard && gs != nullptr && t_here) {
       bool in_sparse = false;
       if (sparse)
         for (int64_t k = 0; k < p.teacher_classes; ++k) in_sparse |= idx[k] == t_index;
       if (!in_sparse) {
         const acc_t v = sparse ? acc_t(0) : acc_t(y[t_index]) * o.inv_temperature;
-        gs[t_index] = student_t(scalar_grad(g, u_at(t_index), v, mu, mv, acc_t(x[t_index]),
+        gs[t_index] = student_t(scalar_grad(g, x_t * o.inv_temperature, v, mu, mv, x_t,
                                             hard_max, log_zs, true, !sparse)
                                     .student);
       }

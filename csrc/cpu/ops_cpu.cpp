@@ -423,6 +423,7 @@ struct CpuDistill {
     return new_output(sizes, options);  // a gradient's buffer, kept for reuse
   }
   static void launch(const DistillParams& p, const at::Tensor&) { kernels().distill(p); }
+  static void writeback(const at::Tensor&, const at::Tensor&) {}  // written in place
 };
 
 }  // namespace
@@ -430,6 +431,7 @@ struct CpuDistill {
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("distill", &DistillOps<CpuDistill>::forward);
   m.impl("distill_backward", &DistillOps<CpuDistill>::backward);
+  m.impl("distill_inplace", &DistillOps<CpuDistill>::inplace);
   m.impl("softmax_ce", &softmax_ce_cpu);
   m.impl("softmax_ce_inplace", &softmax_ce_inplace_cpu);
   m.impl("softmax_ce_backward", &softmax_ce_backward_cpu);
