@@ -221,11 +221,11 @@ def _ce_eager(x, t):
     return F.cross_entropy(x, t)
 
 
-def _distill_fused(case):
+def _distill_fused(case, inplace=False):
     def loss(x, t):
         return fl.distillation_loss(x, t[0], t[1], divergence=DISTILL[case.loss],
                                     temperature=DISTILL_TEMPERATURE, beta=DISTILL_BETA,
-                                    hard_weight=DISTILL_HARD_WEIGHT)
+                                    hard_weight=DISTILL_HARD_WEIGHT, inplace_backward=inplace)
 
     return loss
 
@@ -274,6 +274,11 @@ def fused_fn(case):
     return _ce_fused if case.loss == "ce" else _bce_fused
 
 
+def fused_inplace_fn(case):
+    """fusedloss's loss with inplace_backward=True (its gradient over the logits)."""
+    return _distill_fused(case, inplace=True) if case.distill else _ce_fused_inplace
+
+
 def eager_fn(case):
     """PyTorch's eager loss function (or composite) for a case."""
     if case.distill:
@@ -286,8 +291,9 @@ ALL = {"ce", "bce", *DISTILL}
 # Factories that import an optional library raise when it is missing (the row is skipped).
 CONTENDERS = {
     "fusedloss": (ALL, {"cpu", "cuda"}, lambda case, sets: LossRunner(fused_fn(case), sets)),
-    "fusedloss inplace": ({"ce"}, {"cpu", "cuda"},
-                          lambda case, sets: LossRunner(_ce_fused_inplace, sets, rebuild=True)),
+    "fusedloss inplace": ({"ce", *DISTILL}, {"cpu", "cuda"},
+                          lambda case, sets: LossRunner(fused_inplace_fn(case), sets,
+                                                        rebuild=True)),
     "eager": (ALL, {"cpu", "cuda"}, lambda case, sets: LossRunner(eager_fn(case), sets)),
     "torch.compile": (ALL, {"cpu", "cuda"},
                       lambda case, sets: LossRunner(_compiled(eager_fn(case)), sets)),
