@@ -3,7 +3,9 @@
 Each case is one forward and backward through the public API on shapes chosen so that an
 H200 (132 SMs, 60 MB of L2) takes the path named (see csrc/cuda/launch.h), on every dtype,
 and its loss and gradient are compared with PyTorch in float64 on the same device, so that a
-path that silently computes garbage also fails. The shapes are small: under the sanitizer
+path that silently computes garbage also fails. The distillation cases call the distill ops
+themselves and compare with the CPU kernels on the same inputs (tests/test_distill_kernels.py
+holds those to float64). The shapes are small: under the sanitizer
 every access is checked, and the whole run must take seconds, not minutes.
 
     compute-sanitizer --tool memcheck python bench/sanitizer_paths.py
@@ -96,6 +98,47 @@ def run_bce(dev, dtype, rows, cols, *, reduction="mean", strided=False, broadcas
     return close(loss, expected, dtype) and close(grad, xr.grad, dtype)
 
 
+def run_distill(dev, sdtype, tdtype, rows, classes, divergence, *, topk=0, reduction=1):
+    """The distill op's forward (loss, statistics, both gradients) and backward from the
+    statistics, against the CPU kernels (tests/test_distill_kernels.py holds them to a float64
+    reference) on the same inputs: a bad target and hard_weight, an ignored row and a padding
+    row included."""
+    s = (torch.randn(rows, classes, dtype=torch.float64) * 3).to(sdtype)
+    width = topk or classes
+    t = (torch.randn(rows, width, dtype=torch.float64) * 3).to(tdtype)
+    idx = torch.stack([torch.randperm(classes)[:topk] for _ in range(rows)]) if topk else None
+    target = torch.randint(0, classes, (rows,))
+    target[1], target[2] = -100, classes  # ignored; out of range (NaN row on CUDA)
+    acc = torch.float64 if sdtype == torch.float64 else torch.float32
+    mask = torch.rand(rows, dtype=acc) + 0.5
+    mask[3] = 0
+    den = (mask * (target != -100)).sum().reshape(1)
+    args = (divergence, 2.0, 0.3, 0.4, -100, reduction, den if reduction == 1 else None, True,
+            True)
+
+    ref_target = target.clone()
+    ref_target[2] = -100  # the CPU raises for it; on CUDA its row is checked for NaN below
+    dev_target = target if dev.type == "cuda" else ref_target
+
+    def both(op, dev_args, ref_args):
+        ours = op(*[a.to(dev) if torch.is_tensor(a) else a for a in dev_args], *args)
+        return [o.cpu() for o in ours], op(*ref_args, *args)
+
+    fwd, fwd_ref = both(torch.ops.fusedloss.distill, (s, t, idx, dev_target, mask),
+                        (s, t, idx, ref_target, mask))
+    go = torch.ones((), dtype=acc) if reduction else torch.rand(rows, dtype=acc) + 0.5
+    # each from its own forward's statistics (the bad target's row: NaN ones on CUDA)
+    bwd, bwd_ref = both(torch.ops.fusedloss.distill_backward,
+                        (go, s, t, idx, dev_target, mask, fwd[1]),
+                        (go, s, t, idx, ref_target, mask, fwd_ref[1]))
+    keep = torch.arange(rows) != 2
+    ok = all(close(a[keep], b[keep], a.dtype) for a, b in zip(fwd[1:] + bwd, fwd_ref[1:] + bwd_ref))
+    ok = ok and (reduction != 0 or close(fwd[0][keep], fwd_ref[0][keep], acc))
+    if dev.type == "cuda":
+        ok = ok and bool(fwd[2][2].isnan().all() and bwd[0][2].isnan().all())
+    return ok
+
+
 def cases():
     """(label, thunk(device)) for every path, on every dtype where the path has its own code."""
     out = []
@@ -136,6 +179,16 @@ def cases():
         ("ce out-of-range target: NaN row on CUDA, never an out-of-bounds read",
          bad_target),
     ]
+    # distill: one block a row; 4000 classes take 16 strides of the block, 300 top-K classes two
+    f16, f64 = torch.float16, torch.float64
+    for sd, td in ((f32, f32), (bf16, bf16), (f16, f16), (f32, bf16), (f64, f64)):
+        tag = f"{str(sd)[6:]} student, {str(td)[6:]} teacher"
+        for name, div in (("forward_kl", 0), ("reverse_kl", 1), ("jsd", 2)):
+            out.append((f"distill {name}, mean, bad target and ignored rows: {tag}",
+                        lambda d, sd=sd, td=td, div=div: run_distill(d, sd, td, 6, 4000, div)))
+        out.append((f"distill top-K teacher, none (gradients from the statistics): {tag}",
+                    lambda d, sd=sd, td=td: run_distill(d, sd, td, 6, 4000, 0, topk=300,
+                                                        reduction=0)))
     return out
 
 

@@ -224,6 +224,10 @@ struct DistillOps {
     TORCH_CHECK_VALUE(student.dim() == 2 && (student.size(1) <= 1 || student.stride(1) == 1),
                       kOp, "_inplace: student logits must be 2-D with unit-stride rows, got "
                       "sizes ", student.sizes(), " strides ", student.strides());
+    // A dense teacher: a sparse one's fix-ups read student logits the row has overwritten
+    // (the CUDA kernel's, after its class loop).
+    TORCH_CHECK_VALUE(!(indices.has_value() && indices->defined()), kOp,
+                      "_inplace: a dense teacher only (teacher_indices must be None)");
     Call c = prepare(student, teacher, indices, target, mask, divergence, temperature, beta,
                      hard_weight, reduction, denominator);
     check_targets(c, ignore_index, hard_weight);

@@ -13,12 +13,19 @@
 //  - the extra outputs, accumulation dtype: for reduction=0 (2, rows), each row's z-loss part
 //    and m [argmax == target]; else (2,), the z-loss part of the loss and the token accuracy
 //    (mask-weighted share of valid positions whose argmax is the target). The accuracy is
-//    computed only when want_accuracy (else 0).
+//    computed only when want_accuracy (else 0);
+//  - when want_argmax, each row's first argmax of the (softcapped) logits, int64 (rows,): the
+//    first maximum, as torch.argmax (a NaN row's first NaN), -1 for rows not read (padding,
+//    ignored); else an empty (0,).
+// token_scaling (class-index targets, whole rows): each row's loss, every part, and its
+// gradient are multiplied by its target's probability p_t = exp(z_t - lse), a constant of the
+// gradient; the mean's denominators are unchanged.
 // mean divides the cross-entropy part by (sum of valid mask * class weight + mean_eps) and the
 // z-loss part by (sum of valid mask + mean_eps), each 0 when its denominator is 0; a caller
 // that splits one loss over several calls passes the whole loss's two denominators instead.
 //
-// softmax_ce_inplace: the same for mean/sum, writing the gradient into `logits`.
+// softmax_ce_inplace: the same for mean/sum, writing the gradient into `logits` (its outputs
+// are softmax_ce's less the gradient).
 // softmax_ce_backward: the gradient recomputed from the logits and the row statistics; grad_loss is
 // per row for reduction=0, a scalar otherwise (reduction=0 always, and a second backward of
 // mean/sum, take this path).
@@ -36,12 +43,14 @@
 // (per element for reduction=0) is in the accumulation dtype, as softmax_ce's.
 // linear_ce: fused linear + softmax cross-entropy over row chunks (csrc/linear_ce.cpp, one
 // implementation for every device): input (rows, H) @ weight (V, H).T (+ bias), then softmax_ce;
-// returns (loss, row_stats, grad_input, grad_weight, grad_bias, extras), the gradients
+// returns (loss, row_stats, grad_input, grad_weight, grad_bias, extras, argmax), the gradients
 // pre-scaled for mean/sum (empty when not asked for, and always for reduction=0; float16's
 // in float32, for the caller to round once after grad_output);
 // denominators (mean/sum): the whole loss's two, as softmax_ce's (fusedloss/_common.py,
-// mean_denominators).
-// linear_ce_backward: reduction=0's gradients for a per-row grad_loss, the chunks recomputed.
+// mean_denominators); token_scaling and want_argmax as softmax_ce's (argmax: -1 for the rows
+// no chunk reads).
+// linear_ce_backward: reduction=0's gradients for a per-row grad_loss, the chunks recomputed
+// (token_scaling: the forward's).
 // distill: the distillation losses (csrc/common/distill.h) of student logits (rows, classes)
 // against teacher logits (rows, classes), or (rows, K) at teacher_indices (forward_kl only).
 // divergence 0 forward_kl, 1 reverse_kl, 2 jsd (beta in (0, 1)); hard_weight a mixes in the
@@ -70,18 +79,20 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
   m.def(
       "softmax_ce(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, int reduction, float mean_eps, "
-      "bool compute_grad, bool want_accuracy=False, Tensor? denominators=None) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "bool compute_grad, bool want_accuracy=False, Tensor? denominators=None, "
+      "bool token_scaling=False, bool want_argmax=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "softmax_ce_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? mask, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, int reduction, "
-      "float mean_eps, bool want_accuracy=False, Tensor? denominators=None) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float mean_eps, bool want_accuracy=False, Tensor? denominators=None, "
+      "bool token_scaling=False, bool want_argmax=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "softmax_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor? mask, Tensor row_stats, int ignore_index, float label_smoothing, float z_loss, "
       "float softcap, int reduction, float mean_eps, Tensor? denominators=None, "
-      "int class_offset=0, int global_classes=0, Tensor? row_target_mass=None) -> Tensor");
+      "int class_offset=0, int global_classes=0, Tensor? row_target_mass=None, "
+      "bool token_scaling=False) -> Tensor");
   m.def(
       "softmax_ce_shard_stats(Tensor logits, Tensor target, Tensor? weight, Tensor? mask, "
       "int ignore_index, float label_smoothing, float softcap, int class_offset, "
@@ -96,14 +107,15 @@ FL_TORCH_LIBRARY(FUSEDLOSS_LIBRARY, m) {
       "linear_ce(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
       "Tensor? mask, int ignore_index, float label_smoothing, float z_loss, float softcap, "
       "int reduction, Tensor? denominators, int chunk_rows, bool need_input_grad, "
-      "bool need_weight_grad, bool need_bias_grad, bool need_accuracy) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool need_weight_grad, bool need_bias_grad, bool need_accuracy, "
+      "bool token_scaling=False, bool want_argmax=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_ce_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, "
       "Tensor target, Tensor? class_weight, Tensor? mask, Tensor row_stats, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, int chunk_rows, "
-      "bool need_input_grad, bool need_weight_grad, bool need_bias_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+      "bool need_input_grad, bool need_weight_grad, bool need_bias_grad, "
+      "bool token_scaling=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "distill(Tensor student, Tensor teacher, Tensor? teacher_indices, Tensor? target, "
       "Tensor? mask, int divergence, float temperature, float beta, float hard_weight, "

@@ -36,7 +36,9 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                           at::Tensor>;
 
 // The kernels of this library's namespace, called through the dispatcher (the signatures are
 // csrc/fusedloss.cpp's schemas; the dispatcher checks them on first use).
@@ -46,45 +48,52 @@ c10::TypedOperatorHandle<Signature> kernel(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(qualified.c_str(), "").typed<Signature>();
 }
 
-Tensor4 softmax_ce(const at::Tensor& logits, const at::Tensor& target, const OptTensor& weight,
-                   const OptTensor& mask, int64_t ignore_index, double label_smoothing,
-                   double z_loss, double softcap, int64_t reduction, bool want_accuracy,
+// The options every chunk's kernel call takes besides the tensors.
+struct ChunkOptions {
+  int64_t ignore_index;
+  double label_smoothing, z_loss, softcap;
+  bool want_accuracy, token_scaling, want_argmax;
+};
+
+// (loss, row_stats, grad, extras, argmax) of a chunk, no gradient.
+Tensor5 softmax_ce(const at::Tensor& logits, const at::Tensor& target, const OptTensor& weight,
+                   const OptTensor& mask, const ChunkOptions& o, int64_t reduction,
                    const OptTensor& denominators) {
   static const auto op =
-      kernel<Tensor4(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+      kernel<Tensor5(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                      int64_t, double, double, double, int64_t, double, bool, bool,
-                     const OptTensor&)>("softmax_ce");
-  return op.call(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
-                 reduction, /*mean_eps=*/0.0, /*compute_grad=*/false, want_accuracy,
-                 denominators);
+                     const OptTensor&, bool, bool)>("softmax_ce");
+  return op.call(logits, target, weight, mask, o.ignore_index, o.label_smoothing, o.z_loss,
+                 o.softcap, reduction, /*mean_eps=*/0.0, /*compute_grad=*/false, o.want_accuracy,
+                 denominators, o.token_scaling, o.want_argmax);
 }
 
-Tensor3 softmax_ce_inplace(at::Tensor& logits, const at::Tensor& target, const OptTensor& weight,
-                           const OptTensor& mask, int64_t ignore_index, double label_smoothing,
-                           double z_loss, double softcap, int64_t reduction, bool want_accuracy,
+// (loss, row_stats, extras, argmax) of a chunk, its gradient written over the logits.
+Tensor4 softmax_ce_inplace(at::Tensor& logits, const at::Tensor& target, const OptTensor& weight,
+                           const OptTensor& mask, const ChunkOptions& o, int64_t reduction,
                            const OptTensor& denominators) {
   static const auto op =
-      kernel<Tensor3(at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, int64_t,
-                     double, double, double, int64_t, double, bool, const OptTensor&)>(
-          "softmax_ce_inplace");
-  return op.call(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
-                 reduction, /*mean_eps=*/0.0, want_accuracy, denominators);
+      kernel<Tensor4(at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, int64_t,
+                     double, double, double, int64_t, double, bool, const OptTensor&, bool,
+                     bool)>("softmax_ce_inplace");
+  return op.call(logits, target, weight, mask, o.ignore_index, o.label_smoothing, o.z_loss,
+                 o.softcap, reduction, /*mean_eps=*/0.0, o.want_accuracy, denominators,
+                 o.token_scaling, o.want_argmax);
 }
 
 at::Tensor softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                                const at::Tensor& target, const OptTensor& weight,
                                const OptTensor& mask, const at::Tensor& row_stats,
-                               int64_t ignore_index, double label_smoothing, double z_loss,
-                               double softcap) {
+                               const ChunkOptions& o) {
   static const auto op =
       kernel<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                         const OptTensor&, const at::Tensor&, int64_t, double, double, double,
-                        int64_t, double, const OptTensor&, int64_t, int64_t, const OptTensor&)>(
-          "softmax_ce_backward");
-  return op.call(grad_loss, logits, target, weight, mask, row_stats, ignore_index,
-                 label_smoothing, z_loss, softcap, static_cast<int64_t>(Reduction::None),
+                        int64_t, double, const OptTensor&, int64_t, int64_t, const OptTensor&,
+                        bool)>("softmax_ce_backward");
+  return op.call(grad_loss, logits, target, weight, mask, row_stats, o.ignore_index,
+                 o.label_smoothing, o.z_loss, o.softcap, static_cast<int64_t>(Reduction::None),
                  /*mean_eps=*/0.0, std::nullopt, /*class_offset=*/0, /*global_classes=*/0,
-                 std::nullopt);
+                 std::nullopt, o.token_scaling);
 }
 
 // Whether the chunk loop runs as on a GPU: chunks in the operands' own dtype, every row through
@@ -345,12 +354,12 @@ struct Grads {
   at::Tensor input_grad, weight_acc, bias_acc;
 };
 
-Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
+Tensor7 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
                   const at::Tensor& target, const OptTensor& class_weight, const OptTensor& mask,
                   int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
                   int64_t reduction, const OptTensor& denominators, int64_t chunk_rows,
                   bool need_input_grad, bool need_weight_grad, bool need_bias_grad,
-                  bool need_accuracy) {
+                  bool need_accuracy, bool token_scaling, bool want_argmax) {
   // The op takes its operands as they are: under torch.autocast the GEMMs below would
   // otherwise be cast (float32 chunks to float16 on the CPU, rounding the chunk gradient).
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -370,6 +379,11 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
   // the extra outputs, as softmax_ce's: per row (z-loss part, correct) for none, else the
   // chunks' (z-loss part, accuracy) summed (each chunk divides by the whole loss's count)
   at::Tensor extras = per_row ? at::zeros({2, rows}, acc_opts) : at::zeros({2}, acc_opts);
+  // each row's first argmax; rows no chunk holds (skipped on the CPU) are not read: -1
+  at::Tensor argmax = want_argmax ? at::full({rows}, -1, acc_opts.dtype(at::kLong))
+                                  : at::empty({0}, acc_opts.dtype(at::kLong));
+  const ChunkOptions options{ignore_index, label_smoothing, z_loss,      softcap,
+                             need_accuracy, token_scaling,  want_argmax};
   Grads grads(input, weight, any_grad, need_input_grad, need_weight_grad, need_bias_grad);
   // float16 chunks of a mean: the kernel is handed the denominators divided by S (a power of
   // two near the first one: see inverse_power_of_two), so that the chunk gradient, the loss and
@@ -389,21 +403,18 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
       auto [xk, logits] = c.logits(k);
       const at::Tensor t = c.targets(k);
       const OptTensor m = c.take(mask, k);
-      at::Tensor loss, row_stats, chunk_extras;
+      at::Tensor loss, row_stats, chunk_extras, chunk_argmax;
       if (per_row) {
-        std::tie(loss, row_stats, std::ignore, chunk_extras) =
-            softmax_ce(logits, t, class_weight, m, ignore_index, label_smoothing, z_loss,
-                       softcap, reduction, need_accuracy, std::nullopt);
+        std::tie(loss, row_stats, std::ignore, chunk_extras, chunk_argmax) =
+            softmax_ce(logits, t, class_weight, m, options, reduction, std::nullopt);
         c.put(loss_rows, k, loss);
         c.put(extras, k, chunk_extras, /*dim=*/1);
       } else if (!any_grad) {
-        std::tie(loss, row_stats, std::ignore, chunk_extras) =
-            softmax_ce(logits, t, class_weight, m, ignore_index, label_smoothing, z_loss,
-                       softcap, reduction, need_accuracy, denominators);
+        std::tie(loss, row_stats, std::ignore, chunk_extras, chunk_argmax) =
+            softmax_ce(logits, t, class_weight, m, options, reduction, denominators);
       } else {
-        std::tie(loss, row_stats, chunk_extras) =
-            softmax_ce_inplace(logits, t, class_weight, m, ignore_index, label_smoothing, z_loss,
-                               softcap, reduction, need_accuracy, chunk_denominators);
+        std::tie(loss, row_stats, chunk_extras, chunk_argmax) = softmax_ce_inplace(
+            logits, t, class_weight, m, options, reduction, chunk_denominators);
         grads.accumulate(c, k, xk, logits);  // the logits buffer now holds their gradient
       }
       if (!per_row) {
@@ -411,6 +422,7 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
         extras.add_(chunk_extras);
       }
       c.put(stats, k, row_stats);
+      if (want_argmax) c.put(argmax, k, chunk_argmax);
     }
   }  // the chunk buffer and the converted weight are freed here (see Grads::finish)
   if (unscale.defined()) {
@@ -419,7 +431,7 @@ Tensor6 linear_ce(const at::Tensor& input, const at::Tensor& weight, const OptTe
     grads.unscale(unscale);
   }
   auto [gi, gw, gb] = grads.finish(weight);
-  return {per_row ? loss_rows : loss_total, stats, gi, gw, gb, extras};
+  return {per_row ? loss_rows : loss_total, stats, gi, gw, gb, extras, argmax};
 }
 
 // reduction none: the gradients for a per-row grad_loss, the chunks' logits recomputed.
@@ -429,7 +441,7 @@ Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                            const OptTensor& mask, const at::Tensor& row_stats,
                            int64_t ignore_index, double label_smoothing, double z_loss,
                            double softcap, int64_t chunk_rows, bool need_input_grad,
-                           bool need_weight_grad, bool need_bias_grad) {
+                           bool need_weight_grad, bool need_bias_grad, bool token_scaling) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as above
   check_operands(input, weight, bias, target, mask, chunk_rows);
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == input.size(0), kLinearOp,
@@ -440,6 +452,8 @@ Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                     kLinearOp, "_backward: row_stats must have shape (", input.size(0),
                     ", 2), got ", row_stats.sizes());
   Grads grads(input, weight, true, need_input_grad, need_weight_grad, need_bias_grad);
+  const ChunkOptions options{ignore_index, label_smoothing, z_loss, softcap,
+                             /*want_accuracy=*/false, token_scaling, /*want_argmax=*/false};
   at::Tensor go = grad_loss.to(acc_dtype_of(input.scalar_type()));
   // float16 chunks: grad_loss times S, the accumulators divided by S (inverse_power_of_two)
   at::Tensor unscale;
@@ -454,8 +468,7 @@ Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& input,
       auto [xk, logits] = c.logits(k);
       const at::Tensor chunk_grad =
           softmax_ce_backward(c.take(go, k), logits, c.targets(k), class_weight,
-                              c.take(mask, k), c.take(row_stats, k), ignore_index,
-                              label_smoothing, z_loss, softcap);
+                              c.take(mask, k), c.take(row_stats, k), options);
       grads.accumulate(c, k, xk, chunk_grad);
     }
   }

@@ -276,6 +276,16 @@ inline SoftmaxCEParams softmax_params_of(const SoftmaxTensors& c, int64_t ignore
   return p;
 }
 
+// token_scaling (params.h) scales a row by its target's probability: class-index targets of
+// whole rows only.
+inline void check_token_scaling(const SoftmaxTensors& c, bool token_scaling, const char* op) {
+  if (!token_scaling) return;
+  TORCH_CHECK_VALUE(!c.shape.prob_target, op,
+                    ": token_scaling needs class-index targets, got probability targets");
+  TORCH_CHECK_VALUE(!c.slice.sharded(), op,
+                    ": token_scaling is not supported on a class slice (vocab-parallel logits)");
+}
+
 // The same for the sigmoid cross-entropy over a (rows, cols) view.
 struct SigmoidTensors {
   at::Tensor input, target;

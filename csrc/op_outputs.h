@@ -14,16 +14,19 @@ namespace fusedloss {
 // The per-row buffers of a softmax forward (softmax_ce, softmax_ce_inplace, shard_stats):
 // each row's cross-entropy part, its statistics (max, log_sum), and `extras` (2, rows), each
 // row's z-loss part and correct (shard_stats: the slice's Q and correct). The kernels write the
-// extras only when asked, so they start at zero.
+// extras only when asked, so they start at zero. `argmax`: each row's first argmax (int64,
+// -1 for rows not read) when asked, else an empty (0,).
 struct SoftmaxRowBuffers {
-  at::Tensor loss, stats, extras;
+  at::Tensor loss, stats, extras, argmax;
 };
 
 template <class Empty>
 SoftmaxRowBuffers softmax_row_buffers(int64_t rows, const at::TensorOptions& acc_opts,
-                                      Empty&& empty) {
+                                      Empty&& empty, bool want_argmax = false) {
   SoftmaxRowBuffers b{empty({rows}, acc_opts), empty({rows, 2}, acc_opts),
-                      empty({2, rows}, acc_opts)};
+                      empty({2, rows}, acc_opts),
+                      want_argmax ? empty({rows}, acc_opts.dtype(at::kLong))
+                                  : at::empty({0}, acc_opts.dtype(at::kLong))};
   b.extras.zero_();
   return b;
 }
@@ -46,6 +49,7 @@ inline void set_softmax_forward_outputs(SoftmaxCEParams& p, const SoftmaxTensors
   p.row_loss = b.loss.data_ptr();
   p.row_z_loss = p.z_loss != 0 ? b.extras[0].data_ptr() : nullptr;
   p.row_correct = want_accuracy && !c.shape.prob_target ? b.extras[1].data_ptr() : nullptr;
+  p.row_argmax = b.argmax.numel() != 0 ? b.argmax.data_ptr<int64_t>() : nullptr;
   p.row_stats = b.stats.data_ptr();
   p.mode = grad ? SoftmaxCEMode::LossAndGrad : SoftmaxCEMode::Loss;
 }

@@ -29,13 +29,16 @@ class CrossEntropyOutput(NamedTuple):
     reduction="none"). token_accuracy: the share of valid positions whose argmax is the target
     (mask-weighted; per position 0/mask for "none"). lse: logsumexp of each position's
     (softcapped) logits, the target's shape; 0 at padded and ignored positions, which are not
-    read. The last three are float32 (float64 for float64 logits), computed in the same pass
-    over the logits, and carry no gradient."""
+    read. These three are float32 (float64 for float64 logits). predicted_tokens: each
+    position's argmax over the classes of the (softcapped) logits (the first maximum, as
+    torch.argmax), int64, the target's shape; -1 at padded and ignored positions. All are
+    computed in the same pass over the logits and carry no gradient."""
 
     loss: Tensor
     z_loss: Optional[Tensor] = None
     token_accuracy: Optional[Tensor] = None
     lse: Optional[Tensor] = None
+    predicted_tokens: Optional[Tensor] = None
 
 
 def set_target_validation(enabled: bool) -> None:
@@ -108,6 +111,23 @@ def check_loss_args(input, target, reduction, label_smoothing):
     check_logits_dtype(input, "input")
     check_device(target, "target", input, "input")
     return reduction_code(reduction), check_fraction(label_smoothing, "label_smoothing")
+
+
+def flag_value(value, name):
+    """A boolean option: a bool, nothing else (a truthy string or tensor is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_token_scaling(token_scaling, prob_target):
+    """token_scaling's value; it scales by the target class's probability, so it needs class
+    indices."""
+    if flag_value(token_scaling, "token_scaling") and prob_target:
+        raise ValueError("token_scaling=True needs class-index targets (it scales each "
+                         "position by its target class's probability), got a probability "
+                         "target")
+    return token_scaling
 
 
 def z_loss_value(z_loss):
@@ -208,17 +228,18 @@ def with_floating_target(input, target):
 
 
 def with_extra_outputs(loss, row_stats, extras, positions, per_position, return_z_loss,
-                       return_token_accuracy, return_lse):
-    """loss alone, or CrossEntropyOutput with what was asked for."""
-    if not (return_z_loss or return_token_accuracy or return_lse):
+                       return_token_accuracy, return_lse, predicted=None):
+    """loss alone, or CrossEntropyOutput with what was asked for; `predicted`: each row's
+    argmax when return_predicted_tokens asked for it, else None."""
+    if not (return_z_loss or return_token_accuracy or return_lse or predicted is not None):
         return loss
     extras = extras.detach()
     if per_position:
         extras = extras.reshape((2,) + tuple(positions))
-    lse = (row_stats[:, 0] + row_stats[:, 1]).detach().reshape(positions)
+    lse = (row_stats[:, 0] + row_stats[:, 1]).detach().reshape(positions) if return_lse else None
     return CrossEntropyOutput(loss, extras[0] if return_z_loss else None,
-                              extras[1] if return_token_accuracy else None,
-                              lse if return_lse else None)
+                              extras[1] if return_token_accuracy else None, lse,
+                              None if predicted is None else predicted.reshape(positions))
 
 
 class CrossEntropyArgs(NamedTuple):
@@ -238,14 +259,17 @@ class CrossEntropyArgs(NamedTuple):
     z_loss: float
     softcap: float
     promoted: Optional[torch.dtype]
+    token_scaling: bool = False
 
 
 def cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing, mask,
-                       z_loss, softcap, return_token_accuracy, weight_classes=None):
+                       z_loss, softcap, return_token_accuracy, weight_classes=None,
+                       token_scaling=False, return_predicted_tokens=False):
     """Checks cross_entropy's arguments (errors name the argument and value). weight_classes:
     the length the class weight must have (default: the input's classes; the vocab-parallel
     path checks the whole vocabulary's length across ranks instead and passes 0)."""
     red, label_smoothing = check_loss_args(input, target, reduction, label_smoothing)
+    flag_value(return_predicted_tokens, "return_predicted_tokens")
     z_loss = z_loss_value(z_loss)
     cap = softcap_value(softcap)
     if input.dim() == 0:
@@ -283,12 +307,13 @@ def cross_entropy_args(input, target, weight, ignore_index, reduction, label_smo
         weight_classes = weight.shape[0]
     w = class_weight(weight, classes if weight_classes is None else weight_classes, acc, input)
     m = row_vector(mask, "mask", positions, acc, input)
+    token_scaling = check_token_scaling(token_scaling, target.is_floating_point())
     return CrossEntropyArgs(input, logits2d, positions, target2d, w, m, int(ignore_index), red,
-                            label_smoothing, z_loss, cap, promoted)
+                            label_smoothing, z_loss, cap, promoted, token_scaling)
 
 
 def cross_entropy_result(a, loss, row_stats, extras, return_z_loss, return_token_accuracy,
-                         return_lse):
+                         return_lse, predicted=None):
     """The op's outputs as cross_entropy returns them (dtype, shape, extra outputs)."""
     dtype = loss_dtype(a.input, a.promoted)
     if loss.dtype != dtype:
@@ -296,7 +321,7 @@ def cross_entropy_result(a, loss, row_stats, extras, return_z_loss, return_token
     if a.reduction == 0:
         loss = loss.reshape(a.positions)
     return with_extra_outputs(loss, row_stats, extras, a.positions, a.reduction == 0,
-                              return_z_loss, return_token_accuracy, return_lse)
+                              return_z_loss, return_token_accuracy, return_lse, predicted)
 
 
 def broadcast_to_rows(t, name, input, rows, cols, acc):
@@ -410,15 +435,17 @@ class LinearCrossEntropyArgs(NamedTuple):
     softcap: float
     chunk_rows: Optional[int]
     positions: tuple
+    token_scaling: bool = False
 
 
 def linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                    label_smoothing, mask, z_loss, softcap, chunk_size, return_token_accuracy,
-                   vocab_parallel=False):
+                   vocab_parallel=False, token_scaling=False, return_predicted_tokens=False):
     """The checks (errors name the argument and value). vocab_parallel: the class weight may
     have any length here (the whole vocabulary's, checked across ranks), and chunk_rows stays
     None when chunk_size is None (the ranks agree on it from every slice's size)."""
     red, label_smoothing = check_loss_args(input, target, reduction, label_smoothing)
+    flag_value(return_predicted_tokens, "return_predicted_tokens")
     z_loss = z_loss_value(z_loss)
     cap = softcap_value(softcap)
     if input.dim() == 0:
@@ -465,24 +492,28 @@ def linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
     else:
         chunk = chunk_size_value(chunk_size, x.shape[0], hidden, classes, input.dtype,
                                  input.device)
+    token_scaling = check_token_scaling(token_scaling, target.is_floating_point())
     return LinearCrossEntropyArgs(x, t, w, m, int(ignore_index), red, label_smoothing, z_loss,
-                                  cap, chunk, positions)
+                                  cap, chunk, positions, token_scaling)
 
 
-def linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy):
-    """The op's outputs as linear_cross_entropy returns them."""
+def linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy,
+                     predicted=None):
+    """The op's outputs as linear_cross_entropy returns them; `predicted`: each row's argmax
+    when return_predicted_tokens asked for it, else None."""
     red, positions = a.reduction, a.positions
     per_position = red == NONE
     loss = loss.to(loss_dtype(input))
     if per_position:
         loss = loss.reshape(positions)
-    if not (return_z_loss or return_token_accuracy):
+    if not (return_z_loss or return_token_accuracy or predicted is not None):
         return loss
     extras = extras.detach()
     if per_position:
         extras = extras.reshape((2,) + positions)
     return CrossEntropyOutput(loss, extras[0] if return_z_loss else None,
-                              extras[1] if return_token_accuracy else None, None)
+                              extras[1] if return_token_accuracy else None, None,
+                              None if predicted is None else predicted.reshape(positions))
 
 
 # ---- binary_cross_entropy_with_logits and the TensorFlow names ----

@@ -49,7 +49,7 @@ def install(namespace):
 # ---- the loss ops: softmax_ce, sigmoid_ce ---------------------------------------------------
 
 class SoftmaxCEArgs(NamedTuple):
-    """softmax_ce's schema (csrc/fusedloss.cpp) -> (loss, row_stats, grad, extras)."""
+    """softmax_ce's schema (csrc/fusedloss.cpp) -> (loss, row_stats, grad, extras, argmax)."""
 
     logits: Tensor
     target: Tensor
@@ -64,6 +64,8 @@ class SoftmaxCEArgs(NamedTuple):
     compute_grad: bool
     want_accuracy: bool = False
     denominators: Optional[Tensor] = None
+    token_scaling: bool = False
+    want_argmax: bool = False
 
 
 class SigmoidCEArgs(NamedTuple):
@@ -101,8 +103,9 @@ class _SoftmaxSpec:
     _tensors = _span(SoftmaxCEArgs, "logits", "mask")
     _options = _span(SoftmaxCEArgs, "ignore_index", "mean_eps")
     _denominators = _at(SoftmaxCEArgs, "denominators")
+    _token_scaling = _at(SoftmaxCEArgs, "token_scaling")
     reduction = _at(SoftmaxCEArgs, "reduction")
-    grad = 2  # the output (loss, row_stats, grad, extras)
+    grad = 2  # the output (loss, row_stats, grad, extras, argmax)
 
     @classmethod
     def saved(cls, inputs, output):
@@ -112,26 +115,30 @@ class _SoftmaxSpec:
 
     @classmethod
     def options(cls, inputs):
-        """ignore_index .. mean_eps, as the backward ops take them."""
-        return inputs[cls._options]
+        """(ignore_index .. mean_eps, token_scaling), as the backward ops take them."""
+        token_scaling = len(inputs) > cls._token_scaling and inputs[cls._token_scaling]
+        return inputs[cls._options], token_scaling
 
     @staticmethod
     def backward_kernel(lib, grad_loss, saved, options):
         """The gradient times grad_loss (per row for none, a scalar otherwise), written once."""
         logits, target, weight, mask, row_stats, denominators = saved
+        options, token_scaling = options
         return lib.softmax_ce_backward(grad_loss, logits, target, weight, mask, row_stats,
-                                       *options, denominators)
+                                       *options, denominators, 0, 0, None, token_scaling)
 
     @staticmethod
     def recompute_grad(lib, saved, options):
         logits, target, weight, mask, _row_stats, denominators = saved
+        options, token_scaling = options
         return lib.softmax_ce(logits, target, weight, mask, *options, True, False,
-                              denominators)[2]
+                              denominators, token_scaling)[2]
 
     @staticmethod
     def composite(saved, options):
         logits, target, weight, mask, _row_stats, denominators = saved
-        args = (logits, target, weight, mask, *options, False, denominators)
+        options, token_scaling = options
+        args = (logits, target, weight, mask, *options, False, denominators, token_scaling)
         return args, lambda *a: _composite.softmax_ce(*a)[0]
 
 
@@ -261,25 +268,26 @@ def _make_inplace_function(lib):
         counter moves, so any other op that saved them refuses to run its backward rather
         than read the gradient as logits. _route takes this path only where it is safe
         (see _route.inplace_is_safe), and only when the logits are the one input that needs a
-        gradient. Returns (loss, row_stats, extras) like softmax_ce, less the gradient."""
+        gradient. Returns (loss, row_stats, extras, argmax) like softmax_ce, less the
+        gradient."""
 
         @staticmethod
         def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
-                    softcap, reduction, mean_eps, want_accuracy):
+                    softcap, reduction, mean_eps, want_accuracy, token_scaling, want_argmax):
             version = logits._version
-            loss, row_stats, extras = lib.softmax_ce_inplace(
+            loss, row_stats, extras, argmax = lib.softmax_ce_inplace(
                 logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
-                reduction, mean_eps, want_accuracy)
+                reduction, mean_eps, want_accuracy, None, token_scaling, want_argmax)
             if logits._version == version:
                 torch.autograd.graph.increment_version(logits)
             _handover.keep(ctx, logits)
-            ctx.mark_non_differentiable(row_stats, extras)
+            ctx.mark_non_differentiable(row_stats, extras, argmax)
             ctx.set_materialize_grads(False)
-            return loss, row_stats, extras
+            return loss, row_stats, extras, argmax
 
         @staticmethod
         def backward(ctx, grad_loss, *_grads_of_other_outputs):
-            none_for_the_rest = (None,) * 10
+            none_for_the_rest = (None,) * 12
             if grad_loss is None:
                 return (None,) + none_for_the_rest
             if torch.is_grad_enabled() and not is_traced(grad_loss):
@@ -317,6 +325,8 @@ class LinearCEArgs(NamedTuple):
     need_weight_grad: bool
     need_bias_grad: bool
     need_accuracy: bool
+    token_scaling: bool = False
+    want_argmax: bool = False
 
 
 def _register_linear_ce_autograd(ns, lib):
@@ -326,10 +336,11 @@ def _register_linear_ce_autograd(ns, lib):
 
     def setup_context(ctx, inputs, output):
         a = LinearCEArgs(*inputs)
-        _loss, stats, gi, gw, gb, _correct = output
+        _loss, stats, gi, gw, gb, _correct, _argmax = output
         ctx.set_materialize_grads(False)
         ctx.reduction = a.reduction
         ctx.options = (a.ignore_index, a.label_smoothing, a.z_loss, a.softcap)
+        ctx.token_scaling = a.token_scaling
         ctx.chunk_rows = a.chunk_rows
         ctx.needs = (a.need_input_grad, a.need_weight_grad, a.need_bias_grad)
         ctx.has_bias = a.bias is not None
@@ -341,7 +352,7 @@ def _register_linear_ce_autograd(ns, lib):
             _handover.keep(ctx, gi, gw, gb)
 
     def backward(ctx, grad_loss, *_grads_of_other_outputs):
-        nones = (None,) * 14
+        nones = (None,) * 16
         if grad_loss is None:
             return (None, None, None) + nones
         input, weight, bias, target, class_weight, mask, stats, denominators = ctx.saved_tensors
@@ -351,12 +362,12 @@ def _register_linear_ce_autograd(ns, lib):
         elif ctx.reduction == NONE:
             gi, gw, gb = lib.linear_ce_backward(grad_loss, input, weight, bias, target,
                                                 class_weight, mask, stats, *ctx.options,
-                                                ctx.chunk_rows, *ctx.needs)
+                                                ctx.chunk_rows, *ctx.needs, ctx.token_scaling)
         else:
             def recompute():  # a second backward (retain_graph=True): the same forward
                 return lib.linear_ce(input, weight, bias, target, class_weight, mask,
                                      *ctx.options, ctx.reduction, denominators, ctx.chunk_rows,
-                                     *ctx.needs, False)[2:5]
+                                     *ctx.needs, False, ctx.token_scaling)[2:5]
             gi, gw, gb = _handover.take(ctx, lib, grad_loss, recompute)
         gi, gw, gb = _handover.narrow((gi, gw, gb), (input, weight, weight))
         need_input_grad, need_weight_grad, need_bias_grad = ctx.needs
@@ -376,7 +387,8 @@ def _linear_definition_grads(ctx, grad_loss, x, weight, bias, target, class_weig
     with torch.enable_grad():
         logits = torch.nn.functional.linear(x, weight, bias)
         loss = _composite.softmax_ce(logits, target, class_weight, mask, ignore_index,
-                                     label_smoothing, z_loss, softcap, ctx.reduction, 0.0)[0]
+                                     label_smoothing, z_loss, softcap, ctx.reduction, 0.0,
+                                     token_scaling=ctx.token_scaling)[0]
         grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True,
                                          allow_unused=True))
     return tuple(next(grads) if need else None for need in ctx.needs)

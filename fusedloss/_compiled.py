@@ -65,32 +65,35 @@ def make_function(lib):
     """The compiled path's autograd.Function over the ops of `lib` (one per namespace)."""
     class SoftmaxCECompiled(torch.autograd.Function):
         """cross_entropy (mean/sum) in a compiled graph, gradient of the logits only.
-        Returns (loss, row_stats, extras) like softmax_ce, less the gradient."""
+        Returns (loss, row_stats, extras, argmax) like softmax_ce, less the gradient."""
 
         @staticmethod
         def forward(ctx, logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
-                    softcap, reduction, mean_eps, want_accuracy, denominators, out_of_place):
+                    softcap, reduction, mean_eps, want_accuracy, denominators, token_scaling,
+                    want_argmax, out_of_place):
             if out_of_place:
                 # Leaf logits, never overwritten (module docstring): the kernel writes the
                 # gradient into a buffer of its own while it reads them, with no copy first.
-                loss, row_stats, grad, extras = lib.softmax_ce(
+                loss, row_stats, grad, extras, argmax = lib.softmax_ce(
                     logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
-                    softcap, reduction, mean_eps, True, want_accuracy, denominators)
+                    softcap, reduction, mean_eps, True, want_accuracy, denominators,
+                    token_scaling, want_argmax)
             else:
                 # Functionally a new buffer; in place over the logits when they are dead
                 # (module docstring).
                 grad = logits.clone(memory_format=torch.contiguous_format)
-                loss, row_stats, extras = lib.softmax_ce_inplace(
+                loss, row_stats, extras, argmax = lib.softmax_ce_inplace(
                     grad, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
-                    reduction, mean_eps, want_accuracy, denominators)
+                    reduction, mean_eps, want_accuracy, denominators, token_scaling,
+                    want_argmax)
             ctx.save_for_backward(grad)
-            ctx.mark_non_differentiable(row_stats, extras)
+            ctx.mark_non_differentiable(row_stats, extras, argmax)
             ctx.set_materialize_grads(False)
-            return loss, row_stats, extras
+            return loss, row_stats, extras, argmax
 
         @staticmethod
         def backward(ctx, grad_loss, *_grads_of_other_outputs):
-            none_for_the_rest = (None,) * 12
+            none_for_the_rest = (None,) * 14
             if grad_loss is None:
                 return (None,) + none_for_the_rest
             (grad,) = ctx.saved_tensors

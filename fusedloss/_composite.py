@@ -21,8 +21,10 @@ from ._common import acc_dtype, divide_or_zero
 
 
 def softmax_ce(logits, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
-               reduction, mean_eps, want_accuracy=False, denominators=None):
-    """softmax_ce's (loss, row_stats, extras) (csrc/fusedloss.cpp), differentiably."""
+               reduction, mean_eps, want_accuracy=False, denominators=None, token_scaling=False,
+               want_argmax=False):
+    """softmax_ce's (loss, row_stats, extras, argmax) (csrc/fusedloss.cpp), differentiably;
+    argmax is None unless want_argmax."""
     acc = acc_dtype(logits.dtype)
     x = logits.to(acc)
     rows, classes = x.shape
@@ -58,8 +60,13 @@ def softmax_ce(logits, target, weight, mask, ignore_index, label_smoothing, z_lo
         ce = (1 - e) * w_t * nll - (e / classes) * (w * log_p).sum(dim=1)
         denominator_weight = w_t
     zero = x.new_zeros(())
-    ce = torch.where(kept, m * ce, zero)
-    z_part = torch.where(kept, m * z_loss * lse * lse, zero)
+    # token_scaling: every part of the row's loss times p_t, a constant (detached)
+    f = m * log_p.detach().gather(1, safe_t[:, None])[:, 0].exp() if token_scaling else m
+    ce = torch.where(kept, f * ce, zero)
+    z_part = torch.where(kept, f * z_loss * lse * lse, zero)
+    argmax = None
+    if want_argmax:  # rows not read: -1 (a mask that requires grad reads them all)
+        argmax = torch.where(valid & (m != 0), x.detach().argmax(dim=1), -1)
     correct = None
     if want_accuracy and not prob_target:
         hit = x.detach().argmax(dim=1) == safe_t
@@ -69,7 +76,7 @@ def softmax_ce(logits, target, weight, mask, ignore_index, label_smoothing, z_lo
     if reduction == 0:
         extras = torch.stack([z_part.detach(),
                               correct if correct is not None else torch.zeros_like(ce)])
-        return ce + z_part, stats, extras
+        return ce + z_part, stats, extras, argmax
     valid_m = torch.where(valid, m, zero)
     if denominators is not None:
         denominator, count = denominators[0], denominators[1]
@@ -83,7 +90,7 @@ def softmax_ce(logits, target, weight, mask, ignore_index, label_smoothing, z_lo
     accuracy = (divide_or_zero(correct.sum(), count.detach()) if correct is not None
                 else zero)
     extras = torch.stack([z_total.detach(), accuracy.detach()])
-    return ce_total + z_total, stats, extras
+    return ce_total + z_total, stats, extras, argmax
 
 
 def sigmoid_ce(input, target, weight, pos_weight, mask, label_smoothing, reduction):

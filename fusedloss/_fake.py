@@ -24,7 +24,7 @@ def _register_softmax(namespace):
     @torch.library.register_fake(f"{namespace}::softmax_ce")
     def _softmax_ce_fake(logits, target, weight, mask, ignore_index, label_smoothing, z_loss,
                          softcap, reduction, mean_eps, compute_grad, want_accuracy=False,
-                         denominators=None):
+                         denominators=None, token_scaling=False, want_argmax=False):
         torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
         torch._check(0 <= reduction <= 2, lambda: f"reduction must be 0, 1 or 2, got {reduction}")
         rows, classes = logits.shape
@@ -34,23 +34,23 @@ def _register_softmax(namespace):
         row_stats = logits.new_empty((rows, 2), dtype=acc)
         grad = logits.new_empty((rows, classes) if compute_grad else (0,))
         extras = logits.new_empty((2, rows) if per_row else (2,), dtype=acc)
-        return loss, row_stats, grad, extras
+        return loss, row_stats, grad, extras, _argmax_fake(logits, want_argmax)
 
     @torch.library.register_fake(f"{namespace}::softmax_ce_inplace")
     def _softmax_ce_inplace_fake(logits, target, weight, mask, ignore_index, label_smoothing,
                                  z_loss, softcap, reduction, mean_eps, want_accuracy=False,
-                                 denominators=None):
+                                 denominators=None, token_scaling=False, want_argmax=False):
         torch._check(reduction != NONE, lambda: "softmax_ce_inplace needs reduction mean or sum")
         acc = acc_dtype(logits.dtype)
         return (logits.new_empty((), dtype=acc),
                 logits.new_empty((logits.shape[0], 2), dtype=acc),
-                logits.new_empty((2,), dtype=acc))
+                logits.new_empty((2,), dtype=acc), _argmax_fake(logits, want_argmax))
 
     @torch.library.register_fake(f"{namespace}::softmax_ce_backward")
     def _softmax_ce_backward_fake(grad_loss, logits, target, weight, mask, row_stats, ignore_index,
                                   label_smoothing, z_loss, softcap, reduction, mean_eps,
                                   denominators=None, class_offset=0, global_classes=0,
-                                  row_target_mass=None):
+                                  row_target_mass=None, token_scaling=False):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake(f"{namespace}::softmax_ce_shard_stats")
@@ -61,6 +61,11 @@ def _register_softmax(namespace):
         acc = acc_dtype(logits.dtype)
         return (logits.new_empty((rows,), dtype=acc), logits.new_empty((rows, 2), dtype=acc),
                 logits.new_empty((2, rows), dtype=acc))
+
+
+def _argmax_fake(x, want_argmax):
+    """Each row's argmax (int64 (rows,)) when asked, else an empty (0,)."""
+    return x.new_empty((x.shape[0],) if want_argmax else (0,), dtype=torch.int64)
 
 
 def _register_sigmoid(namespace):
@@ -83,7 +88,8 @@ def _register_linear(namespace):
     @torch.library.register_fake(f"{namespace}::linear_ce")
     def _linear_ce_fake(input, weight, bias, target, class_weight, mask, ignore_index,
                         label_smoothing, z_loss, softcap, reduction, denominators, chunk_rows,
-                        need_input_grad, need_weight_grad, need_bias_grad, need_accuracy):
+                        need_input_grad, need_weight_grad, need_bias_grad, need_accuracy,
+                        token_scaling=False, want_argmax=False):
         rows = input.shape[0]
         acc = acc_dtype(input.dtype)
         per_row = reduction == NONE
@@ -97,12 +103,13 @@ def _register_linear(namespace):
         gb = weight.new_empty((weight.shape[0],) if any_grad and need_bias_grad else (0,),
                               dtype=wide_dtype(weight.dtype))
         extras = input.new_empty((2, rows) if per_row else (2,), dtype=acc)
-        return loss, stats, gi, gw, gb, extras
+        return loss, stats, gi, gw, gb, extras, _argmax_fake(input, want_argmax)
 
     @torch.library.register_fake(f"{namespace}::linear_ce_backward")
     def _linear_ce_backward_fake(grad_loss, input, weight, bias, target, class_weight, mask,
                                  row_stats, ignore_index, label_smoothing, z_loss, softcap,
-                                 chunk_rows, need_input_grad, need_weight_grad, need_bias_grad):
+                                 chunk_rows, need_input_grad, need_weight_grad, need_bias_grad,
+                                 token_scaling=False):
         gi = input.new_empty(input.shape if need_input_grad else (0,),
                              dtype=wide_dtype(input.dtype))
         gw = weight.new_empty(weight.shape if need_weight_grad else (0,),

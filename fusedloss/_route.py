@@ -107,14 +107,16 @@ def gradient_out_of_place(input, logits2d):
 
 def softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_loss, softcap,
                reduction, mean_eps=0.0, inplace_backward=False, input=None,
-               want_accuracy=False):
+               want_accuracy=False, token_scaling=False, want_argmax=False):
     """The softmax cross-entropy op on (rows, classes) logits, with its autograd path chosen.
-    Returns the op's (loss in the accumulation dtype, row_stats, extras)."""
+    Returns the op's (loss in the accumulation dtype, row_stats, extras, argmax), argmax None
+    unless want_argmax."""
     input = logits2d if input is None else input
     args = (target, weight, mask, ignore_index, label_smoothing, z_loss, softcap, reduction,
             mean_eps)
     if compositions_needed():
-        return _composite.softmax_ce(logits2d, *args, want_accuracy)
+        return _composite.softmax_ce(logits2d, *args, want_accuracy, None, token_scaling,
+                                     want_argmax)
     if (_args.targets_validated() and not target.is_floating_point()
             and not torch.compiler.is_compiling()):
         _args.check_targets_eagerly(target, logits2d.shape[1], ignore_index)
@@ -123,15 +125,19 @@ def softmax_ce(logits2d, target, weight, mask, ignore_index, label_smoothing, z_
         out_of_place = gradient_out_of_place(input, logits2d)
         if inplace_backward and input.is_leaf:
             _compiled.warn_once("leaf", _compiled.INPUT_LOGITS)
-        return _ops.current().SoftmaxCECompiled.apply(logits2d, *args, want_accuracy, None,
-                                                      out_of_place)
+        loss, row_stats, extras, argmax = _ops.current().SoftmaxCECompiled.apply(
+            logits2d, *args, want_accuracy, None, token_scaling, want_argmax, out_of_place)
+        return loss, row_stats, extras, argmax if want_argmax else None
     compute_grad = forward_writes_grad(logits2d, reduction)
     if (inplace_backward and compute_grad and not needs_grad(target, weight, mask)
             and inplace_is_safe(input, logits2d)):
-        return _ops.current().SoftmaxCEInplace.apply(logits2d, *args, want_accuracy)
+        loss, row_stats, extras, argmax = _ops.current().SoftmaxCEInplace.apply(
+            logits2d, *args, want_accuracy, token_scaling, want_argmax)
+        return loss, row_stats, extras, argmax if want_argmax else None
     op = loss_op("softmax_ce", logits2d, needs_grad(logits2d, target, weight, mask))
-    loss, row_stats, _grad, extras = op(logits2d, *args, compute_grad, want_accuracy)
-    return loss, row_stats, extras
+    loss, row_stats, _grad, extras, argmax = op(logits2d, *args, compute_grad, want_accuracy,
+                                                None, token_scaling, want_argmax)
+    return loss, row_stats, extras, argmax if want_argmax else None
 
 
 def sigmoid_ce(x, y, weight, pos_weight, mask, label_smoothing, reduction, input):
@@ -164,7 +170,8 @@ def distill(student, teacher, teacher_indices, target, mask, divergence, tempera
     deferred = _handover.defers(student.dtype) or _handover.defers(teacher.dtype)
     student_grad = not deferred and forward_writes_grad(student, reduction)
     teacher_grad = not deferred and forward_writes_grad(teacher, reduction)
-    if (inplace_backward and student_grad and not needs_grad(teacher, mask)
+    if (inplace_backward and student_grad and teacher_indices is None
+            and not needs_grad(teacher, mask)
             and not torch.compiler.is_compiling()
             and inplace_is_safe(student if input is None else input, student)):
         return _ops.current().DistillInplace.apply(student, teacher, teacher_indices, target,

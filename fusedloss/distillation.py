@@ -46,8 +46,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor,
     Gradients go to the student's logits, the teacher's when they require grad (both models
     trained), and a floating mask that requires grad. ``inplace_backward`` (as
     cross_entropy's): the student's gradient is written into its logits' storage where that
-    is safe (mean/sum, only the student's logits need a gradient, not float16, logits that no
-    other op saved), so no N x C buffer is allocated; the logits must not be used after the
+    is safe (mean/sum, a dense teacher, only the student's logits need a gradient, not
+    float16, logits that no other op saved), so no N x C buffer is allocated; the logits must not be used after the
     call. ``process_group`` (vocab parallel,
     fusedloss.parallel.distillation): both logits hold this rank's slice of the classes; dense
     teacher only.

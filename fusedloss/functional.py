@@ -32,6 +32,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   z_loss: float = 0.0, softcap: Optional[float] = None,
                   inplace_backward: bool = False, return_z_loss: bool = False,
                   return_token_accuracy: bool = False, return_lse: bool = False,
+                  return_predicted_tokens: bool = False, token_scaling: bool = False,
                   process_group=None):
     """Drop-in for torch.nn.functional.cross_entropy, fused in one pass over the logits.
 
@@ -40,7 +41,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     valid positions), ``softcap`` (logits become softcap * tanh(logits / softcap)) and
     ``inplace_backward`` (the gradient is written into the logits' storage, so no N x C buffer
     is allocated; the logits must not be used after the call). A ``mean`` over no valid
-    position is 0 (torch: NaN). Any ``return_*`` flag makes it return a CrossEntropyOutput.
+    position is 0 (torch: NaN). Any ``return_*`` flag makes it return a CrossEntropyOutput;
+    ``return_predicted_tokens`` adds each position's argmax (int64, -1 where not read).
+
+    ``token_scaling`` (class-index targets; Liger-Kernel's option, from Dynamic Fine-Tuning):
+    each position's whole loss (every part: smoothing and z-loss included) is multiplied by
+    its target's probability p_t = softmax(z)_t, detached: the gradient is p_t times the
+    unscaled one. ``mean`` still divides by the unscaled denominators.
 
     ``process_group`` (vocab parallel, fusedloss.parallel): the input holds this rank's
     contiguous slice of the classes (ranks in group order; uneven slices allowed), the target
@@ -60,21 +67,26 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             call.input, call.target, call.weight, ignore_index, reduction, label_smoothing,
             mask=call.mask, z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
             return_token_accuracy=return_token_accuracy, return_lse=return_lse,
+            return_predicted_tokens=return_predicted_tokens, token_scaling=token_scaling,
             process_group=call.group))
     if process_group is not None:
         return vocab_parallel.cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, mask=mask,
             z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss,
             return_token_accuracy=return_token_accuracy, return_lse=return_lse,
+            return_predicted_tokens=return_predicted_tokens, token_scaling=token_scaling,
             process_group=process_group)
     a = _args.cross_entropy_args(input, target, weight, ignore_index, reduction,
-                                 label_smoothing, mask, z_loss, softcap, return_token_accuracy)
-    loss, row_stats, extras = _route.softmax_ce(
+                                 label_smoothing, mask, z_loss, softcap, return_token_accuracy,
+                                 token_scaling=token_scaling,
+                                 return_predicted_tokens=return_predicted_tokens)
+    loss, row_stats, extras, predicted = _route.softmax_ce(
         a.logits2d, a.target, a.weight, a.mask, a.ignore_index, a.label_smoothing, a.z_loss,
         a.softcap, a.reduction, inplace_backward=inplace_backward, input=a.input,
-        want_accuracy=return_token_accuracy)
+        want_accuracy=return_token_accuracy, token_scaling=a.token_scaling,
+        want_argmax=return_predicted_tokens)
     return _args.cross_entropy_result(a, loss, row_stats, extras, return_z_loss,
-                                      return_token_accuracy, return_lse)
+                                      return_token_accuracy, return_lse, predicted)
 
 
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
@@ -100,7 +112,7 @@ def sparse_softmax_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) 
     """tf.nn.sparse_softmax_cross_entropy_with_logits: logits (..., C), labels (...) of class
     indices; returns the loss of every position, labels' shape. Labels outside [0, C) raise."""
     logits2d, labels1d = _args.sparse_softmax_args(labels, logits)
-    loss, _row_stats, _extras = _route.softmax_ce(
+    loss, _row_stats, _extras, _argmax = _route.softmax_ce(
         logits2d, labels1d, None, None, NO_IGNORE_INDEX, 0.0, 0.0, 0.0, NONE, input=logits)
     return loss.to(_args.loss_dtype(logits)).reshape(labels.shape)
 
@@ -116,7 +128,7 @@ def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
                   label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: Optional[float] = None, return_z_loss: bool = False,
                   return_token_accuracy: bool = False, return_lse: bool = False,
-                  process_group=None):
+                  return_predicted_tokens: bool = False, process_group=None):
     """tf.contrib.seq2seq.sequence_loss (TF r1.4): weighted cross-entropy of logits
     (batch, time, classes) against targets (batch, time), weights (batch, time).
 
@@ -124,8 +136,10 @@ def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
     shape (batch,), each row divided by its own weight sum (+1e-12); across the batch only:
     shape (time,); neither: ce * w, shape (batch, time). Any ``return_*`` flag makes it return
     a CrossEntropyOutput whose z-loss part and (weighted) token accuracy are averaged the same
-    way, and whose lse has shape (batch, time). ``process_group``: the logits hold this rank's
-    slice of the classes, as in cross_entropy (fusedloss.parallel)."""
+    way, and whose lse and predicted tokens (each position's argmax, -1 where its weight is 0)
+    have shape (batch, time). ``process_group``: the logits hold this rank's slice of the
+    classes, as in cross_entropy (fusedloss.parallel)."""
+    _args.flag_value(return_predicted_tokens, "return_predicted_tokens")
     if process_group is not None:
         def prepare():
             a = _args.sequence_loss_args(logits, targets, weights, label_smoothing, z_loss,
@@ -145,14 +159,15 @@ def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
     args = (a.targets, None, a.weights, NO_IGNORE_INDEX, a.label_smoothing, a.z_loss, a.softcap)
     extra_outputs = dict(return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
                          return_lse=return_lse)
+    outputs = dict(input=logits, want_accuracy=return_token_accuracy,
+                   want_argmax=return_predicted_tokens)
     if average_across_timesteps and average_across_batch:
-        loss, row_stats, extras = softmax_ce(a.rows, *args, MEAN,
-                                             mean_eps=_args.TF_EPSILON, input=logits,
-                                             want_accuracy=return_token_accuracy)
+        loss, row_stats, extras, predicted = softmax_ce(a.rows, *args, MEAN,
+                                                        mean_eps=_args.TF_EPSILON, **outputs)
         return _args.with_extra_outputs(loss.to(_args.loss_dtype(logits)), row_stats, extras,
-                                        (batch, time), False, **extra_outputs)
-    weighted, row_stats, extras = softmax_ce(a.rows, *args, NONE, input=logits,
-                                             want_accuracy=return_token_accuracy)
+                                        (batch, time), False, **extra_outputs,
+                                        predicted=predicted)
+    weighted, row_stats, extras, predicted = softmax_ce(a.rows, *args, NONE, **outputs)
     weighted = weighted.to(_args.loss_dtype(logits)).reshape(batch, time)
 
     def average(per_position):
@@ -165,4 +180,4 @@ def sequence_loss(logits: Tensor, targets: Tensor, weights: Tensor,
 
     extras = torch.stack([average(e.reshape(batch, time)) for e in extras.detach()])
     return _args.with_extra_outputs(average(weighted), row_stats, extras, (batch, time), False,
-                                    **extra_outputs)
+                                    **extra_outputs, predicted=predicted)

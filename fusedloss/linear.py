@@ -49,7 +49,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          label_smoothing: float = 0.0, mask: Optional[Tensor] = None,
                          z_loss: float = 0.0, softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, return_z_loss: bool = False,
-                         return_token_accuracy: bool = False, process_group=None):
+                         return_token_accuracy: bool = False,
+                         return_predicted_tokens: bool = False, token_scaling: bool = False,
+                         process_group=None):
     """``fusedloss.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
     without the (N, V) logits ever existing whole (see the module docstring).
 
@@ -57,10 +59,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     of shape ``input.shape[:-1]`` or class probabilities ``(..., V)``. ``weight``,
     ``reduction``, ``ignore_index``, ``label_smoothing``, ``mask``, ``z_loss`` and ``softcap``
     are fusedloss.cross_entropy's. ``chunk_size``: rows per chunk (default
-    :func:`auto_chunk_rows`). With ``return_z_loss`` or ``return_token_accuracy`` the result is
-    a ``CrossEntropyOutput(loss, z_loss, token_accuracy, lse=None)``, as cross_entropy's: the
-    z-loss part of the loss and the (mask-weighted) share of valid positions where argmax of
-    the logits == target, both per position for reduction="none"; from the same pass.
+    :func:`auto_chunk_rows`). With ``return_z_loss``, ``return_token_accuracy`` or
+    ``return_predicted_tokens`` the result is a ``CrossEntropyOutput(loss, z_loss,
+    token_accuracy, lse=None, predicted_tokens)``, as cross_entropy's: the z-loss part of the
+    loss and the (mask-weighted) share of valid positions where argmax of the logits == target,
+    both per position for reduction="none", and each position's argmax (int64, -1 where not
+    read); from the same pass. ``token_scaling`` scales each position's loss by its target's
+    detached probability, as in cross_entropy, in the same pass.
 
     The gradients go to input, linear_weight and linear_bias; the target, mask and class weight
     must not require grad. The forward computes the gradients, so a frozen weight or an input
@@ -78,12 +83,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
             mask=mask, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
             return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+            return_predicted_tokens=return_predicted_tokens, token_scaling=token_scaling,
             process_group=process_group)
     a = _args.linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
                              ignore_index, label_smoothing, mask, z_loss, softcap, chunk_size,
-                             return_token_accuracy)
+                             return_token_accuracy, token_scaling=token_scaling,
+                             return_predicted_tokens=return_predicted_tokens)
     if _route.compositions_needed():
-        return _composed(a, linear_weight, linear_bias, return_z_loss, return_token_accuracy)
+        return _composed(a, linear_weight, linear_bias, return_z_loss, return_token_accuracy,
+                         return_predicted_tokens)
     grad_on = torch.is_grad_enabled()
     need_input_grad = grad_on and input.requires_grad
     need_weight_grad = grad_on and linear_weight.requires_grad
@@ -91,14 +99,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     denominators = (None if a.reduction == NONE else
                     mean_denominators(a.target, a.weight, a.mask, a.ignore_index, a.x.shape[0],
                                       a.x.device))
-    loss, _stats, _gi, _gw, _gb, extras = _ops.current().linear_ce(
+    loss, _stats, _gi, _gw, _gb, extras, predicted = _ops.current().linear_ce(
         a.x, linear_weight, linear_bias, a.target, a.weight, a.mask, a.ignore_index,
         a.label_smoothing, a.z_loss, a.softcap, a.reduction, denominators, a.chunk_rows,
-        need_input_grad, need_weight_grad, need_bias_grad, return_token_accuracy)
-    return _args.linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)
+        need_input_grad, need_weight_grad, need_bias_grad, return_token_accuracy,
+        a.token_scaling, return_predicted_tokens)
+    return _args.linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy,
+                                  predicted if return_predicted_tokens else None)
 
 
-def _composed(a, linear_weight, linear_bias, return_z_loss, return_token_accuracy):
+def _composed(a, linear_weight, linear_bias, return_z_loss, return_token_accuracy,
+              return_predicted_tokens):
     """Under a torch.func transform or forward-mode AD: the definition itself, cross_entropy of
     the whole (rows, V) logits, which runs its differentiable compositions there (the chunked
     op has no batching rule and no jvp). The logits then exist whole."""
@@ -107,10 +118,16 @@ def _composed(a, linear_weight, linear_bias, return_z_loss, return_token_accurac
     out = functional.cross_entropy(logits, a.target, a.weight, a.ignore_index, reduction,
                                    a.label_smoothing, mask=a.mask, z_loss=a.z_loss,
                                    softcap=a.softcap or None, return_z_loss=return_z_loss,
-                                   return_token_accuracy=return_token_accuracy)
-    if a.reduction != NONE:
-        return out
-    if not (return_z_loss or return_token_accuracy):
-        return out.reshape(a.positions)
-    return CrossEntropyOutput(*(None if t is None else t.reshape(a.positions)
-                                for t in out[:3]), None)
+                                   return_token_accuracy=return_token_accuracy,
+                                   return_predicted_tokens=return_predicted_tokens,
+                                   token_scaling=a.token_scaling)
+    per_row = a.reduction == NONE
+
+    def positions(t, per_position=True):  # (rows,) -> the input's positions
+        return t.reshape(a.positions) if t is not None and per_position else t
+
+    if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
+        return positions(out, per_row)
+    return CrossEntropyOutput(positions(out.loss, per_row), positions(out.z_loss, per_row),
+                              positions(out.token_accuracy, per_row), None,
+                              positions(out.predicted_tokens))

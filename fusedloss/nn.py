@@ -16,14 +16,16 @@ __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "SequenceLoss", "LinearCross
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss with fusedloss's kernel; forward(input, target, mask=None).
-    With any return_* flag set, forward returns a CrossEntropyOutput. With ``process_group``
-    the input is this rank's slice of the classes (see fusedloss.cross_entropy)."""
+    With any return_* flag set, forward returns a CrossEntropyOutput. ``token_scaling`` is
+    fusedloss.cross_entropy's. With ``process_group`` the input is this rank's slice of the
+    classes (see fusedloss.cross_entropy)."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: Optional[float] = None, inplace_backward: bool = False,
                  return_z_loss: bool = False, return_token_accuracy: bool = False,
-                 return_lse: bool = False, process_group=None) -> None:
+                 return_lse: bool = False, return_predicted_tokens: bool = False,
+                 token_scaling: bool = False, process_group=None) -> None:
         super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
         # vocab parallel: the input is this rank's slice of the classes, the weight buffer the
@@ -35,6 +37,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.return_z_loss = return_z_loss
         self.return_token_accuracy = return_token_accuracy
         self.return_lse = return_lse
+        self.return_predicted_tokens = return_predicted_tokens
+        self.token_scaling = token_scaling
 
     def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None):
         """The loss of logits `input` against `target`; `mask` (the target's shape) weighs
@@ -44,12 +48,16 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                softcap=self.softcap, inplace_backward=self.inplace_backward,
                                return_z_loss=self.return_z_loss,
                                return_token_accuracy=self.return_token_accuracy,
-                               return_lse=self.return_lse, process_group=self.process_group)
+                               return_lse=self.return_lse,
+                               return_predicted_tokens=self.return_predicted_tokens,
+                               token_scaling=self.token_scaling,
+                               process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-                f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")
+                f"softcap={self.softcap}, inplace_backward={self.inplace_backward}, "
+                f"token_scaling={self.token_scaling}")
 
 
 class _LinearCrossEntropyState(torch.nn.Module):
@@ -81,16 +89,19 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss",
     buffer and state_dict keys) computed by fusedloss.linear_cross_entropy;
     forward(input, target, mask=None).
 
-    Beyond torch: ``z_loss``, ``softcap`` and ``chunk_size`` (rows per chunk; None: automatic).
-    ``options`` (torch's chunking options) is accepted and kept for state compatibility, but
-    fusedloss always chunks. ``ignore_index=None`` means -100, as in torch. K-dimensional losses
-    (``out_features != ()``) are not supported."""
+    Beyond torch: ``z_loss``, ``softcap``, ``chunk_size`` (rows per chunk; None: automatic),
+    ``token_scaling`` and the ``return_*`` flags of fusedloss.linear_cross_entropy (any of them
+    makes forward return a CrossEntropyOutput). ``options`` (torch's chunking options) is
+    accepted and kept for state compatibility, but fusedloss always chunks. ``ignore_index=None``
+    means -100, as in torch. K-dimensional losses (``out_features != ()``) are not supported."""
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
                  bias: bool = False, device=None, dtype=None, reduction: str = "mean",
                  weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
                  label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
-                 softcap: Optional[float] = None, chunk_size: Optional[int] = None) -> None:
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 return_z_loss: bool = False, return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False, token_scaling: bool = False) -> None:
         if tuple(out_features) != ():
             raise ValueError(f"out_features must be () (fusedloss.LinearCrossEntropyLoss has no "
                              f"K-dimensional loss), got {tuple(out_features)!r}")
@@ -101,20 +112,28 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss",
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.return_z_loss = return_z_loss
+        self.return_token_accuracy = return_token_accuracy
+        self.return_predicted_tokens = return_predicted_tokens
+        self.token_scaling = token_scaling
 
-    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """The loss of ``self.linear(input)`` against `target`, without the logits whole."""
+    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None):
+        """The loss of ``self.linear(input)`` against `target`, without the logits whole; a
+        CrossEntropyOutput when a return_* flag is set."""
         ignore_index = -100 if self.ignore_index is None else self.ignore_index
         return linear_cross_entropy(input, self.linear.weight, target,
                                     linear_bias=self.linear.bias, weight=self.weight,
                                     reduction=self.reduction, ignore_index=ignore_index,
                                     label_smoothing=self.label_smoothing, mask=mask,
                                     z_loss=self.z_loss, softcap=self.softcap,
-                                    chunk_size=self.chunk_size)
+                                    chunk_size=self.chunk_size, return_z_loss=self.return_z_loss,
+                                    return_token_accuracy=self.return_token_accuracy,
+                                    return_predicted_tokens=self.return_predicted_tokens,
+                                    token_scaling=self.token_scaling)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, z_loss={self.z_loss}, softcap={self.softcap}, "
-                f"chunk_size={self.chunk_size}")
+                f"chunk_size={self.chunk_size}, token_scaling={self.token_scaling}")
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):

@@ -8,11 +8,14 @@ import torch.nn.functional as F
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, mask=None, z_loss=0.0, softcap=None, read_masked=False):
+                  label_smoothing=0.0, mask=None, z_loss=0.0, softcap=None, read_masked=False,
+                  token_scaling=False):
     """fusedloss.cross_entropy in float64: PyTorch's loss per position, plus mask, z-loss and
     softcap; a mean over no valid position is 0. Positions with mask 0 contribute exactly 0
     whatever their logits, unless read_masked (then their loss term is computed and multiplied
-    by 0, so that d loss / d mask is that term: what a mask that requires grad gets)."""
+    by 0, so that d loss / d mask is that term: what a mask that requires grad gets).
+    token_scaling (class indices): each position's whole loss times its detached p_t =
+    softmax(z)_t, the denominators of the mean unchanged (Liger-Kernel's definition)."""
     x = input.double()
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
@@ -31,6 +34,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         denom_weight = w[safe_t] if w is not None else torch.ones_like(per)
     lse = torch.logsumexp(x, dim=1 if x.dim() > 1 else 0)
     z_part = z_loss * lse**2 * valid
+    if token_scaling:
+        class_dim = 1 if x.dim() > 1 else 0
+        p_t = torch.softmax(x.detach(), class_dim).gather(
+            class_dim, safe_t.unsqueeze(class_dim)).squeeze(class_dim)
+        per, z_part = per * p_t, z_part * p_t
     m = mask.double() if mask is not None else torch.ones_like(per)
     # masked (0) and ignored positions contribute exactly 0, whatever their logits
     kept = valid if read_masked else (m != 0) & valid

@@ -155,6 +155,8 @@ OPTIONS = {
     "mask": dict(mask="m"),
     "none": dict(reduction="none"),
     "extras": dict(return_z_loss=True, return_token_accuracy=True, return_lse=True, z_loss=1e-4),
+    "token_scaling_predicted": dict(token_scaling=True, return_predicted_tokens=True,
+                                    label_smoothing=0.1, z_loss=1e-4, return_z_loss=True),
 }
 
 

@@ -173,9 +173,9 @@ def test_inplace_matches_out_of_place(kind, dtype, path, probs):
     args = (t.to(kind.device), weight, mask, -100, o["label_smoothing"], o["z_loss"], o["softcap"],
             1, 0.0)  # mean
     with kind.run(**cfg):
-        loss, stats, grad, extras = kind.ops().softmax_ce(x, *args, True, True)
+        loss, stats, grad, extras, _argmax = kind.ops().softmax_ce(x, *args, True, True)
         y = x.clone()
-        loss2, stats2, extras2 = kind.ops().softmax_ce_inplace(y, *args, True)
+        loss2, stats2, extras2, _argmax2 = kind.ops().softmax_ce_inplace(y, *args, True)
     kind.expect("softmax_ce_split_finish" if path == "split" else "softmax_ce_rows")
     assert torch.equal(loss, loss2) and torch.equal(stats, stats2)
     assert torch.equal(extras, extras2)
@@ -193,7 +193,7 @@ def test_bad_targets_make_their_row_nan_without_reading_out_of_bounds(kind, path
     t = torch.tensor([1, C, 2, -5, 2**40], device=kind.device)
     w = torch.rand(C, device=kind.device) + 0.5
     with kind.run(**cfg):
-        loss, stats, grad, _extras = kind.ops().softmax_ce(x, t, w, None, -100, 0.1, 0.0, 0.0, 0,
+        loss, stats, grad, _extras, _argmax = kind.ops().softmax_ce(x, t, w, None, -100, 0.1, 0.0, 0.0, 0,
                                                            0.0, False)
         grad = kind.ops().softmax_ce_backward(torch.ones(5, device=kind.device), x, t, w, None,
                                               stats, -100, 0.1, 0.0, 0.0, 0, 0.0)
@@ -314,7 +314,7 @@ def test_row_offsets_beyond_2_to_the_31(kind, path, dtype):
     x = _far_rows(x0, stride)
     args = (t, None, None, -100, 0.1, 0.0, 0.0, 1, 0.0)
     with kind.run(**cfg):
-        loss, _stats, grad, _extras = kind.ops().softmax_ce(x, *args, True)
+        loss, _stats, grad, _extras, _argmax = kind.ops().softmax_ce(x, *args, True)
         kind.ops().softmax_ce_inplace(x, *args)
         bce = fl.binary_cross_entropy_with_logits(_far_rows(y0, stride), z, reduction="none")
     kind.expect("softmax_ce_split_finish" if path == "split" else "softmax_ce_rows",

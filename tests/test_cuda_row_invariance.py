@@ -86,12 +86,12 @@ def softmax_rows(kind, cfg, x, t, w, mask, grad_loss):
     with kind.run(**cfg):
         ops = kind.ops()
         # want_accuracy: the per-row extras (z-loss part, correct) are row results too
-        loss, stats, _, extras = ops.softmax_ce(x, t, w, mask, *OPTIONS, NONE, 0.0, False,
+        loss, stats, _, extras, _ = ops.softmax_ce(x, t, w, mask, *OPTIONS, NONE, 0.0, False,
                                                 not t.is_floating_point())
         recomputed = ops.softmax_ce_backward(grad_loss, x, t, w, mask, stats, *OPTIONS, NONE, 0.0)
-        _, stats_sum, grad, _ = ops.softmax_ce(x, t, w, mask, *OPTIONS, SUM, 0.0, True)
+        _, stats_sum, grad, _, _ = ops.softmax_ce(x, t, w, mask, *OPTIONS, SUM, 0.0, True)
         y = same_phase_rows(x)
-        _, stats_inplace, _ = ops.softmax_ce_inplace(y, t, w, mask, *OPTIONS, SUM, 0.0)
+        _, stats_inplace, _, _ = ops.softmax_ce_inplace(y, t, w, mask, *OPTIONS, SUM, 0.0)
     return dict(loss=loss, stats=stats, extras=extras.t(), recomputed=recomputed,
                 stats_sum=stats_sum, grad=grad, inplace=y, stats_inplace=stats_inplace)
 

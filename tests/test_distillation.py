@@ -472,7 +472,7 @@ def test_inplace_backward_matches(backend, divergence, sparse, reduction):
             s = x @ w
             version = s._version
             out = fl.distillation_loss(s, t, target, inplace_backward=inplace, **opts)
-            assert (s._version != version) == inplace
+            assert (s._version != version) == (inplace and not sparse)  # dense teacher only
             out.backward(torch.tensor(1.7, dtype=out.dtype, device=backend.device))
             losses.append(out.detach())
             grads.append(w.grad.clone())

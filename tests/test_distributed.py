@@ -49,6 +49,8 @@ OPTIONS = {
                                   "z_loss": 1e-2, "softcap": 5.0, "mask": "float"},
     "extra_outputs": {"ignore": True, "mask": "float", "z_loss": 1e-2, "return_z_loss": True,
                       "return_token_accuracy": True},
+    "predicted_tokens": {"ignore": True, "mask": "float", "softcap": 5.0,
+                         "return_predicted_tokens": True},
 }
 REDUCTIONS = ["mean", "sum", "none"]
 WORLD_SIZES = [2, 4]
@@ -96,7 +98,8 @@ def make_problem(seed, rows, classes, dtype, option, targets="random", slices=No
         kw["mask"] = m.to(acc_dtype(dtype))
     elif option.get("mask") == "bool":
         kw["mask"] = torch.rand(positions, generator=g) < 0.7
-    for k in ("label_smoothing", "z_loss", "softcap", "return_z_loss", "return_token_accuracy"):
+    for k in ("label_smoothing", "z_loss", "softcap", "return_z_loss", "return_token_accuracy",
+              "return_predicted_tokens"):
         if k in option:
             kw[k] = option[k]
     return x, target, kw
@@ -127,6 +130,14 @@ def split(out):
     if isinstance(out, tuple):
         return out.loss, out.z_loss, out.token_accuracy
     return out, None, None
+
+
+def assert_same_predicted_tokens(out, single):
+    """The predicted tokens of a distributed call are the single-process call's, exactly."""
+    got, want = (getattr(o, "predicted_tokens", None) for o in (out, single))
+    assert (got is None) == (want is None)
+    if want is not None:
+        assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
 
 
 def bits(t):
@@ -163,12 +174,13 @@ def case_cross_entropy(ctx, seed, rows, classes, dtype, option, reduction, uneve
         loss, z_part, accuracy = split(out)
         g = grad_output(seed, loss)
         loss.backward(g)
-        return loss.detach().cpu(), z_part, accuracy, x.grad.cpu()
+        return loss.detach().cpu(), z_part, accuracy, x.grad.cpu(), out
 
-    loss, z_part, accuracy, grad = distributed()
+    loss, z_part, accuracy, grad, out = distributed()
 
     xs = x_full.clone().requires_grad_()
     single = fl.cross_entropy(xs, target, reduction=reduction, **kw)
+    assert_same_predicted_tokens(out, single)
     s_loss, s_z, s_accuracy = split(single)
     s_loss.backward(grad_output(seed, s_loss))
     xr = x_full.detach().double().clone().requires_grad_()
@@ -192,6 +204,48 @@ def case_cross_entropy(ctx, seed, rows, classes, dtype, option, reduction, uneve
     assert torch.equal(bits(again[3]), bits(grad)), "a second call gave other gradient bits"
     return dict(loss=bits(loss), z_loss=None if z_part is None else bits(z_part),
                 accuracy=None if accuracy is None else bits(accuracy))
+
+
+def case_predicted_tokens(ctx, seed, classes, dtype, reduction, kernels="cpu"):
+    """return_predicted_tokens through the vocab-parallel path: each row's first argmax over
+    the whole vocabulary, the same on every rank and equal to the single-process call's, with
+    maxima tied across two ranks' slices (the lower rank's wins, as torch.argmax's first
+    maximum), a NaN row, an ignored row and a masked one (-1); and token_scaling refused on
+    every rank with a clear error."""
+    if kernels == "simt":
+        from fusedloss import _ops
+        from simt import load_simt_opset
+
+        with _ops.use(load_simt_opset()):
+            return case_predicted_tokens(ctx, seed, classes, dtype, reduction)
+    slices = class_slices(classes, ctx.world_size, uneven=True)
+    g = _generator(seed)
+    x = (torch.randn(7, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x[0, 1] = x[0, classes - 1] = 50  # tied in the first and the last rank's slices
+    x[1, classes - 1] = 50  # in the last slice only
+    x[2] = 1  # every class tied: class 0
+    x[3, slices[-1][0]] = float("nan")  # a NaN row: its first NaN
+    target = torch.randint(0, classes, (7,), generator=g)
+    target[4] = IGNORE
+    mask = torch.ones(7)
+    mask[5] = 0
+    kw = dict(ignore_index=IGNORE, mask=mask, softcap=20.0, reduction=reduction,
+              return_predicted_tokens=True)
+    x_local = local_slice(x, slices, ctx.rank).to(ctx.device).requires_grad_()
+    out = fl.cross_entropy(x_local, target.to(ctx.device), process_group=ctx.group,
+                           **on_device(kw, ctx.device))
+    out.loss.sum().backward()
+    single = fl.cross_entropy(x, target, **kw)
+    predicted = out.predicted_tokens.cpu()
+    assert predicted.dtype == torch.int64 and predicted.shape == (7,)
+    assert torch.equal(predicted, single.predicted_tokens)
+    assert predicted[:6].tolist() == [1, classes - 1, 0, slices[-1][0], -1, -1]
+    assert_close(out.loss.detach().cpu(), single.loss, dtype)
+    with pytest.raises(NotImplementedError, match="token_scaling=True is not supported with "
+                                                  "process_group"):
+        fl.cross_entropy(x_local, target.to(ctx.device), process_group=ctx.group,
+                         token_scaling=True)
+    return bits(predicted)
 
 
 def case_gradcheck(ctx, seed, rows, classes, option, reduction):
@@ -297,6 +351,7 @@ def case_linear_cross_entropy(ctx, seed, rows, hidden, classes, dtype, option, r
 
     assert loss.shape == s_loss.shape and loss.dtype == s_loss.dtype
     assert_close(loss, s_loss, dtype)
+    assert_same_predicted_tokens(out, single)
     assert_close(xa.grad, xs.grad, dtype)  # every rank: the full input gradient
     assert_close(wa.grad, local_slice(ws.grad, slices, ctx.rank, dim=0), dtype)
     if bias:
@@ -335,6 +390,14 @@ def case_dtensor_loss_parallel(ctx, seed, rows, classes, reduction, option, targ
     assert_close(loss.full_tensor(), expected.full_tensor().double(), torch.float32)
     assert isinstance(ours.grad, DTensor) and ours.grad.placements == theirs.grad.placements
     assert_close(ours.grad.to_local(), theirs.grad.to_local().double(), torch.float32)
+    # the predicted tokens come back as a DTensor of the positions, the single process's
+    out = fl.cross_entropy(ours.detach(), target, reduction=reduction,
+                           return_predicted_tokens=True, **kw)
+    assert isinstance(out.predicted_tokens, DTensor)
+    full_target = target.full_tensor() if isinstance(target, DTensor) else target
+    single = fl.cross_entropy(x_full, full_target, reduction=reduction,
+                              return_predicted_tokens=True, **kw)
+    assert torch.equal(out.predicted_tokens.full_tensor(), single.predicted_tokens)
     return bits(loss.full_tensor())
 
 
@@ -639,6 +702,17 @@ def test_gradcheck(pools, request, world_size, option, reduction):
                           option=option, reduction=reduction, timeout=120)
 
 
+@pytest.mark.parametrize("kernels", ["cpu"] + (["simt"] if HAVE_SIMT else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_predicted_tokens(pools, request, world_size, dtype, kernels):
+    for reduction in ("mean", "none"):
+        results = pools(world_size).run(case_predicted_tokens, seed=seed_for(request),
+                                        classes=37, dtype=dtype, reduction=reduction,
+                                        kernels=kernels)
+        assert_same_on_every_rank(results)
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sequence_loss(pools, request, world_size):
     for across_t, across_b, smoothing in [(True, True, 0.0), (True, False, 0.0),
@@ -660,7 +734,8 @@ def test_cross_entropy_loss_module(pools, request, world_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("option", ["plain", "everything", "probabilities", "extra_outputs"])
+@pytest.mark.parametrize("option", ["plain", "everything", "probabilities", "extra_outputs",
+                                    "predicted_tokens"])
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_linear_cross_entropy(pools, request, world_size, option, dtype):
     for reduction in REDUCTIONS:

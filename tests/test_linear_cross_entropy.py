@@ -447,8 +447,10 @@ def test_opcheck():
         dens = mean_denominators(t, None, None, -100, 10, "cpu") if reduction else None
         args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), t, None, None,
                 -100, 0.1, 1e-3, 5.0, reduction, dens, 4, True, True, True, True)
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
-                                                    "test_aot_dispatch_static"))
+        # and with token_scaling and each row's argmax (a seventh output, int64)
+        for extra in ((), (True, True)):
+            torch.library.opcheck(op, args + extra, test_utils=("test_schema", "test_faketensor",
+                                                                "test_aot_dispatch_static"))
 
 
 def test_return_z_loss_and_token_accuracy(backend):

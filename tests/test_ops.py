@@ -33,6 +33,9 @@ def softmax_samples(device):
             # the token accuracy, and the caller's mean denominators (a loss split over calls)
             (x, t, w, m, 2, 0.1, 1e-3, 5.0, reduction, 0.0, reduction != 0, True,
              torch.tensor([3.5, 2.0], device=device)),
+            # token_scaling and each row's argmax (a fifth output, int64)
+            (x, t, w, m, 2, 0.1, 1e-3, 5.0, reduction, 0.0, reduction != 0, True, None, True,
+             True),
         ]
     return samples
 
@@ -59,7 +62,7 @@ def opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("index", range(21))
+@pytest.mark.parametrize("index", range(24))
 def test_opcheck_softmax_ce(backend, index):
     args = softmax_samples(backend.device)[index]
     x = args[0].detach().requires_grad_(args[10])  # compute_grad
@@ -80,7 +83,7 @@ def test_opcheck_backward_ops(backend, reduction):
                   torch.randint(0, 9, (6,), device=backend.device),
                   torch.rand(9, dtype=torch.float64, device=backend.device),
                   torch.rand(6, dtype=torch.float64, device=backend.device))
-    _, stats, _, _ = ops.softmax_ce(x, t, w, m, -100, 0.1, 1e-3, 0.0, reduction, 0.0, False)
+    _, stats, _, _, _ = ops.softmax_ce(x, t, w, m, -100, 0.1, 1e-3, 0.0, reduction, 0.0, False)
     go = torch.rand(6 if reduction == 0 else (), dtype=torch.float64, device=backend.device)
     opcheck(ops.softmax_ce_backward, (go, x, t, w, m, stats, -100, 0.1, 1e-3, 0.0, reduction, 0.0))
     y = torch.rand(6, 9, dtype=torch.float64, device=backend.device)

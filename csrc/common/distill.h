@@ -225,6 +225,105 @@ FL_HD GradPair<V> distill_grad_element(const DistillOptions<T>& o, const Distill
   }
 }
 
+// Whether a row is computed: skipped (mask 0, or its target is ignore_index: loss, statistics and
+// gradients 0), or, in the forward with a hard part, a target outside [0, classes) that is never
+// used as an index (the CPU entry rejects such targets first; the CUDA kernels make the row NaN,
+// as softmax_rows.h's RowKind::BadTarget). From the statistics, a target outside the row's
+// classes is one that another class slice holds (class_offset): the row has no target term
+// here; a bad target's row has the NaN statistics of its forward, which make it NaN again.
+enum class DistillRow : int { Active = 0, Skipped = 1, BadTarget = 2 };
+
+template <typename T>
+FL_HD DistillRow distill_row_kind(const DistillParams& p, const DistillOptions<T>& o, T mask,
+                                  int64_t target) {
+  if (mask == T(0) || (p.target != nullptr && target == p.ignore_index)) return DistillRow::Skipped;
+  if (o.hard && p.mode == DistillMode::Forward && (target < 0 || target >= p.classes))
+    return DistillRow::BadTarget;
+  return DistillRow::Active;
+}
+
+// A row's sums over its classes, in the accumulation type.
+template <typename T>
+struct DistillSums {
+  T zu, zv, zs;  // sum exp(u - mu), exp(v - mv), exp(s - ms) (the last: separate_hard only)
+  T ratio;       // forward/reverse KL: the weighted log-ratio sum (distill_ratio_term)
+  T dp, dq;      // jsd: sum ev (log p - log m), sum eu (log q - log m)
+};
+
+// One class's term of the forward/reverse KL's weighted log-ratio sum, from the exps eu, ev and
+// the max-shifted u - mu, v - mv.
+template <typename V, typename T>
+FL_HD V distill_ratio_term(const DistillOptions<T>& o, V eu, V ev, V u_rel, V v_rel) {
+  return o.divergence == Divergence::ForwardKL ? weighted_or_zero(ev, v_rel - u_rel)
+                                               : weighted_or_zero(eu, u_rel - v_rel);
+}
+
+// One class's terms of jsd's two sums (dp, dq of DistillSums), and log m, which the gradient
+// needs again.
+template <typename V>
+struct JsdTerms {
+  V log_m, dp, dq;
+};
+
+template <typename V, typename T>
+FL_HD JsdTerms<V> distill_jsd_terms(const DistillOptions<T>& o, V eu, V ev, V log_q, V log_p) {
+  const V lm = jsd_log_mixture(o, log_p, log_q);
+  return {lm, weighted_or_zero(ev, log_p - lm), weighted_or_zero(eu, log_q - lm)};
+}
+
+// A row's statistics (st[kDistillStats]) and its loss times its mask, from its sums, the maxima
+// mu, mv of u and v, the student's max s_max and (with a hard part) its logit at the target.
+template <typename T>
+FL_HD T distill_row_finish(const DistillOptions<T>& o, const DistillSums<T>& s, T mu, T mv,
+                           T s_max, T s_target, T mask, T* st) {
+  const T log_zu = fl_log(s.zu), log_zv = fl_log(s.zv);
+  T d = T(0), dq = T(0);
+  switch (o.divergence) {
+    case Divergence::ForwardKL: d = distill_forward_kl(s.ratio, s.zv, log_zu, log_zv); break;
+    case Divergence::ReverseKL: d = distill_reverse_kl(s.ratio, s.zu, log_zu, log_zv); break;
+    default:
+      // the exps are unnormalised: p = ev / Zv, q = eu / Zu
+      d = s.dp / s.zv;
+      dq = s.dq / s.zu;
+  }
+  T hard_ce = T(0), hard_max = T(0), log_zs = T(0);
+  if (o.hard) {
+    hard_max = o.separate_hard ? s_max : mu;
+    log_zs = o.separate_hard ? fl_log(s.zs) : log_zu;
+    const T s_t = o.separate_hard ? s_target : s_target * o.inv_temperature;
+    hard_ce = distill_hard_ce(log_zs, s_t - hard_max);
+  }
+  st[kStudentMax] = mu;
+  st[kStudentLogSum] = log_zu;
+  st[kTeacherMax] = mv;
+  st[kTeacherLogSum] = log_zv;
+  st[kHardMax] = hard_max;
+  st[kHardLogSum] = log_zs;
+  st[kDivergence] = d;
+  st[kDivergenceQ] = dq;
+  return mask * distill_row_loss(o, distill_divergence(o, d, dq), hard_ce);
+}
+
+// The whole gradient of one class j from the row's statistics, in scalar arithmetic: u = s_j / T,
+// v = t_j / T (or a sparse teacher's value at class j; has_p false: j is not one of its K
+// classes, p_j = 0), s = s_j; is_target: j is the hard part's target.
+template <typename T>
+FL_HD GradPair<T> distill_grad_at(const DistillOptions<T>& o, const DistillRowGrad<T>& g, T u,
+                                  T v, bool has_p, T mu, T mv, T s, T hard_max, T log_zs,
+                                  bool is_target) {
+  const T log_q = (u - mu) - g.log_zu;
+  const T q = fl_exp(log_q);
+  const T log_p = has_p ? (v - mv) - g.log_zv : fl_neg_infinity<T>();
+  const T pp = has_p ? fl_exp(log_p) : T(0);
+  const T lm = o.divergence == Divergence::JSD ? jsd_log_mixture(o, log_p, log_q) : T(0);
+  GradPair<T> e = distill_grad_element(o, g, q, pp, log_q, log_p, lm);
+  if (o.hard) {
+    const T soft_s = fl_exp((s - hard_max) - log_zs);
+    e.student += g.hard * (soft_s - (is_target ? T(1) : T(0)));
+  }
+  return e;
+}
+
 FL_ISA_NAMESPACE_END
 }  // namespace common
 }  // namespace fusedloss

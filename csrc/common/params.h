@@ -45,6 +45,9 @@ struct SoftmaxCEParams {
   void* row_target_mass;        // probability targets of a class slice, acc_t[rows] or null:
                                 // Loss writes each row's Q = sum_c w_c q_c over the slice
                                 // (unmasked), GradFromLse reads the whole row's Q from it
+  int64_t* row_argmax;          // int64[rows] or null: each row's first argmax of z (the first
+                                // maximum, as torch.argmax; a NaN row's first NaN), -1 for a
+                                // skipped row; written by Loss and LossAndGrad
   int64_t rows;
   int64_t classes;              // the classes of the logits given (a slice, when sharded)
   // A class slice (vocab-parallel logits): the logits hold classes [class_offset, class_offset
@@ -61,6 +64,9 @@ struct SoftmaxCEParams {
   double label_smoothing;
   double z_loss;
   double softcap;               // 0: no softcap
+  bool token_scaling;           // class-index targets of whole rows: each row's loss (every
+                                // part) and gradient times its p_t = exp(z_t - lse), a constant
+                                // of the gradient (Dynamic Fine-Tuning's token scaling)
   double weight_sum;            // sum of class weights (classes when there are none); of the
                                 // slice's in a sharded Loss call, of all in GradFromLse
   ScalarType dtype;

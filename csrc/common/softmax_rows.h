@@ -78,11 +78,25 @@ FL_HD void store_row_outputs(const SoftmaxCEParams& p, int64_t r, const RowOutpu
   static_cast<T*>(p.row_stats)[2 * r + 1] = slog;
 }
 
-// The outputs of a row that is not active (its statistics too); not correct.
+// The first argmax of row r (when asked: p.row_argmax), -1 for a row that is not read.
+FL_HD void store_row_argmax(const SoftmaxCEParams& p, int64_t r, int64_t index) {
+  if (p.row_argmax != nullptr) p.row_argmax[r] = index;
+}
+
+// The outputs of a row that is not active (its statistics too); not correct, no argmax.
 template <typename T>
 FL_HD void store_inactive_row(const SoftmaxCEParams& p, int64_t r, RowKind kind, bool prob) {
   const T v = inactive_row_value<T>(kind);
   store_row_outputs(p, r, RowOutputs<T>{v, v, T(0), v}, prob, v, v);
+  store_row_argmax(p, r, -1);
+}
+
+// token_scaling's factor of an active row of class-index targets: p_t = exp(z_t - lse), from
+// z_t - max (exact near the max) and the row's statistics; 1 when the option is off. The loss
+// and the gradient use the same value, a constant of the gradient (it is not differentiated).
+template <typename T>
+FL_HD T row_token_scale(const SoftmaxCEParams& p, SoftmaxRowStats<T> st, T z_t) {
+  return p.token_scaling ? fl_exp((z_t - st.max) - st.log_sum) : T(1);
 }
 
 // The cross-entropy part of an active row's loss (before the mask); of a class slice that does
@@ -104,9 +118,10 @@ template <typename T, bool kProb>
 FL_HD RowOutputs<T> active_row_outputs(const SoftmaxCEOptions<T>& o, const T* weight,
                                        SoftmaxRowStats<T> st, T sum_w_zm, T sum_w_q,
                                        const RowCase<T>& rc, T z_t, bool correct,
-                                       int64_t classes) {
-  return {rc.mask * softmax_row_ce<T, kProb>(o, weight, st, sum_w_zm, sum_w_q, rc, z_t, classes),
-          rc.mask * softmax_ce_z_loss(o, st), correct ? rc.mask : T(0), kProb ? sum_w_q : T(0)};
+                                       int64_t classes, T token_scale) {
+  const T f = rc.mask * token_scale;  // the row's loss factor (row_grad_factor's, forward)
+  return {f * softmax_row_ce<T, kProb>(o, weight, st, sum_w_zm, sum_w_q, rc, z_t, classes),
+          f * softmax_ce_z_loss(o, st), correct ? rc.mask : T(0), kProb ? sum_w_q : T(0)};
 }
 
 // The statistics (max, log_sum) a forward saved for row r.
@@ -116,13 +131,15 @@ FL_HD SoftmaxRowStats<T> saved_row_stats(const SoftmaxCEParams& p, int64_t r) {
   return {s[2 * r], s[2 * r + 1]};
 }
 
-// d(total)/d(row loss), the factor of row r's whole gradient: its mask, times, when the
-// gradient is recomputed from saved statistics, the incoming gradient of its loss (one per row,
-// grad_loss_stride 1, or one for every row, stride 0).
+// d(total)/d(row loss), the factor of row r's whole gradient: its mask times its token scale
+// (row_token_scale), times, when the gradient is recomputed from saved statistics, the
+// incoming gradient of its loss (one per row, grad_loss_stride 1, or one for every row,
+// stride 0).
 template <typename T>
 FL_HD T row_grad_factor(const SoftmaxCEParams& p, bool from_stats, int64_t grad_loss_stride,
-                        int64_t r, T mask) {
-  return from_stats ? mask * static_cast<const T*>(p.grad_loss)[r * grad_loss_stride] : mask;
+                        int64_t r, T mask, T token_scale) {
+  const T f = mask * token_scale;
+  return from_stats ? f * static_cast<const T*>(p.grad_loss)[r * grad_loss_stride] : f;
 }
 
 // The gradient's constants of an active row (losses.h), from its factor split into those of

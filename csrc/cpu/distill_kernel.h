@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "../common/distill.h"
@@ -168,12 +169,9 @@ struct DistillRowKernel {
     return {s_max, t_max};
   }
 
-  struct Sums {
-    acc_t zu, zv, zs, ratio;  // sum exp(u - mu), exp(v - mv), exp(s - ms); the KL's weighted sum
-  };
-
   // Pass B: the exps, their sums and the forward/reverse KL's weighted log-ratio sum.
-  Sums exp_pass(const student_t* x, const teacher_t* y, acc_t mu, acc_t mv, acc_t ms) {
+  DistillSums<acc_t> exp_pass(const student_t* x, const teacher_t* y, acc_t mu, acc_t mv,
+                              acc_t ms) {
     BlockedSum<Vec, 2> zu, zv, zs, ratio;
     const bool forward = o.divergence == Divergence::ForwardKL;
     const bool reverse = o.divergence == Divergence::ReverseKL;
@@ -196,9 +194,7 @@ struct DistillRowKernel {
         zv.add(ev);
         if (!ev_row.empty()) store_scratch(ev_row.data() + j, ev);
         if (forward || reverse) {
-          for (int k = 0; k < 2; ++k)
-            r[k] = forward ? weighted_or_zero(ev[k], st.v[k] - st.u[k])
-                           : weighted_or_zero(eu[k], st.u[k] - st.v[k]);
+          for (int k = 0; k < 2; ++k) r[k] = distill_ratio_term(o, eu[k], ev[k], st.u[k], st.v[k]);
           ratio.add(r);
         }
       }
@@ -216,7 +212,7 @@ struct DistillRowKernel {
       }
     }
     return {zu.result(), sparse ? acc_t(0) : zv.result(), o.separate_hard ? zs.result() : acc_t(0),
-            ratio.result()};
+            ratio.result(), acc_t(0), acc_t(0)};
   }
 
   // Pass B2 (jsd): the two KLs against the mixture, and log m kept for pass C.
@@ -232,9 +228,10 @@ struct DistillRowKernel {
         eu[k] = Vec::loadu(eu_row.data() + j + k * S::kLanes);
         ev[k] = Vec::loadu(ev_row.data() + j + k * S::kLanes);
         const Vec log_q = st.u[k] - Vec(log_zu), log_p = st.v[k] - Vec(log_zv);
-        lm[k] = jsd_log_mixture(o, log_p, log_q);
-        a[k] = weighted_or_zero(ev[k], log_p - lm[k]);
-        b[k] = weighted_or_zero(eu[k], log_q - lm[k]);
+        const JsdTerms<Vec> terms = distill_jsd_terms(o, eu[k], ev[k], log_q, log_p);
+        lm[k] = terms.log_m;
+        a[k] = terms.dp;
+        b[k] = terms.dq;
         if (n != kStep) {
           a[k] = a[k] & S::lanes_below(n, k);
           b[k] = b[k] & S::lanes_below(n, k);
@@ -276,7 +273,7 @@ struct DistillRowKernel {
     }
     const acc_t mu = s_max * o.inv_temperature, mv = t_max * o.inv_temperature;
     const acc_t ms = s_max;
-    Sums sums = exp_pass(x, y, mu, mv, ms);
+    DistillSums<acc_t> sums = exp_pass(x, y, mu, mv, ms);
     if (sparse) {
       // the teacher's K classes: its exps and the weighted log-ratio, student logits gathered
       sums.zv = acc_t(0);
@@ -286,61 +283,17 @@ struct DistillRowKernel {
         const acc_t u = acc_t(x[idx[k]]) * o.inv_temperature - mu;
         const acc_t ev = fl_exp(v);
         sums.zv += ev;
-        sums.ratio += weighted_or_zero(ev, v - u);
+        sums.ratio += distill_ratio_term(o, acc_t(0), ev, u, v);  // forward_kl: eu unused
       }
     }
-    const acc_t log_zu = fl_log(sums.zu), log_zv = fl_log(sums.zv);
-    acc_t d = 0, dq = 0;
-    switch (o.divergence) {
-      case Divergence::ForwardKL:
-        d = distill_forward_kl(sums.ratio, sums.zv, log_zu, log_zv);
-        break;
-      case Divergence::ReverseKL:
-        d = distill_reverse_kl(sums.ratio, sums.zu, log_zu, log_zv);
-        break;
-      default: {
-        auto [dp_sum, dq_sum] = jsd_pass(x, y, mu, mv, log_zu, log_zv);
-        d = dp_sum / sums.zv;
-        dq = dq_sum / sums.zu;
-      }
+    if (jsd) {
+      const acc_t log_zu = fl_log(sums.zu), log_zv = fl_log(sums.zv);
+      std::tie(sums.dp, sums.dq) = jsd_pass(x, y, mu, mv, log_zu, log_zv);
     }
-    acc_t hard_ce = 0, hard_max = 0, log_zs = 0;
-    if (o.hard) {
-      hard_max = o.separate_hard ? ms : mu;
-      log_zs = o.separate_hard ? fl_log(sums.zs) : log_zu;
-      const acc_t s_t = o.separate_hard ? acc_t(x[t_index]) : acc_t(x[t_index]) * o.inv_temperature;
-      hard_ce = distill_hard_ce(log_zs, s_t - hard_max);
-    }
+    const acc_t s_target = o.hard ? acc_t(x[t_index]) : acc_t(0);
     static_cast<acc_t*>(p.row_loss)[r] =
-        mask * distill_row_loss(o, distill_divergence(o, d, dq), hard_ce);
-    acc_t* st = static_cast<acc_t*>(p.row_stats) + r * kDistillStats;
-    st[kStudentMax] = mu;
-    st[kStudentLogSum] = log_zu;
-    st[kTeacherMax] = mv;
-    st[kTeacherLogSum] = log_zv;
-    st[kHardMax] = hard_max;
-    st[kHardLogSum] = log_zs;
-    st[kDivergence] = d;
-    st[kDivergenceQ] = dq;
-  }
-
-  // The gradient of one student class j and, when the teacher is dense, one teacher class, in
-  // scalar arithmetic (the elements a vector step does not finish: the target's, a sparse
-  // teacher's classes). p_j is the teacher's probability at j (0 off a sparse teacher's K).
-  GradPair<acc_t> scalar_grad(const DistillRowGrad<acc_t>& g, acc_t u, acc_t v_or_nan,
-                              acc_t mu, acc_t mv, acc_t s, acc_t hard_max, acc_t log_zs,
-                              bool is_target, bool has_p) const {
-    const acc_t log_q = (u - mu) - g.log_zu;
-    const acc_t q = fl_exp(log_q);
-    const acc_t log_p = has_p ? (v_or_nan - mv) - g.log_zv : fl_neg_infinity<acc_t>();
-    const acc_t pp = has_p ? fl_exp(log_p) : acc_t(0);
-    const acc_t lm = jsd ? jsd_log_mixture(o, log_p, log_q) : acc_t(0);
-    GradPair<acc_t> e = distill_grad_element(o, g, q, pp, log_q, log_p, lm);
-    if (o.hard) {
-      const acc_t soft_s = fl_exp((s - hard_max) - log_zs);
-      e.student += g.hard * (soft_s - (is_target ? acc_t(1) : acc_t(0)));
-    }
-    return e;
+        distill_row_finish(o, sums, mu, mv, ms, s_target, mask,
+                           static_cast<acc_t*>(p.row_stats) + r * kDistillStats);
   }
 
   // Pass C: the gradients of row r times `factor`.
@@ -430,9 +383,9 @@ struct DistillRowKernel {
       for (int64_t k = 0; k < p.teacher_classes; ++k) {
         const int64_t j = idx[k];
         const acc_t x_j = x_at_indices[k];
-        const GradPair<acc_t> e = scalar_grad(g, x_j * o.inv_temperature,
-                                              acc_t(y[k]) * o.inv_temperature, mu, mv, x_j,
-                                              hard_max, log_zs, o.hard && j == t_index, true);
+        const GradPair<acc_t> e = distill_grad_at(o, g, x_j * o.inv_temperature,
+                                                  acc_t(y[k]) * o.inv_temperature, true, mu, mv,
+                                                  x_j, hard_max, log_zs, o.hard && j == t_index);
         if (gs != nullptr) gs[j] = student_t(e.student);
         if (gt != nullptr) gt[k] = teacher_t(e.teacher);
       }
@@ -443,8 +396,8 @@ struct DistillRowKernel {
         for (int64_t k = 0; k < p.teacher_classes; ++k) in_sparse |= idx[k] == t_index;
       if (!in_sparse) {
         const acc_t v = sparse ? acc_t(0) : acc_t(y[t_index]) * o.inv_temperature;
-        gs[t_index] = student_t(scalar_grad(g, x_t * o.inv_temperature, v, mu, mv, x_t,
-                                            hard_max, log_zs, true, !sparse)
+        gs[t_index] = student_t(distill_grad_at(o, g, x_t * o.inv_temperature, v, !sparse, mu,
+                                                mv, x_t, hard_max, log_zs, true)
                                     .student);
       }
     }
@@ -469,7 +422,8 @@ struct DistillRowKernel {
     for (int64_t r = row_begin; r < row_end; ++r) {
       const acc_t m = mask != nullptr ? mask[r] : acc_t(1);
       const int64_t t = p.target != nullptr ? p.target[r] : -1;
-      const bool skipped = m == acc_t(0) || (p.target != nullptr && t == p.ignore_index);
+      // (a bad target never gets here: the CPU entry rejects it)
+      const bool skipped = distill_row_kind(p, o, m, t) == DistillRow::Skipped;
       if (skipped) {
         if (!from_stats) {
           static_cast<acc_t*>(p.row_loss)[r] = acc_t(0);

@@ -227,19 +227,21 @@ SoftmaxCEParams softmax_params(const SoftmaxCall& c, int64_t ignore_index,
 }
 
 // The forward kernel: the loss (accumulation dtype), the row statistics, the extra outputs
-// (softmax_ce's schema: the z-loss part and the token accuracy), and the gradient into `grad`
-// (rows with stride grad_row_stride) unless it is null.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
+// (softmax_ce's schema: the z-loss part and the token accuracy), each row's first argmax (when
+// want_argmax, else an empty (0,)), and the gradient into `grad` (rows with stride
+// grad_row_stride) unless it is null.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
     const SoftmaxCall& c, SoftmaxCEParams p, void* grad, int64_t grad_row_stride,
-    bool want_accuracy) {
+    bool want_accuracy, bool want_argmax) {
   const auto acc_opts = at::TensorOptions().dtype(c.acc);
   const int64_t rows = c.shape.rows;
   // for none, the per-row extras are the extra outputs themselves
-  const SoftmaxRowBuffers row = softmax_row_buffers(rows, acc_opts, kEmpty);
+  const SoftmaxRowBuffers row = softmax_row_buffers(rows, acc_opts, kEmpty, want_argmax);
   set_softmax_forward_outputs(p, c, grad, grad_row_stride, row, want_accuracy);
   p.grad_scale = c.grad_scale.data_ptr();
   if (rows > 0) kernels().softmax_ce(p);
-  if (c.reduction == Reduction::None) return {at::add(row.loss, row.extras[0]), row.stats, row.extras};
+  if (c.reduction == Reduction::None)
+    return {at::add(row.loss, row.extras[0]), row.stats, row.extras, row.argmax};
   const double z_part = p.row_z_loss ? deterministic_sum(row.extras[0]) : 0.0;
   double ce_part = deterministic_sum(row.loss), z_scaled = z_part;
   if (c.reduction == Reduction::Mean) {
@@ -248,34 +250,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
   }
   const double correct = p.row_correct ? deterministic_sum(row.extras[1]) : 0.0;
   return {at::scalar_tensor(ce_part + z_scaled, acc_opts), row.stats,
-          acc_values({z_scaled, divide_or_zero(correct, c.valid_count)}, c.acc)};
+          acc_values({z_scaled, divide_or_zero(correct, c.valid_count)}, c.acc), row.argmax};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_cpu(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad,
-    bool want_accuracy, const c10::optional<at::Tensor>& denominators) {
+    bool want_accuracy, const c10::optional<at::Tensor>& denominators, bool token_scaling,
+    bool want_argmax) {
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
                                   denominators);
+  check_token_scaling(c, token_scaling, kSoftmaxOp);
   at::Tensor grad =
       gradient_or_empty(compute_grad, {c.shape.rows, c.shape.classes}, logits.options(), new_output);
-  auto [loss, row_stats, extras] = run_softmax_forward(
-      c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
-      compute_grad ? grad.data_ptr() : nullptr, c.shape.classes, want_accuracy);
-  return {loss, row_stats, grad, extras};
+  SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
+  p.token_scaling = token_scaling;
+  auto [loss, row_stats, extras, argmax] =
+      run_softmax_forward(c, p, compute_grad ? grad.data_ptr() : nullptr, c.shape.classes,
+                          want_accuracy, want_argmax);
+  return {loss, row_stats, grad, extras, argmax};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_inplace_cpu(
     at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap, int64_t reduction, double mean_eps, bool want_accuracy,
-    const c10::optional<at::Tensor>& denominators) {
+    const c10::optional<at::Tensor>& denominators, bool token_scaling, bool want_argmax) {
   check_softmax_inplace(logits, reduction);
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
                                   denominators);
-  return run_softmax_forward(c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
-                             logits.data_ptr(), logits.stride(0), want_accuracy);
+  check_token_scaling(c, token_scaling, kSoftmaxOp);
+  SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
+  p.token_scaling = token_scaling;
+  return run_softmax_forward(c, p, logits.data_ptr(), logits.stride(0), want_accuracy,
+                             want_argmax);
 }
 
 // softmax_ce_shard_stats: a class slice's part of each row (params.h): the loss without the
@@ -305,9 +314,11 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    int64_t reduction, double mean_eps,
                                    const c10::optional<at::Tensor>& denominators,
                                    int64_t class_offset, int64_t global_classes,
-                                   const c10::optional<at::Tensor>& row_target_mass) {
+                                   const c10::optional<at::Tensor>& row_target_mass,
+                                   bool token_scaling) {
   SoftmaxCall c = prepare_softmax(logits, target, weight, mask, ignore_index, reduction, mean_eps,
                                   denominators, class_offset, global_classes);
+  check_token_scaling(c, token_scaling, kSoftmaxOp);
   const at::Tensor target_mass = check_row_target_mass(c, row_target_mass, kSoftmaxOp);
   check_row_stats(row_stats, c.shape.rows, kSoftmaxOp);
   at::Tensor go = softmax_grad_loss(grad_loss, c, kSoftmaxOp);
@@ -316,6 +327,7 @@ at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   at::Tensor stats_acc = row_stats.to(c.acc).contiguous();
   at::Tensor grad = new_output({c.shape.rows, c.shape.classes}, logits.options());
   SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
+  p.token_scaling = token_scaling;
   set_softmax_backward_outputs(p, grad, go, stats_acc, target_mass);
   p.grad_scale = c.grad_scale.data_ptr();  // (1, 1) for none: grad_loss is per row
   if (c.shape.rows > 0) kernels().softmax_ce(p);

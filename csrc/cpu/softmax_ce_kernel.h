@@ -90,26 +90,37 @@ struct SoftmaxCERowKernel {
     return kSoftcap ? softcap_apply(v, cap, inv_cap) : v;
   }
 
-  // Whether the row's first maximum (torch.argmax's pick: the first NaN, if any) is at t.
-  // Only a row whose z_t equals the max scans, and only the t elements before it.
-  bool first_max_at(const scalar_t* x, int64_t t, acc_t row_max) const {
+  // The row's first maximum among its first `limit` elements (torch.argmax's pick: the first
+  // NaN of a NaN row), or `limit` when none of them is the max. Reads the row from cache (pass
+  // A has just read it) and stops at the first hit.
+  int64_t first_max_index(const scalar_t* x, acc_t row_max, int64_t limit) const {
     const bool nan_row = row_max != row_max;
     const auto is_max = [&](acc_t v) { return nan_row ? v != v : v == row_max; };
-    if (!is_max(kSoftcap ? z_row[t] : acc_t(x[t]))) return false;
     const Vec vmax(row_max);
+    constexpr int kAllLanes = (1 << Vec::size()) - 1;
     int64_t j = 0;
-    for (; j + kStep <= t; j += kStep) {
+    for (; j + kStep <= limit; j += kStep) {
       Vec z[K];
       load_z(x, j, kStep, z);
       for (int k = 0; k < K; ++k) {
         const Vec hit = nan_row ? z[k].isnan() : (z[k] == vmax);
-        if (hit.zero_mask() != (1 << Vec::size()) - 1) return false;
+        const int hits = ~hit.zero_mask() & kAllLanes;  // zero_mask: bit i set where lane i is 0
+        if (hits != 0) return j + k * Vec::size() + __builtin_ctz(static_cast<unsigned>(hits));
       }
     }
-    for (; j < t; ++j) {
-      if (is_max(kSoftcap ? z_row[j] : acc_t(x[j]))) return false;
+    for (; j < limit; ++j) {
+      if (is_max(kSoftcap ? z_row[j] : acc_t(x[j]))) return j;
     }
-    return true;
+    return limit;
+  }
+
+  // Whether the row's first maximum is at t. Only a row whose z_t equals the max scans, and
+  // only the t elements before it.
+  bool first_max_at(const scalar_t* x, int64_t t, acc_t row_max) const {
+    const bool nan_row = row_max != row_max;
+    const acc_t z_t = kSoftcap ? z_row[t] : acc_t(x[t]);
+    if (!(nan_row ? z_t != z_t : z_t == row_max)) return false;
+    return first_max_index(x, row_max, t) == t;
   }
 
   void load_probs(const void* y, int64_t j, int64_t n, Vec* q) const {
@@ -222,6 +233,7 @@ struct SoftmaxCERowKernel {
     SoftmaxRowStats<acc_t> stats;
     acc_t sum_exp = acc_t(1);
     acc_t sum_w_q = acc_t(0);
+    acc_t token_scale = acc_t(1);  // row_token_scale's p_t (token_scaling), else 1
   };
 
   // Passes A and B of an active row, and its outputs: the loss parts, the accuracy, Q and the
@@ -238,9 +250,12 @@ struct SoftmaxCERowKernel {
     const bool here = rc.here(p.classes);
     const acc_t z_t = here ? (kSoftcap ? z_row[rc.target] : acc_t(x[rc.target])) : acc_t(0);
     const bool correct = here && p.row_correct && first_max_at(x, rc.target, row_max);
+    if (p.row_argmax != nullptr) store_row_argmax(p, r, first_max_index(x, row_max, p.classes));
+    if (!kProb && here) tot.token_scale = row_token_scale(p, tot.stats, z_t);
     store_row_outputs(p, r,
                       active_row_outputs<acc_t, kProb>(opts, weight, tot.stats, s.sum_w_zm,
-                                                       s.sum_w_q, rc, z_t, correct, p.classes),
+                                                       s.sum_w_q, rc, z_t, correct, p.classes,
+                                                       tot.token_scale),
                       kProb, tot.stats.max, tot.stats.log_sum);
     return tot;
   }
@@ -251,16 +266,19 @@ struct SoftmaxCERowKernel {
                  scalar_t* g, const RowTotals& tot, bool from_stats) {
     const int64_t C = p.classes;
     const SoftmaxRowStats<acc_t> stats = tot.stats;
-    const SoftmaxCERowGrad<acc_t> rg = row_grad_coefs<acc_t, kProb>(
-        opts, weight, grad_scale, stats, tot.sum_w_q, rc.target,
-        row_grad_factor(p, from_stats, 1, r, rc.mask));
-    // The one element with the [j == t] term, in scalar arithmetic; computed before the
-    // row loop because with inplace_backward that loop overwrites the logits.
+    // The one element with the [j == t] term, in scalar arithmetic; read before the row loop
+    // because with inplace_backward that loop overwrites the logits.
     const bool t_here = rc.here(C);
     const int64_t t = rc.target;
+    const acc_t z_t = t_here ? (kSoftcap && !from_stats ? z_row[t] : scalar_z(x, t)) : acc_t(0);
+    // (from saved statistics, p_t is recomputed as the forward computed it)
+    const acc_t token_scale =
+        from_stats && !kProb && t_here ? row_token_scale(p, stats, z_t) : tot.token_scale;
+    const SoftmaxCERowGrad<acc_t> rg = row_grad_coefs<acc_t, kProb>(
+        opts, weight, grad_scale, stats, tot.sum_w_q, rc.target,
+        row_grad_factor(p, from_stats, 1, r, rc.mask, token_scale));
     acc_t g_t = acc_t(0);
     if (t_here) {
-      const acc_t z_t = kSoftcap && !from_stats ? z_row[t] : scalar_z(x, t);
       g_t = softmax_ce_target_grad(rg, z_t - stats.max, stats, class_weight_at(weight, t));
       if (kSoftcap) g_t *= softcap_derivative(z_t, inv_cap);
     }

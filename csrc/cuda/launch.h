@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/distill.h"
 #include "../common/dtype.h"
 #include "../common/params.h"
 
@@ -269,6 +270,14 @@ int launch_sigmoid_ce(const SigmoidCEParams&, const SigmoidCEExtras&, void* stre
 // reads the scale on the device and does nothing when it is exactly 1.
 int launch_scale_grad(void* grad, ScalarType dtype, int64_t rows, int64_t cols,
                       int64_t row_stride, const void* scale, void* stream);
+
+// Distillation (distill.cuh): one block of kDistillThreads threads per row, every row of the
+// call in one launch (its rows are long: the block's loops cover them). Instantiated once per
+// student dtype, each in its own .cu file (distill_<dtype>.cu), for every teacher dtype that
+// may go with it; the op entries choose the student's (ops_impl.h), as softmax_ce's.
+constexpr int kDistillThreads = 256;
+template <ScalarType kStudent>
+int launch_distill_of(const DistillParams&, void* stream);
 
 }  // namespace cuda
 }  // namespace fusedloss

@@ -26,6 +26,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../distill_entry.h"
 #include "../op_outputs.h"
 #include "launch.h"
 
@@ -97,14 +98,14 @@ struct Ops {
   // none, else reduced on the device), the row statistics and the extra outputs (none: (2,
   // rows), each row's z-loss part and correct; else (2,), the loss's z-loss part and the token
   // accuracy), and the gradient into `grad` (rows with stride grad_row_stride) unless null.
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_softmax_forward(
       const SoftmaxCall& c, SoftmaxCEParams p, void* grad, int64_t grad_row_stride,
-      double mean_eps, bool want_accuracy, const at::Tensor& denominators,
+      double mean_eps, bool want_accuracy, bool want_argmax, const at::Tensor& denominators,
       const at::Tensor& like) {
     const auto acc_opts = like.options().dtype(c.acc);
     const int64_t rows = c.shape.rows;
     const bool per_row = c.reduction == Reduction::None;
-    const SoftmaxRowBuffers row = softmax_row_buffers(rows, acc_opts, P::empty);
+    const SoftmaxRowBuffers row = softmax_row_buffers(rows, acc_opts, P::empty, want_argmax);
     at::Tensor loss, extras;
     if (!per_row) {
       loss = P::empty({}, acc_opts);
@@ -126,42 +127,54 @@ struct Ops {
     }
     if (per_row) {
       return {p.row_z_loss != nullptr ? row.loss.add(row.extras[0]) : row.loss, row.stats,
-              row.extras};
+              row.extras, row.argmax};
     }
-    return {loss, row.stats, extras};
+    return {loss, row.stats, extras, row.argmax};
   }
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce(
+  // The kernel parameters of a forward: softmax_params with token_scaling, checked.
+  static SoftmaxCEParams forward_params(const SoftmaxCall& c, int64_t ignore_index,
+                                        double label_smoothing, double z_loss, double softcap,
+                                        bool token_scaling) {
+    check_token_scaling(c, token_scaling, kSoftmaxOp);
+    SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
+    p.token_scaling = token_scaling;
+    return p;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce(
       const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
       const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
       double z_loss, double softcap, int64_t reduction, double mean_eps, bool compute_grad,
-      bool want_accuracy, const c10::optional<at::Tensor>& denominators) {
+      bool want_accuracy, const c10::optional<at::Tensor>& denominators, bool token_scaling,
+      bool want_argmax) {
     typename P::Guard guard(logits);
     const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction);
+    const SoftmaxCEParams p =
+        forward_params(c, ignore_index, label_smoothing, z_loss, softcap, token_scaling);
     const at::Tensor dens = stage_denominators(denominators, c, logits);
     at::Tensor grad =
         gradient_or_empty(compute_grad, {c.shape.rows, c.shape.classes}, logits.options(), P::empty);
-    auto [loss, row_stats, extras] = run_softmax_forward(
-        c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
-        compute_grad ? grad.data_ptr() : nullptr, c.shape.classes, mean_eps, want_accuracy, dens,
-        c.logits);
-    return {loss, row_stats, grad, extras};
+    auto [loss, row_stats, extras, argmax] = run_softmax_forward(
+        c, p, compute_grad ? grad.data_ptr() : nullptr, c.shape.classes, mean_eps, want_accuracy,
+        want_argmax, dens, c.logits);
+    return {loss, row_stats, grad, extras, argmax};
   }
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_inplace(
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_inplace(
       at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
       const c10::optional<at::Tensor>& mask, int64_t ignore_index, double label_smoothing,
       double z_loss, double softcap, int64_t reduction, double mean_eps, bool want_accuracy,
-      const c10::optional<at::Tensor>& denominators) {
+      const c10::optional<at::Tensor>& denominators, bool token_scaling, bool want_argmax) {
     check_softmax_inplace(logits, reduction);
     typename P::Guard guard(logits);
     SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction, false);
     const at::Tensor dens = stage_denominators(denominators, c, logits);
     at::Tensor staged = P::stage(logits);  // read as logits, written as the gradient
     c.logits = staged;
-    auto out = run_softmax_forward(c, softmax_params(c, ignore_index, label_smoothing, z_loss, softcap),
-                                   staged.data_ptr(), staged.stride(0), mean_eps, want_accuracy,
-                                   dens, staged);
+    auto out = run_softmax_forward(
+        c, forward_params(c, ignore_index, label_smoothing, z_loss, softcap, token_scaling),
+        staged.data_ptr(), staged.stride(0), mean_eps, want_accuracy, want_argmax, dens, staged);
     if (c.shape.rows > 0) P::writeback(logits, staged);
     return out;
   }
@@ -199,10 +212,12 @@ struct Ops {
                                         int64_t reduction, double mean_eps,
                                         const c10::optional<at::Tensor>& denominators,
                                         int64_t class_offset, int64_t global_classes,
-                                        const c10::optional<at::Tensor>& row_target_mass) {
+                                        const c10::optional<at::Tensor>& row_target_mass,
+                                        bool token_scaling) {
     typename P::Guard guard(logits);
     const SoftmaxCall c = prepare_softmax(logits, target, weight, mask, reduction, true,
                                           class_offset, global_classes);
+    check_token_scaling(c, token_scaling, kSoftmaxOp);
     const at::Tensor dens = stage_denominators(denominators, c, logits);
     const at::Tensor target_mass = check_row_target_mass(c, row_target_mass, kSoftmaxOp);
     const at::Tensor staged_mass = target_mass.defined() ? P::stage(target_mass) : target_mass;
@@ -216,6 +231,7 @@ struct Ops {
     const at::Tensor stats = P::stage(row_stats.to(c.acc).contiguous());
     at::Tensor grad = P::empty({c.shape.rows, c.shape.classes}, logits.options());
     SoftmaxCEParams p = softmax_params(c, ignore_index, label_smoothing, z_loss, softcap);
+    p.token_scaling = token_scaling;
     set_softmax_backward_outputs(p, grad, go, stats, staged_mass);
     if (c.shape.rows > 0) {
       SoftmaxCEExtras x{};
@@ -337,10 +353,33 @@ struct Ops {
   }
 };
 
+// The backend of the distillation entries (distill_entry.h) over a Platform: its buffers, and
+// the launcher of the student's dtype on the platform's stream. Targets and teacher indices
+// stay on the device (kChecksValues false): a bad target makes its row NaN in the kernel.
+template <class P>
+struct DistillBackend {
+  static constexpr bool kChecksValues = false;
+  using Guard = typename P::Guard;
+  static at::Tensor stage(const at::Tensor& t) { return P::stage(t); }
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return P::empty(sizes, options);
+  }
+  static void launch(const DistillParams& p, const at::Tensor& like) {
+    const int err = common::visit_dtype(p.student_dtype, -1, [&](auto student) {
+      return launch_distill_of<decltype(student)::value>(p, P::stream(like));
+    });
+    P::check(err, DistillOps<DistillBackend>::kOp);
+  }
+  static void writeback(const at::Tensor& dst, const at::Tensor& staged) {
+    P::writeback(dst, staged);
+  }
+};
+
 }  // namespace cuda
 }  // namespace fusedloss
 
-// Registers the entries of Ops<P> for one library namespace and dispatch key.
+// Registers the entries of Ops<P> and the distillation entries over P for one library
+// namespace and dispatch key.
 #define FUSEDLOSS_REGISTER_CUDA_OPS(ns, key, P)                                   \
   TORCH_LIBRARY_IMPL(ns, key, m) {                                               \
     m.impl("softmax_ce", &::fusedloss::cuda::Ops<P>::softmax_ce);                \
@@ -350,4 +389,10 @@ struct Ops {
     m.impl("sigmoid_ce", &::fusedloss::cuda::Ops<P>::sigmoid_ce);                \
     m.impl("sigmoid_ce_backward", &::fusedloss::cuda::Ops<P>::sigmoid_ce_backward); \
     m.impl("scale_grad_", &::fusedloss::cuda::Ops<P>::scale_grad_);              \
+    m.impl("distill",                                                            \
+           &::fusedloss::DistillOps<::fusedloss::cuda::DistillBackend<P>>::forward); \
+    m.impl("distill_backward",                                                   \
+           &::fusedloss::DistillOps<::fusedloss::cuda::DistillBackend<P>>::backward); \
+    m.impl("distill_inplace",                                                    \
+           &::fusedloss::DistillOps<::fusedloss::cuda::DistillBackend<P>>::inplace); \
   }

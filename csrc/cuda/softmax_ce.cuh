@@ -293,10 +293,11 @@ template <typename acc_t, bool kProb, bool kFromStats>
 FL_DEVICE SoftmaxCERowGrad<acc_t> grad_coefs_of(const SoftmaxCEArgs& a,
                                                 const SoftmaxCEConsts<acc_t>& c,
                                                 const SoftmaxRowStats<acc_t>& st, acc_t sum_w_q,
-                                                int64_t r, const RowCase<acc_t>& rc) {
+                                                int64_t r, const RowCase<acc_t>& rc,
+                                                acc_t token_scale) {
   return common::row_grad_coefs<acc_t, kProb>(
       c.opts, c.weight, static_cast<const acc_t*>(a.grad_scale), st, sum_w_q, rc.target,
-      common::row_grad_factor(a.p, kFromStats, a.grad_loss_stride, r, rc.mask));
+      common::row_grad_factor(a.p, kFromStats, a.grad_loss_stride, r, rc.mask, token_scale));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,8 +337,9 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
   if (active) {
     slice.load(x, y, p.target_in_acc);
     // z_target is read before any gradient store of this row (in place, the logits become the
-    // gradient): the reductions below order it before every store of the group.
-    if (!kProb && !kFromStats && rc.here(C)) z_t = c.z_of(x[rc.target]);
+    // gradient): the reductions below order it before every store of the group. From saved
+    // statistics only token_scaling needs it (p_t), and nothing is written in place.
+    if (!kProb && (!kFromStats || p.token_scaling) && rc.here(C)) z_t = c.z_of(x[rc.target]);
   }
 
   SoftmaxRowStats<acc_t> st{acc_t(0), acc_t(0)};
@@ -349,20 +351,26 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
                       red_sums);
     st = common::softmax_row_stats_of_sum(m, s.sum);
     // The argmax is the target when z_t is the max and no element before it is (the same for
-    // every thread of the block: p is the kernel's argument).
+    // every thread of the block: p is the kernel's argument). The row's first argmax, when
+    // asked, is the same reduction over every active row.
     bool correct = false;
-    if (!kProb && p.row_correct != nullptr) {
-      const bool t_max = active && rc.here(C) && is_row_max(z_t, m);
-      const int first = row_allreduce(t_max ? slice.first_max(c, m) : static_cast<int>(C), tpr,
-                                      MinOp<int>(), red_first);
+    int first = static_cast<int>(C);
+    if ((!kProb && p.row_correct != nullptr) || p.row_argmax != nullptr) {
+      const bool t_max = !kProb && active && rc.here(C) && is_row_max(z_t, m);
+      const bool scan = p.row_argmax != nullptr ? active : t_max;
+      first = row_allreduce(scan ? slice.first_max(c, m) : static_cast<int>(C), tpr,
+                            MinOp<int>(), red_first);
       correct = t_max && first == rc.target;
     }
     if (live && lane == 0) {
       if (active) {
-        common::store_row_outputs(p, r,
-                                  common::active_row_outputs<acc_t, kProb>(
-                                      c.opts, c.weight, st, s.a, s.b, rc, z_t, correct, C),
-                                  kProb, st.max, st.log_sum);
+        common::store_row_outputs(
+            p, r,
+            common::active_row_outputs<acc_t, kProb>(c.opts, c.weight, st, s.a, s.b, rc, z_t,
+                                                     correct, C,
+                                                     common::row_token_scale(p, st, z_t)),
+            kProb, st.max, st.log_sum);
+        common::store_row_argmax(p, r, first);
       } else {
         common::store_inactive_row<acc_t>(p, r, rc.kind, kProb);
       }
@@ -394,7 +402,8 @@ __global__ void __launch_bounds__(row_max_threads(scalar_type_of<T>(), kProb, kV
     fill_range(g, 0, C, fill, lane, tpr);
     return;
   }
-  const SoftmaxCERowGrad<acc_t> rg = grad_coefs_of<acc_t, kProb, kFromStats>(a, c, st, s.b, r, rc);
+  const SoftmaxCERowGrad<acc_t> rg = grad_coefs_of<acc_t, kProb, kFromStats>(
+      a, c, st, s.b, r, rc, kProb ? acc_t(1) : common::row_token_scale(p, st, z_t));
   slice.grad(c, st, rg, rc.target_index(C), x, g);
 }
 
@@ -439,7 +448,7 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_stats_kernel(c
     s = slice.template sums<false>(c, m, &max_hits);
     first = slice.first_of_hits(max_hits);
     s = block_group_allreduce(s, kSplitThreads, RowSumsAdd<acc_t>(), red_sums);
-    if (!kProb && p.row_correct != nullptr) {
+    if ((!kProb && p.row_correct != nullptr) || p.row_argmax != nullptr) {
       first = block_group_allreduce(first, kSplitThreads, MinOp<int>(), red_first) -
               static_cast<int>(lo);
     }
@@ -511,7 +520,8 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
       // The row's first max lies in the first chunk whose max is the row's (the row max is
       // one of the chunk maxima, bit for bit), at that chunk's offset of its own first max.
       bool correct = false;
-      if (!kProb && p.row_correct != nullptr) {
+      int64_t first = p.classes;
+      if ((!kProb && p.row_correct != nullptr) || p.row_argmax != nullptr) {
         const acc_t* parts = static_cast<const acc_t*>(a.partials) + local * a.splits * kPartialWords;
         int64_t j0 = a.splits;
         for (int64_t j = tid % kWarp; j < a.splits; j += kWarp) {
@@ -521,16 +531,18 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
           }
         }
         j0 = warp_allreduce(j0, MinOp<int64_t>());
+        if (j0 < a.splits) first = j0 * a.chunk + static_cast<int64_t>(parts[j0 * kPartialWords + 5]);
         // (a target in another slice matches no position of this one)
-        correct = is_row_max(z_t, rp.max) && j0 < a.splits &&
-                  j0 * a.chunk + static_cast<int64_t>(parts[j0 * kPartialWords + 5]) == rc.target;
+        correct = !kProb && is_row_max(z_t, rp.max) && first == rc.target;
       }
       if (tid == 0) {
-        common::store_row_outputs(p, r,
-                                  common::active_row_outputs<acc_t, kProb>(
-                                      c.opts, c.weight, st, rp.s.a, rp.s.b, rc, z_t, correct,
-                                      p.classes),
-                                  kProb, st.max, st.log_sum);
+        common::store_row_outputs(
+            p, r,
+            common::active_row_outputs<acc_t, kProb>(c.opts, c.weight, st, rp.s.a, rp.s.b, rc,
+                                                     z_t, correct, p.classes,
+                                                     common::row_token_scale(p, st, z_t)),
+            kProb, st.max, st.log_sum);
+        common::store_row_argmax(p, r, first);
       }
     }
     if (!want_grad) return;
@@ -538,12 +550,14 @@ __global__ void __launch_bounds__(kSplitThreads) softmax_ce_split_finish_kernel(
     st = common::saved_row_stats<acc_t>(p, r);
   }
   const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+  // token_scaling's p_t from saved statistics needs z_t, which no partial holds here
+  if (!kProb && kFromStats && p.token_scaling && rc.here(p.classes)) z_t = c.z_of(x[rc.target]);
   const void* y = kProb ? target_row<T>(p, r) : nullptr;
   RowSlice<T, split_vecs(scalar_type_of<T>()), kProb> slice(x, static_cast<int>(lo), static_cast<int>(hi), tid,
                                        kSplitThreads);
   slice.load(x, y, p.target_in_acc);
-  const SoftmaxCERowGrad<acc_t> rg =
-      grad_coefs_of<acc_t, kProb, kFromStats>(a, c, st, rp.s.b, r, rc);
+  const SoftmaxCERowGrad<acc_t> rg = grad_coefs_of<acc_t, kProb, kFromStats>(
+      a, c, st, rp.s.b, r, rc, kProb ? acc_t(1) : common::row_token_scale(p, st, z_t));
   slice.grad(c, st, rg, rc.target_index(p.classes), x, g);
 }
 

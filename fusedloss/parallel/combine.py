@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _common
-from .._common import MEAN, NONE, device_values, divide_or_zero, fixed_order_sum
+from .._common import MEAN, NONE, acc_dtype, device_values, divide_or_zero, fixed_order_sum
 
 
 def shard_payload(lib, logits2d, target, weight, mask, ignore_index, label_smoothing, softcap,
@@ -135,6 +135,37 @@ def combine(gathered, layout, target, weight, mask, ignore_index, label_smoothin
         correct = torch.where(kept & (first_top_rank == owner), owner_correct, zero)
     stats = torch.where(kept[:, None], torch.stack([top, ls], dim=1), zero)
     return Combined(ce, z, correct, stats, target_mass)
+
+
+def slice_argmax(logits2d, softcap, offset):
+    """(rows, 2) float64: the slice's max of each row's (softcapped) logits and the global id of
+    its first maximum (torch.argmax's pick), for combine_argmax. Read of the slice of its own
+    (the shard kernel does not return the index): only when predicted tokens are asked for."""
+    z = logits2d.to(acc_dtype(logits2d.dtype))
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    if z.shape[0] == 0:
+        return z.new_zeros((0, 2), dtype=torch.float64)
+    top, first = z.max(dim=1)  # (NaN rows: the first NaN, as torch.argmax)
+    return torch.stack([top.to(torch.float64), (first + offset).to(torch.float64)], dim=1)
+
+
+def combine_argmax(gathered, target, mask, ignore_index):
+    """The gathered slice_argmax (world, rows, 2) -> each row's first argmax over the whole
+    vocabulary, int64: the first rank, in rank (class) order, whose slice reached the row's max
+    (a NaN, if any slice holds one); -1 for rows not read (ignored or mask 0)."""
+    m_r, first_r = gathered[:, :, 0], gathered[:, :, 1]
+    nan_row = m_r.isnan().any(0)
+    top = m_r.amax(0)
+    hit = torch.where(nan_row[None], m_r.isnan(), m_r == top[None])
+    owner = hit.to(torch.int64).argmax(0)
+    predicted = first_r.gather(0, owner[None])[0].to(torch.int64)
+    kept = torch.ones_like(predicted, dtype=torch.bool)
+    if not target.is_floating_point():
+        kept = target != ignore_index
+    if mask is not None:
+        kept = kept & (mask != 0)
+    return torch.where(kept, predicted, -1)
 
 
 def mean_denominators(target, weight, mask, ignore_index, rows, mean_eps, device):

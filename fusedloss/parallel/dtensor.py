@@ -99,7 +99,8 @@ class DTensorCall(NamedTuple):
         return CrossEntropyOutput(wrap(out.loss, self.loss_placements),
                                   wrap(out.z_loss, self.loss_placements),
                                   wrap(out.token_accuracy, self.loss_placements),
-                                  wrap(out.lse, self.position_placements))
+                                  wrap(out.lse, self.position_placements),
+                                  wrap(out.predicted_tokens, self.position_placements))
 
 
 def unwrap(input, target, weight, mask, reduction):

@@ -20,6 +20,10 @@ row's input gradient for grad_output 1 (all-reduced once, as above; scaling a ro
 grad_output commutes with the sum over ranks), and the backward recomputes the chunks' logits
 and G for the weight and bias gradients, which are local. So no backward communicates.
 
+Predicted tokens (return_predicted_tokens) take, per chunk, one more read of the chunk's
+logits slice and one more all_gather of two values per row (combine.slice_argmax /
+combine_argmax), only when asked for. token_scaling is refused (protocol.refuse_token_scaling).
+
 One header exchange per call (protocol.agree) makes every rank raise when one
 rank's input is bad; the chunks are the same on every rank (no row is skipped: the ranks
 must run the same collectives, and a mask is not checked to be the same on every rank).
@@ -31,9 +35,9 @@ import torch.distributed as dist
 from .. import _args, _handover, _ops
 from .._handover import wide_dtype
 from .._common import MEAN, NONE, acc_dtype, auto_chunk_rows, compute_dtype
-from .combine import (Combined, Options, combine, mean_denominators, reduce_rows, shard_payload,
-                      slice_grad, slice_tables)
-from .protocol import Local, agree, all_gather, refuse_unsupported
+from .combine import (Combined, Options, combine, combine_argmax, mean_denominators,
+                      reduce_rows, shard_payload, slice_argmax, slice_grad, slice_tables)
+from .protocol import Local, agree, all_gather, refuse_token_scaling, refuse_unsupported
 
 _DOUBLE_BACKWARD = (
     "fusedloss: double backward (create_graph=True) through linear_cross_entropy with "
@@ -122,7 +126,7 @@ class VocabParallelLinearCE(torch.autograd.Function):
     pre-scaled for mean/sum, and handed over); a local backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, layout, group, needs, want_accuracy):
+    def forward(ctx, x, weight, bias, a, layout, group, needs, want_accuracy, want_argmax):
         lib = _ops.current().lib
         need_input_grad, need_weight_grad, need_bias_grad = needs
         options = _options_of(a)
@@ -139,6 +143,9 @@ class VocabParallelLinearCE(torch.autograd.Function):
         correct = torch.zeros(rows, **f64) if want_accuracy else None
         stats = torch.zeros((rows, 2), dtype=c.acc, device=c.device)
         mass = torch.zeros(rows, dtype=c.acc, device=c.device) if prob else None
+        # rows in no chunk (the CPU lists only the rows read) are not read: -1
+        argmax = (torch.full((rows,), -1, dtype=torch.int64, device=c.device) if want_argmax
+                  else None)
         # each row's input gradient, summed over the ranks in the accumulation dtype (the
         # slices' parts cancel: a 16-bit part or a 16-bit all-reduce loses the digits the total
         # needs) and rounded to the input's dtype once, after the all-reduce
@@ -166,6 +173,10 @@ class VocabParallelLinearCE(torch.autograd.Function):
             ce[idx], z[idx], stats[idx] = part.ce, part.z, part.stats.to(c.acc)
             if correct is not None:
                 correct[idx] = part.correct
+            if argmax is not None:
+                argmax[idx] = combine_argmax(
+                    all_gather(slice_argmax(logits, a.softcap, layout.offset), group), t, m,
+                    a.ignore_index)
             chunk_mass = part.target_mass.to(c.acc) if prob else None
             if prob:
                 mass[idx] = chunk_mass
@@ -204,12 +215,14 @@ class VocabParallelLinearCE(torch.autograd.Function):
                 grad_bias.to(wide_dtype(weight.dtype)) if grad_bias is not None else None)
         ctx.differentiated = False
         ctx.mark_non_differentiable(extras)
+        if argmax is not None:
+            ctx.mark_non_differentiable(argmax)
         ctx.set_materialize_grads(False)
-        return loss, extras
+        return loss, extras, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_extras):
-        nones = (None,) * 5
+    def backward(ctx, grad_loss, _grad_extras, _grad_argmax):
+        nones = (None,) * 6
         if grad_loss is None:
             return (None, None, None) + nones
         if torch.is_grad_enabled():
@@ -274,14 +287,18 @@ def _recomputed_param_grads(lib, ctx, grad_loss):
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=-100, label_smoothing=0.0, mask=None,
                          z_loss=0.0, softcap=None, chunk_size=None, return_z_loss=False,
-                         return_token_accuracy=False, process_group):
+                         return_token_accuracy=False, return_predicted_tokens=False,
+                         token_scaling=False, process_group):
     """fusedloss.linear_cross_entropy(..., process_group=...) (see its docstring)."""
 
     def prepare():
         a = _args.linear_ce_args(input, linear_weight, target, linear_bias, weight, reduction,
                                  ignore_index, label_smoothing, mask, z_loss, softcap,
-                                 chunk_size, return_token_accuracy, vocab_parallel=True)
+                                 chunk_size, return_token_accuracy, vocab_parallel=True,
+                                 token_scaling=token_scaling,
+                                 return_predicted_tokens=return_predicted_tokens)
         refuse_unsupported(None, None, None, "linear_cross_entropy")
+        refuse_token_scaling(a.token_scaling, "linear_cross_entropy")
         rows = a.x.shape[0]
         slice_logits = torch.empty((rows, linear_weight.shape[0]), dtype=input.dtype,
                                    device="meta")  # the header reads its shape and dtype only
@@ -299,6 +316,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
              grad_on and linear_bias is not None and linear_bias.requires_grad)
     # The operands as they are: under torch.autocast the chunks' GEMMs would otherwise be cast.
     with torch.autocast(input.device.type, enabled=False):
-        loss, extras = VocabParallelLinearCE.apply(a.x, linear_weight, linear_bias, a, layout,
-                                                   process_group, needs, return_token_accuracy)
-    return _args.linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy)
+        loss, extras, predicted = VocabParallelLinearCE.apply(
+            a.x, linear_weight, linear_bias, a, layout, process_group, needs,
+            return_token_accuracy, bool(return_predicted_tokens))
+    return _args.linear_ce_result(a, input, loss, extras, return_z_loss, return_token_accuracy,
+                                  predicted)

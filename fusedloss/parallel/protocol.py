@@ -161,8 +161,8 @@ def agree(group, prepare, who, device=None):
         if error is not None:
             raise error
         kind, message = messages[failed[0]]
-        exc = {"TypeError": TypeError, "IndexError": IndexError,
-               "ValueError": ValueError}.get(kind, RuntimeError)
+        exc = {"TypeError": TypeError, "IndexError": IndexError, "ValueError": ValueError,
+               "NotImplementedError": NotImplementedError}.get(kind, RuntimeError)
         raise exc(f"{who}(process_group=...): rank {failed[0]} raised {kind}: {message}")
     _check_headers(headers, rank, local, who)
     sizes = tuple(h[_CLASSES] for h in headers)
@@ -218,6 +218,15 @@ def _check_headers(headers, rank, local, who):
         if (h[_TMIN], h[_TMAX], h[_TSUM]) != (first[_TMIN], first[_TMAX], first[_TSUM]):
             raise ValueError(f"{who}: target differs between rank 0 and rank {r}; targets are "
                              f"global class ids, the same on every rank")
+
+
+def refuse_token_scaling(token_scaling, who):
+    """token_scaling needs each row's target logit beside the global statistics, which the
+    vocab-parallel payload does not carry: a clear error (raised inside every rank's prepare(),
+    so that every rank raises it)."""
+    if token_scaling:
+        raise NotImplementedError(f"{who}: token_scaling=True is not supported with "
+                                  f"process_group (vocab-parallel logits) or a sharded DTensor")
 
 
 def refuse_unsupported(target, weight, mask, who):
