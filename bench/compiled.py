@@ -57,12 +57,10 @@ def run_contenders():
     """bench/run.py's contender entries for the loss alone compiled by itself (the logits are
     an input of the compiled function, so its gradient takes a buffer of its own, as
     torch.compile's does); the cases above compile the layer before the loss with it."""
-    from _contenders import LossRunner, _bce_fused, _ce_fused, _compiled
+    from _contenders import ALL, LossRunner, _compiled, fused_fn
 
     return {"fusedloss compiled": (
-        {"ce", "bce"}, {"cpu", "cuda"},
-        lambda case, sets: LossRunner(_compiled(_ce_fused if case.loss == "ce" else _bce_fused),
-                                      sets))}
+        ALL, {"cpu", "cuda"}, lambda case, sets: LossRunner(_compiled(fused_fn(case)), sets))}
 
 
 CASES = {  # name -> (kind, shape); quick shapes after

@@ -120,13 +120,13 @@ def chunk_model(case, device):
             "logits_bytes_whole": n * v * torch.empty((), dtype=dtype).element_size()}
 
 
-def check_grads(case, names, inputs):
-    """Every contender's gradients against the first one run (max abs difference of dW)."""
-    x, w, t = inputs
+def check_grads(case, names, inputs, runner=None):
+    """Every contender's gradients against the first one run (max abs difference of dx, dW).
+    `runner(name, inputs)`: a Runner whose step() returns (dx, dW) (default: this file's)."""
     out = {}
     ref = None
     for name in names:
-        gx, gw = Runner(name, inputs).step()
+        gx, gw = (runner or Runner)(name, inputs).step()
         if ref is None:
             ref = (gx.double(), gw.double())
         out[name] = {"max_abs_diff_dx": float((gx.double() - ref[0]).abs().max()),
@@ -160,12 +160,14 @@ def memory_probe(case, name, device):
     print(json.dumps(_measure.probe_memory(r, device)))
 
 
-def memory_column(case, names, device):
+def memory_column(case, names, device, flag="--linear-ce", extra_args=()):
+    """{contender: peak memory}, each from `bench/run.py <flag> --memory-probe ... <extra_args>`
+    in a fresh process."""
     out = {}
     env = dict(os.environ, **_measure.PROBE_ENV)
     for name in names:
-        cmd = [sys.executable, os.path.join(HERE, "run.py"), "--linear-ce", "--memory-probe",
-               case, name, "--device", device.type]
+        cmd = [sys.executable, os.path.join(HERE, "run.py"), flag, "--memory-probe",
+               case, name, "--device", device.type, *extra_args]
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
             if proc.returncode != 0:
@@ -271,15 +273,23 @@ def main(argv):
     names = args.contenders.split(",") if args.contenders else list(CONTENDERS)
     if args.chunk_rows:
         names += [f"{CHUNK_PREFIX}{int(r)}" for r in args.chunk_rows.split(",")]
+    return run_and_write(cases, names, device, args, "--linear-ce", argv, TIMED, run_case,
+                         markdown, f"linear_ce-{device.type}")
+
+
+def run_and_write(cases, names, device, args, flag, argv, timed, run_case, markdown, stem):
+    """Runs `run_case` over the cases, then writes <args.out>/<args.tag or stem>.json (the
+    machine, the command `bench/run.py <flag> <argv>`, every repetition) and .md (the table
+    `markdown` makes), prints the table, and returns the report."""
     meta = _measure.machine_info(device)
     meta.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                command=shlex.join(["python", "bench/run.py", "--linear-ce", *argv]),
-                timed=TIMED, reps=args.reps, warmup=args.warmup,
+                command=shlex.join(["python", "bench/run.py", flag, *argv]),
+                timed=timed, reps=args.reps, warmup=args.warmup,
                 load_before=_measure.load_average())
     report = {"meta": meta, "cases": [run_case(c, names, device, args) for c in cases]}
     meta["load_after"] = _measure.load_average()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.tag or f"linear_ce-{device.type}")
+    stem = os.path.join(args.out, args.tag or stem)
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     table = markdown(report)
@@ -287,3 +297,4 @@ def main(argv):
         f.write(table)
     print(table, end="")
     log(f"wrote {stem}.json, {stem}.md")
+    return report

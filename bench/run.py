@@ -7,6 +7,8 @@ effective bandwidth and the peak extra memory. See bench/README.md.
     python bench/run.py --quick              # small shapes and few reps: a smoke test
     python bench/run.py --cases ce-4096x32000-float32,bce --reps 30 --out /tmp/bench
     python bench/run.py --distributed        # vocab-parallel CE on 2 gloo processes
+    python bench/run.py --cases distill      # distillation (forward KL, JSD) 4096x32000
+    python bench/run.py --linear-distill     # fused linear distillation against the logits
 """
 
 import argparse
@@ -25,9 +27,9 @@ import torch
 import _measure
 import _report
 import compiled
-from _contenders import (CONTENDERS, DEFAULT_CASES, FLOORS, FULL_CASES, GRAD_TOLERANCE, INPLACE,
-                         QUICK_CASES, Case, build_runners, grad_error, input_sets, make_inputs,
-                         reference_grad)
+from _contenders import (CONTENDERS, DEFAULT_CASES, DISTILL_CASES, FLOORS, FULL_CASES,
+                         GRAD_TOLERANCE, INPLACE, QUICK_CASES, Case, build_runners, grad_error,
+                         input_sets, make_inputs, reference_grad)
 
 CONTENDERS.update(compiled.run_contenders())
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true",
                    help="every LLM-shaped case (6), 20 reps (default: 3 cases, 10 reps)")
     p.add_argument("--cases", help="comma-separated: case names (any NxC shape, e.g. "
-                   "ce-64x1000-float32), globs (*bfloat16) or name prefixes (ce, bce-65536)")
+                   "ce-64x1000-float32), globs (*bfloat16) or name prefixes (ce, bce-65536); "
+                   "distill: the distillation cases (distill_fkl-..., distill_jsd-...)")
     p.add_argument("--contenders", help="comma-separated subset of: " + ", ".join(CONTENDERS))
     p.add_argument("--reps", type=int, help="timed repetitions (default 10, full 20, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed repetitions first (default 3, quick 1)")
@@ -77,11 +80,14 @@ def select_cases(args):
         try:
             hits = [Case.parse(token)]  # an explicit case name: any shape
         except ValueError:
-            hits = [c for c in presets if fnmatch.fnmatch(c.name, token)
-                    or c.name.startswith(token)]
+            # the distillation presets only when the token names none of the others
+            hits = ([c for c in presets if fnmatch.fnmatch(c.name, token)
+                     or c.name.startswith(token)]
+                    or [c for c in DISTILL_CASES if fnmatch.fnmatch(c.name, token)
+                        or c.name.startswith(token)])
             if not hits:
                 raise SystemExit(f"--cases: {token!r} matches none of "
-                                 f"{', '.join(c.name for c in presets)}")
+                                 f"{', '.join(c.name for c in presets + DISTILL_CASES)}")
         chosen += [c for c in hits if c not in chosen]
     return chosen
 
@@ -93,8 +99,7 @@ def select_contenders(args):
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise SystemExit(f"--contenders: unknown {unknown}; choose from {list(CONTENDERS)}")
-    if "copy_" not in names:
-        names.append("copy_")  # every ratio is against it
+    names += [f for f in ("copy_", "add") if f not in names]  # every ratio is against a floor
     return [n for n in CONTENDERS if n in names]
 
 
@@ -208,8 +213,9 @@ def finish_meta(meta, report):
     # Noise is read from the repetitions themselves, not the load average (other processes may
     # or may not compete for memory bandwidth): the copy floor is the steadiest workload there
     # is, so a wide spread of its repetitions means the machine disturbed the run.
-    meta["floor_iqr_pct"] = max((c["results"]["copy_"]["iqr_pct"] for c in report["cases"]
-                                 if "copy_" in c["results"]), default=0.0)
+    meta["floor_iqr_pct"] = max((r["iqr_pct"] for c in report["cases"]
+                                 for name, r in c["results"].items() if name in ("copy_", "add")),
+                                default=0.0)
     meta["noisy"] = bool(meta["floor_iqr_pct"] > _report.NOISY_IQR_PCT)
 
 
@@ -219,6 +225,10 @@ def main(argv=None):
         import linear_ce
 
         return linear_ce.main([a for a in argv if a != "--linear-ce"])
+    if "--linear-distill" in argv:  # the fused linear distillation: bench/linear_distill.py
+        import linear_distill
+
+        return linear_distill.main([a for a in argv if a != "--linear-distill"])
     if "--distributed" in argv:  # vocab-parallel cross-entropy on gloo: bench/distributed.py
         import distributed
 

@@ -161,7 +161,7 @@ def save_loss_plot(path, curves, title, ylabel="training loss", bars=None):
             bar_ax.annotate(f" {value:.0f}", (value, y), va="center")
         bar_ax.set(title=bar_title)
         bar_ax.margins(x=0.2)
-    for (label, values), style in zip(curves.items(), ["-", "--", ":"]):
+    for (label, values), style in zip(curves.items(), ["-", "--", ":", "-."]):
         ax.plot(range(1, len(values) + 1), values, style, label=label)
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     ax.legend()

@@ -11,6 +11,7 @@ sys.path.insert(0, EXAMPLES)
 
 import bilstm_classifier  # noqa: E402
 import causal_lm_finetune  # noqa: E402
+import distill_lm  # noqa: E402
 import lstm_language_model  # noqa: E402
 import next_token  # noqa: E402
 
@@ -65,6 +66,22 @@ def test_causal_lm_finetune_curves_agree_and_fusedloss_saves_memory(tmp_path):
     # logits keeps the logits and one gradient (~2x); linear CE a 1/8 chunk (128 rows)
     assert memory["fusedloss logits"] < memory["transformers"] - 40, memory
     assert memory["fusedloss linear CE"] < memory["fusedloss logits"] - 80, memory
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_distill_lm_distilled_student_learns_and_beats_hard_labels(tmp_path):
+    plot = tmp_path / "distill_lm.png"
+    result = distill_lm.main(["--steps", "30", "--teacher-steps", "60", "--vocab-size", "128",
+                              "--teacher-hidden", "64", "--student-hidden", "16",
+                              "--train-sequences", "1024", "--plot", str(plot), *FAST])
+    distilled, hard = result["final"]["distilled"], result["final"]["hard labels"]
+    # held-out CE starts at log(128) = 4.85; the teacher (60 steps) reaches ~3.5
+    assert result["teacher"] < result["start"] - 1.0, result
+    assert distilled < result["start"] - 0.3, result
+    # at these sizes the distilled student was ahead after step 30 by 0.009 to 0.034 nats on
+    # each of 12 seeds (and after every step before it)
+    assert distilled < hard, result
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
