@@ -117,6 +117,17 @@ def sigmoid_ce(input, target, weight, pos_weight, mask, label_smoothing, reducti
     return divide_or_zero(total, denominator)
 
 
+def weighted_sum(w, d):
+    """sum_c w_c d_c over each row, a class whose weight is 0 adding 0 whatever its d (x log x
+    at 0: a -inf logit)."""
+    return torch.where(w == 0, w.new_zeros(()), w * d).sum(dim=1)
+
+
+def jsd_log_mixture(log_p, log_q, beta):
+    """log m, m = beta p + (1 - beta) q, from the two logs (either side may underflow)."""
+    return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+
+
 def distill(student, teacher, teacher_indices, target, mask, divergence, temperature, beta,
             hard_weight, ignore_index, reduction, denominator=None):
     """distill's loss (csrc/common/distill.h), differentiably: (rows, classes) student logits,
@@ -138,19 +149,16 @@ def distill(student, teacher, teacher_indices, target, mask, divergence, tempera
     log_p = torch.log_softmax(t / temperature, dim=1)
     p = log_p.exp()
     zero = s.new_zeros(())
-
-    def weighted(w, d):  # w * d, 0 where w is 0 (x log x at 0)
-        return torch.where(w == 0, zero, w * d).sum(dim=1)
-
     if teacher_indices is not None:
-        d = weighted(p, log_p - log_q.gather(1, teacher_indices))
+        d = weighted_sum(p, log_p - log_q.gather(1, teacher_indices))
     elif divergence == 0:
-        d = weighted(p, log_p - log_q)
+        d = weighted_sum(p, log_p - log_q)
     elif divergence == 1:
-        d = weighted(log_q.exp(), log_q - log_p)
+        d = weighted_sum(log_q.exp(), log_q - log_p)
     else:
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        d = beta * weighted(p, log_p - log_m) + (1 - beta) * weighted(log_q.exp(), log_q - log_m)
+        log_m = jsd_log_mixture(log_p, log_q, beta)
+        d = (beta * weighted_sum(p, log_p - log_m)
+             + (1 - beta) * weighted_sum(log_q.exp(), log_q - log_m))
     row = temperature * temperature * d
     if hard_weight > 0:
         safe_t = torch.where(valid, target, 0)

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import _args, _composite, _handover, _ops, _route
-from ._common import MEAN, NONE, compute_dtype, valid_mask_sum
+from ._common import MEAN, NONE, acc_dtype, compute_dtype, valid_mask_sum
+from ._fake import DISTILL_STATS
 from .parallel import distillation as vocab_parallel
 
 __all__ = ["distillation_loss", "linear_distillation_loss"]
@@ -170,7 +171,7 @@ def _chunk_loop(lib, a, operands, needs, denominator, grad_loss, with_grads=Fals
     ws_c, wt_c = ws.to(cs), wt.to(ct)
     bs_c = bs.to(cs) if bs is not None else None
     bt_c = bt.to(ct) if bt is not None else None
-    wide = torch.float32 if ws.dtype != torch.float64 else torch.float64
+    wide = acc_dtype(ws.dtype)
     gxs = torch.empty(xs.shape, dtype=wide, device=xs.device) if grads_now and needs[0] else None
     gws = torch.zeros(ws.shape, dtype=wide, device=ws.device) if grads_now and needs[1] else None
     gbs = (torch.zeros(classes, dtype=wide, device=ws.device)
@@ -213,16 +214,12 @@ def _chunk_loop(lib, a, operands, needs, denominator, grad_loss, with_grads=Fals
     if grad_loss is not None:
         return None, None, grads
     if a.reduction == NONE:
-        loss = torch.cat(losses) if losses else xs.new_zeros(0, dtype=_acc(xs))
+        loss = torch.cat(losses) if losses else xs.new_zeros(0, dtype=acc_dtype(xs.dtype))
     else:
-        loss = (torch.stack(losses).sum() if losses else xs.new_zeros((), dtype=_acc(xs)))
+        loss = (torch.stack(losses).sum() if losses else xs.new_zeros((), dtype=acc_dtype(xs.dtype)))
     stats = (torch.cat(all_stats) if all_stats
-             else xs.new_zeros((0, 8), dtype=_acc(xs)))
+             else xs.new_zeros((0, DISTILL_STATS), dtype=acc_dtype(xs.dtype)))
     return loss, stats, grads
-
-
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunk_dtypes(xs, xt):

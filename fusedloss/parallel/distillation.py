@@ -25,6 +25,7 @@ import torch
 from .. import _args, _handover, _ops
 from .._args import FORWARD_KL, JSD, REVERSE_KL
 from .._common import MEAN, NONE, acc_dtype, divide_or_zero, valid_mask_sum
+from .._composite import jsd_log_mixture, weighted_sum
 from .protocol import Local, agree, all_gather, refuse_unsupported
 
 _DOUBLE_BACKWARD = (
@@ -47,9 +48,9 @@ def _slice_payload(s, t, target, kept, o, offset):
     eu, ev = du.exp(), dv.exp()
     zero = x.new_zeros(())
     if o.divergence == FORWARD_KL:
-        ratio = torch.where(ev == 0, zero, ev * (dv - du)).sum(dim=1)
+        ratio = weighted_sum(ev, dv - du)
     elif o.divergence == REVERSE_KL:
-        ratio = torch.where(eu == 0, zero, eu * (du - dv)).sum(dim=1)
+        ratio = weighted_sum(eu, du - dv)
     else:
         ratio = torch.zeros_like(mu)
     ms = x.amax(dim=1)
@@ -97,12 +98,9 @@ def _jsd_parts(s, t, kept, o, mu, log_zu, mv, log_zv):
     v = torch.where(kept[:, None], t.to(acc), 0) / o.temperature
     log_q = (u.double() - mu[:, None]) - log_zu[:, None]
     log_p = (v.double() - mv[:, None]) - log_zv[:, None]
-    log_m = torch.logaddexp(log_p + torch.tensor(o.beta, dtype=torch.float64).log(),
-                            log_q + torch.tensor(1 - o.beta, dtype=torch.float64).log())
-    p, q = log_p.exp(), log_q.exp()
-    zero = p.new_zeros(())
-    return torch.stack([torch.where(p == 0, zero, p * (log_p - log_m)).sum(dim=1),
-                        torch.where(q == 0, zero, q * (log_q - log_m)).sum(dim=1)])
+    log_m = jsd_log_mixture(log_p, log_q, o.beta)
+    return torch.stack([weighted_sum(log_p.exp(), log_p - log_m),
+                        weighted_sum(log_q.exp(), log_q - log_m)])
 
 
 class VocabParallelDistillation(torch.autograd.Function):
